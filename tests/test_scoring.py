@@ -1,0 +1,52 @@
+"""token_logprobs and sliding-window perplexity on hand-computed cases."""
+
+import math
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+import lm
+from lm import scoring
+
+
+def test_token_logprobs_matches_log_softmax():
+  logits = jnp.array([[[0.0, math.log(3.0)], [2.0, 2.0]]])
+  lp = scoring.token_logprobs(logits, jnp.array([[1, 0]]))
+  np.testing.assert_allclose(np.asarray(lp), [[math.log(0.75), math.log(0.5)]], rtol=1e-6)
+  lp_t = scoring.token_logprobs(logits, jnp.array([[1, 0]]), temperature=0.5)
+  np.testing.assert_allclose(float(lp_t[0, 0]), math.log(9 / 10), rtol=1e-6)
+
+
+def test_windows_score_each_token_once():
+  spans = scoring.sliding_windows(10, window=4, stride=2)
+  assert spans == [(0, 4, 4), (2, 6, 2), (4, 8, 2), (6, 10, 2)]
+  scored = sum(n for _, _, n in spans) - 1  # the first token has no context
+  assert scored == 9
+  with pytest.raises(ValueError, match="stride"):
+    scoring.sliding_windows(10, window=4, stride=5)
+
+
+class _Uniform(nnx.Module):
+  """A 'model' whose next-token distribution is uniform over V: perplexity must be exactly V."""
+
+  def __init__(self, vocab):
+    self.vocab = vocab
+
+  def __call__(self, tokens_bs, attn_mask=None, **kw):
+    return jnp.zeros(tokens_bs.shape + (self.vocab,)), None
+
+
+def test_perplexity_of_uniform_model_is_vocab_size():
+  res = scoring.perplexity(_Uniform(7), list(range(7)) * 5, window=8, stride=3, batch_size=2)
+  assert res.n_tokens == 34
+  assert res.perplexity == pytest.approx(7.0, rel=1e-6)
+
+
+def test_perplexity_equals_full_forward_when_window_covers_text():
+  model = lm.Transformer(lm.preset("tiny"), rngs=nnx.Rngs(0))
+  ids = list(np.random.default_rng(0).integers(0, 256, 30))
+  lp = scoring.next_token_logprobs(model, jnp.asarray([ids]))
+  res = scoring.perplexity(model, ids, window=32, stride=32)
+  assert res.perplexity == pytest.approx(math.exp(-float(lp.mean())), rel=1e-5)
