@@ -98,6 +98,12 @@ class ModelConfig:
     return self.n_layers * per_layer + emb + d
 
   def replace(self, **kw: Any) -> "ModelConfig":
+    """A copy with fields changed; fields derived by default (head_dim, layer_types) re-derive."""
+    if "head_dim" not in kw and self.head_dim == self.d_model // self.n_heads:
+      kw["head_dim"] = None
+    default_types = ("sliding" if self.sliding_window else "full",) * self.n_layers
+    if "layer_types" not in kw and self.layer_types == default_types:
+      kw["layer_types"] = None
     return dataclasses.replace(self, **kw)
 
 

@@ -192,7 +192,9 @@ def config_from_hf(hf: dict, *, dtype: str = "float32", name: str = "hf") -> Mod
   kind = scaling.get("rope_type", scaling.get("type", "default"))
   rope = RopeScaling(
       kind=kind,
-      factor=float(scaling.get("factor") or 1.0),
+      factor=float(scaling.get("factor") or (
+          hf["max_position_embeddings"] / scaling["original_max_position_embeddings"]
+          if kind == "yarn" and scaling.get("original_max_position_embeddings") else 1.0)),
       original_max_position=scaling.get("original_max_position_embeddings"),
       low_freq_factor=float(scaling.get("low_freq_factor", 1.0)),
       high_freq_factor=float(scaling.get("high_freq_factor", 4.0)),
