@@ -1,45 +1,71 @@
 """One compiled decoding loop: left-padded prompts, a static KV cache, `lax.while_loop` over steps.
 
 Prefill runs the model's one forward over the padded prompt batch with a cache; each step feeds
-the chosen token back, with per-row `done` flags and per-token log-probs of the chosen tokens.
+the chosen token back. Per-row `done` flags stop rows on EOS ids, stop-token sequences, the seeds'
+repeated-n-gram rule, or max_new_tokens; the loop exits once every row is done. The whole loop
+(prefill included) is one jitted program, compiled once per (shapes, Sampler, stop rules).
 """
 
 from __future__ import annotations
 
 import dataclasses
-from typing import Sequence
+import functools
+from typing import Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from decode.sampling import GREEDY, Sampler, SamplingParams
 from lm.model import KVCache
 from lm.scoring import token_logprobs
 
+FINISH_REASONS = ("length", "eos", "stop", "repeat")
+
 
 @dataclasses.dataclass(frozen=True)
-class Greedy:
-  """argmax decoding."""
+class StopRules:
+  """Static stop rules. `stop_sequences`: token-id tuples; `repeat_ngram_block`/`repeat_threshold`:
+  stop a row when its last n-gram of that size occurs more than `repeat_threshold` times in the
+  generated tokens (the seeds' rule; 0 = off)."""
 
-  def sample(self, logits_bv: jax.Array, key: jax.Array) -> jax.Array:
-    del key
-    return jnp.argmax(logits_bv, axis=-1).astype(jnp.int32)
+  stop_sequences: tuple[tuple[int, ...], ...] = ()
+  repeat_ngram_block: int = 0
+  repeat_threshold: int = 0
 
 
 @dataclasses.dataclass
 class GenerateOutput:
-  """tokens_bt / logprobs_bt: generated ids and their log-probs (pad/0 after a row finishes)."""
+  """Generated ids and log-probs, `[B, T]` (pad / 0 after a row finishes).
+
+  logprobs_bt: log p(token) under the model's raw distribution (temperature 1, no filters).
+  sample_logprobs_bt: log p(token) under the distribution actually sampled from.
+  """
 
   tokens_bt: np.ndarray
   logprobs_bt: np.ndarray
-  lengths_b: np.ndarray  # generated tokens per row, EOS included
+  sample_logprobs_bt: np.ndarray
+  lengths_b: np.ndarray
+  finish_b: np.ndarray  # index into FINISH_REASONS
 
   def sequences(self) -> list[list[int]]:
     return [row[:n].tolist() for row, n in zip(self.tokens_bt, self.lengths_b)]
 
+  def finish_reasons(self) -> list[str]:
+    return [FINISH_REASONS[i] for i in self.finish_b]
 
-def left_pad(prompts: Sequence[Sequence[int]], pad_id: int, multiple: int = 8
+  def texts(self, tokenizer, stop_strings: Sequence[str] = ()) -> list[str]:
+    """Decoded texts without special tokens, cut at the first stop string."""
+    out = []
+    for seq in self.sequences():
+      text = tokenizer.decode(seq, skip_special_tokens=True)
+      cuts = [text.find(s) for s in stop_strings if s and s in text]
+      out.append(text[:min(cuts)] if cuts else text)
+    return out
+
+
+def left_pad(prompts: Sequence[Sequence[int]], pad_id: int, multiple: int = 16
              ) -> tuple[np.ndarray, np.ndarray]:
   """`[B, P]` tokens and mask, left-padded; P rounded up to `multiple` to reuse compilations."""
   if not prompts or any(len(p) == 0 for p in prompts):
@@ -54,54 +80,131 @@ def left_pad(prompts: Sequence[Sequence[int]], pad_id: int, multiple: int = 8
   return tokens, mask
 
 
-@nnx.jit(static_argnames=("max_new_tokens", "sampler", "pad_id"))
-def _generate(model, tokens_bp, mask_bp, eos_ids, key, *, max_new_tokens, sampler, pad_id):
-  b, p = tokens_bp.shape
-  cache = KVCache.init(model.cfg, b, p + max_new_tokens)
-  logits, cache = model(tokens_bp, attn_mask=mask_bp, cache=cache)
-  last_bv = logits[:, -1]
+def stop_token_sequences(tokenizer, stop_strings: Sequence[str]) -> tuple[tuple[int, ...], ...]:
+  """Token-id sequences a stop string may appear as (after a space, a newline, or at a start).
 
-  def is_eos(tok_b):
-    return jnp.any(tok_b[:, None] == eos_ids[None, :], axis=-1)
+  Used inside the loop to stop rows early; `GenerateOutput.texts` cuts the text exactly.
+  """
+  seqs = set()
+  for s in stop_strings:
+    for prefix in ("", " ", "\n", "\n\n"):
+      ids = tokenizer.encode(prefix + s, add_special_tokens=False)
+      pre = tokenizer.encode(prefix, add_special_tokens=False) if prefix else []
+      if ids[:len(pre)] == pre and len(ids) > len(pre):
+        seqs.add(tuple(ids[len(pre):]))
+  return tuple(sorted(seqs))
+
+
+def _last_ngram_count(gen_bt, n_gen, n: int):
+  """Occurrences of each row's last n-gram among its first `n_gen` generated tokens: `[B]`."""
+  b, t = gen_bt.shape
+  last = jnp.take(gen_bt, jnp.clip(n_gen - n + jnp.arange(n), 0, t - 1), axis=1)  # [B, n]
+  starts = jnp.arange(t)
+  match = (starts + n <= n_gen)[None, :]
+  for k in range(n):
+    tok = jnp.take(gen_bt, jnp.clip(starts + k, 0, t - 1), axis=1)
+    match = match & (tok == last[:, k:k + 1])
+  return jnp.where(n_gen >= n, match.sum(axis=1), 0)
+
+
+def _ends_with(gen_bt, n_gen, seq: tuple[int, ...]):
+  """Rows whose first `n_gen` generated tokens end with `seq`: `[B]` bool."""
+  t = gen_bt.shape[1]
+  idx = jnp.clip(n_gen - len(seq) + jnp.arange(len(seq)), 0, t - 1)
+  tail = jnp.take(gen_bt, idx, axis=1)
+  return (n_gen >= len(seq)) & jnp.all(tail == jnp.asarray(seq)[None, :], axis=1)
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "max_new_tokens", "sampler", "stop",
+                                             "pad_id"))
+def _generate(graphdef, state, tokens_bp, mask_bp, eos_ids, params: SamplingParams, key, *,
+              max_new_tokens: int, sampler: Sampler, stop: StopRules, pad_id: int):
+  model = nnx.merge(graphdef, state)
+  b, p = tokens_bp.shape
+  total = p + max_new_tokens
+  cache = KVCache.init(model.cfg, b, total)
+  logits, cache = model(tokens_bp, attn_mask=mask_bp, cache=cache)
+  history_bt = jnp.full((b, total), pad_id, jnp.int32).at[:, :p].set(tokens_bp)
+  hvalid_bt = jnp.zeros((b, total), bool).at[:, :p].set(mask_bp.astype(bool))
+  vocab = logits.shape[-1]
+  seen_bv = None
+  if sampler.repetition_penalty != 1.0:
+    rows = jnp.broadcast_to(jnp.arange(b)[:, None], (b, p))
+    seen_bv = jnp.zeros((b, vocab), bool).at[rows, tokens_bp].max(mask_bp.astype(bool))
 
   def body(carry):
-    step, last_bv, cache, done_b, out_bt, lp_bt, key = carry
+    step, last_bv, cache, done_b, finish_b, hist, hvalid, seen, lp_bt, slp_bt, key = carry
     key, sub = jax.random.split(key)
-    tok_b = sampler.sample(last_bv, sub)
+    processed = sampler.process(last_bv, params, seen, hist, hvalid, p + step)
+    tok_b = sampler.choose(processed, sub)
     lp_b = token_logprobs(last_bv[:, None], tok_b[:, None])[:, 0]
+    slp_b = token_logprobs(processed[:, None], tok_b[:, None])[:, 0]
     tok_b = jnp.where(done_b, pad_id, tok_b)
-    out_bt = out_bt.at[:, step].set(tok_b)
+    hist = hist.at[:, p + step].set(tok_b)
+    hvalid = hvalid.at[:, p + step].set(~done_b)
     lp_bt = lp_bt.at[:, step].set(jnp.where(done_b, 0.0, lp_b))
-    new_done = done_b | is_eos(tok_b)
+    slp_bt = slp_bt.at[:, step].set(jnp.where(done_b, 0.0, slp_b))
+    if seen is not None:
+      seen = seen.at[jnp.arange(b), tok_b].max(~done_b)
+    gen = jax.lax.dynamic_slice_in_dim(hist, p, max_new_tokens, axis=1)
+    n_gen = step + 1
+    reason = jnp.zeros((b,), jnp.int32)
+    is_eos = jnp.any(tok_b[:, None] == eos_ids[None, :], axis=-1)
+    reason = jnp.where(is_eos, 1, reason)
+    for seq in stop.stop_sequences:
+      reason = jnp.where((reason == 0) & _ends_with(gen, n_gen, seq), 2, reason)
+    if stop.repeat_ngram_block:
+      repeated = _last_ngram_count(gen, n_gen, stop.repeat_ngram_block) > stop.repeat_threshold
+      reason = jnp.where((reason == 0) & repeated, 3, reason)
+    newly = ~done_b & (reason > 0)
+    finish_b = jnp.where(newly, reason, finish_b)
+    new_done = done_b | newly
     logits, cache = model(tok_b[:, None], attn_mask=(~done_b)[:, None], cache=cache)
-    return step + 1, logits[:, -1], cache, new_done, out_bt, lp_bt, key
+    return (step + 1, logits[:, -1], cache, new_done, finish_b, hist, hvalid, seen, lp_bt, slp_bt,
+            key)
 
   def cond(carry):
-    step, _, _, done_b, *_ = carry
+    step, done_b = carry[0], carry[3]
     return (step < max_new_tokens) & ~jnp.all(done_b)
 
-  init = (
-      jnp.zeros((), jnp.int32), last_bv, cache, jnp.zeros((b,), bool),
-      jnp.full((b, max_new_tokens), pad_id, jnp.int32),
-      jnp.zeros((b, max_new_tokens), jnp.float32), key,
-  )
-  _, _, _, done_b, out_bt, lp_bt, _ = jax.lax.while_loop(cond, body, init)
-  return out_bt, lp_bt
+  init = (jnp.zeros((), jnp.int32), logits[:, -1], cache, jnp.zeros((b,), bool),
+          jnp.zeros((b,), jnp.int32), history_bt, hvalid_bt, seen_bv,
+          jnp.zeros((b, max_new_tokens), jnp.float32),
+          jnp.zeros((b, max_new_tokens), jnp.float32), key)
+  out = jax.lax.while_loop(cond, body, init)
+  _, _, _, _, finish_b, hist, hvalid, _, lp_bt, slp_bt, _ = out
+  gen_valid = hvalid[:, p:]
+  return hist[:, p:], lp_bt, slp_bt, gen_valid.sum(axis=1), finish_b
+
+
+def compile_count() -> int:
+  """How many programs the decoding loop has compiled in this process."""
+  return _generate._cache_size()
 
 
 def generate(model, prompts: Sequence[Sequence[int]], *, max_new_tokens: int,
-             eos_ids: Sequence[int], pad_id: int, sampler=Greedy(), seed: int = 0
-             ) -> GenerateOutput:
-  """Decode a batch of token-id prompts in one compiled loop."""
+             eos_ids: Sequence[int], pad_id: int, sampler: Sampler = GREEDY, seed: int = 0,
+             num_samples: int = 1, row_params: Mapping[str, Sequence[float]] | None = None,
+             stop: StopRules = StopRules()) -> GenerateOutput:
+  """Decode token-id prompts in one compiled loop.
+
+  num_samples: samples per prompt; rows come out prompt-major (prompt i's samples at
+  i*num_samples ...). row_params: per-row overrides of the Sampler's values, one per output row.
+  """
+  if max_new_tokens < 1:
+    raise ValueError(f"max_new_tokens must be >= 1; got {max_new_tokens}.")
+  prompts = [list(x) for x in prompts for _ in range(num_samples)]
   tokens, mask = left_pad(prompts, pad_id)
+  if tokens.shape[1] + max_new_tokens > model.cfg.max_seq_len:
+    raise ValueError(
+        f"prompt ({tokens.shape[1]} padded tokens) + max_new_tokens ({max_new_tokens}) exceeds the "
+        f"model's max_seq_len {model.cfg.max_seq_len}; shorten the prompt or max_new_tokens.")
+  sampler = sampler.with_overrides(row_params)
+  params = sampler.params(len(prompts), row_params)
   eos = jnp.asarray(list(eos_ids) or [-1], jnp.int32)
-  out, lp = _generate(model, jnp.asarray(tokens), jnp.asarray(mask), eos, jax.random.key(seed),
-                      max_new_tokens=max_new_tokens, sampler=sampler, pad_id=pad_id)
-  out, lp = np.asarray(out), np.asarray(lp)
-  eos_set = set(int(e) for e in eos_ids)
-  lengths = np.full((len(prompts),), max_new_tokens, np.int32)
-  for i, row in enumerate(out):
-    hits = [j for j, t in enumerate(row) if int(t) in eos_set]
-    if hits:
-      lengths[i] = hits[0] + 1
-  return GenerateOutput(out, lp, lengths)
+  graphdef, state = nnx.split(model)
+  out = _generate(graphdef, state, jnp.asarray(tokens), jnp.asarray(mask), eos, params,
+                  jax.random.key(seed), max_new_tokens=max_new_tokens, sampler=sampler, stop=stop,
+                  pad_id=pad_id)
+  toks, lp, slp, lengths, finish = (np.asarray(x) for x in out)
+  return GenerateOutput(toks, lp, slp, lengths.astype(np.int32), finish)
