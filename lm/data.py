@@ -40,8 +40,14 @@ def load_instructions(source: str = "alpaca_eval", n: int | None = None) -> list
   elif source == "alpaca_cleaned":
     import datasets
 
-    rows = datasets.load_dataset("yahma/alpaca-cleaned", split="train")
-    rows = [r for r in rows if not r["input"]]  # instruction-only rows need no context
+    try:
+      rows = datasets.load_dataset("yahma/alpaca-cleaned", split="train")
+      rows = [r for r in rows if not r["input"]]  # instruction-only rows need no context
+    except Exception as e:  # offline: the AlpacaEval instructions are the closest real set
+      if _shared("alpaca-eval/outputs.json.gz") is None:
+        raise
+      log.warning("yahma/alpaca-cleaned unavailable (%s); using AlpacaEval instructions", e)
+      return load_instructions("alpaca_eval", n)
   else:
     path = Path(source)
     if not path.exists():

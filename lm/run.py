@@ -42,7 +42,9 @@ def _to_jsonable(x: Any):
   if isinstance(x, (np.floating, np.integer)):
     return x.item()
   if hasattr(x, "item") and getattr(x, "shape", None) == ():
-    return x.item()
+    x = x.item()
+  if isinstance(x, float) and not np.isfinite(x):
+    return None  # strict JSON has no NaN/inf; null marks "undefined here"
   return x
 
 
@@ -67,7 +69,8 @@ class MetricsWriter:
     if self._tb is not None:
       for k, v in scalars.items():
         if isinstance(v, (int, float, np.floating, np.integer)) or getattr(v, "shape", None) == ():
-          self._tb.add_scalar(k, float(v), int(step))
+          if np.isfinite(float(v)):
+            self._tb.add_scalar(k, float(v), int(step))
       self._tb.flush()
 
   def close(self) -> None:

@@ -96,3 +96,31 @@ def perplexity(model, token_ids: Sequence[int], *, window: int, stride: int,
       n_tok += e - b - first
     nll_sum += float(nll_of(state, tokens, mask, score))
   return PerplexityResult(nll_sum, n_tok, len(spans), window, stride)
+
+
+def response_logprobs(model, prompts: Sequence[Sequence[int]], responses: Sequence[Sequence[int]],
+                      *, batch_size: int = 8, multiple: int = 32) -> list[np.ndarray]:
+  """Per-token log-probs of each response given its prompt (one forward per batch).
+
+  Rows are left-padded to a multiple of `multiple` tokens so batches share compilations.
+  """
+  graphdef, state = nnx.split(model)
+
+  @jax.jit
+  def score(state, tokens_bs, mask_bs):
+    return next_token_logprobs(nnx.merge(graphdef, state), tokens_bs, mask_bs)
+
+  out = []
+  for i in range(0, len(prompts), batch_size):
+    rows = [list(p) + list(r) for p, r in zip(prompts[i:i + batch_size],
+                                              responses[i:i + batch_size])]
+    width = -(-max(len(r) for r in rows) // multiple) * multiple
+    tokens = np.zeros((batch_size, width), np.int32)
+    mask = np.zeros((batch_size, width), np.int32)
+    for j, r in enumerate(rows):
+      tokens[j, width - len(r):] = r
+      mask[j, width - len(r):] = 1
+    lp = np.asarray(score(state, tokens, mask))
+    for j, r in enumerate(responses[i:i + batch_size]):
+      out.append(lp[j, width - 1 - len(r):] if len(r) else np.zeros((0,), np.float32))
+  return out
