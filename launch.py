@@ -29,6 +29,7 @@ _DISTRIBUTED = flags.DEFINE_bool(
 # task name -> "module:function(config, run_dir, mesh)"
 TASKS = {
     "quickstart": "decode.quickstart:run",
+    "decode_sweep": "decode.sweep:run",
 }
 
 _MULTIPROCESS_ENV = ("JAX_COORDINATOR_ADDRESS", "COORDINATOR_ADDRESS", "MEGASCALE_COORDINATOR_ADDRESS")

@@ -40,3 +40,16 @@ def smollm2(smollm2_gguf):
   from lm import hub
 
   return hub.load_model(smollm2_gguf), hub.load_tokenizer(smollm2_gguf)
+
+
+@pytest.fixture(scope="session")
+def smollm2_hf(smollm2_gguf):
+  """transformers' own SmolLM2 from the same GGUF (dequantized by transformers), loaded once.
+
+  sdpa attention: eager beam search takes 20-100 s on a 2-core CPU, sdpa ~3 s.
+  """
+  torch = pytest.importorskip("torch")
+  transformers = pytest.importorskip("transformers")
+  return transformers.AutoModelForCausalLM.from_pretrained(
+      str(smollm2_gguf.parent), gguf_file=smollm2_gguf.name, dtype=torch.float32,
+      attn_implementation="sdpa").eval()

@@ -183,12 +183,11 @@ def test_bad_generate_inputs(tiny_pair):
 
 
 @pytest.mark.slow
-def test_greedy_equals_hf_generate_smollm2(smollm2, smollm2_gguf):
+def test_greedy_equals_hf_generate_smollm2(smollm2, smollm2_hf):
   model, tok = smollm2
+  hf = smollm2_hf
   from lm import hub
 
-  hf = transformers.AutoModelForCausalLM.from_pretrained(
-      str(smollm2_gguf.parent), gguf_file=smollm2_gguf.name, dtype=torch.float32).eval()
   qs = ["What is the capital of France?", "Write a haiku about autumn leaves.",
         "Explain in two sentences why the sky is blue, and name the physical effect involved."]
   prompts = [hub.encode_chat(tok, q) for q in qs]

@@ -42,3 +42,23 @@ def test_quickstart_smoke_on_real_weights(tmp_path, smollm2_gguf, shared_data):
   assert any("Paris" in g["answer"] for g in gens)
   metrics = json.loads((work / "metrics.jsonl").read_text().splitlines()[-1])
   assert 5 < metrics["wikitext2_perplexity"] < 100
+
+
+@pytest.mark.slow
+def test_decode_sweep_smoke_writes_every_output(tmp_path, smollm2_gguf, shared_data):
+  work = tmp_path / "sweep"
+  r = subprocess.run([sys.executable, "launch.py", "--config=configs/decode_sweep.py:smoke",
+                      f"--workdir={work}"], cwd=REPO, capture_output=True, text=True, timeout=900)
+  assert r.returncode == 0, r.stderr[-3000:]
+  plots = ["avg_logprob_box_greedy_beam.png", "beam_cumulative_scores.png",
+           "avg_logprob_vs_temperature.png", "distinct_vs_temperature.png",
+           "distinct_within_vs_across.png", "quality_vs_diversity.png"]
+  for name in ["generations.jsonl", "summary.json", "report.md", "metrics.jsonl"] + [
+      f"plots/{p}" for p in plots]:
+    assert (work / name).exists(), name
+  rows = [json.loads(line) for line in (work / "generations.jsonl").read_text().splitlines()]
+  # 2 prompts: greedy 1 + beam 1 + (top-k, top-p) x 2 temperatures x 2 samples, per prompt.
+  assert len(rows) == 2 * (1 + 1 + 2 * 2 * 2)
+  summary = json.loads((work / "summary.json").read_text())
+  assert {s["strategy"] for s in summary["strategies"]} >= {"greedy", "beam4"}
+  assert len(summary["beam_logprob_sums"]["beam4"]) == 2 * 4

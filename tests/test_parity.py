@@ -148,14 +148,6 @@ def test_export_hf_loaded_model_round_trips(tmp_path, rope):
   _export_and_compare(weights.load_hf_dir(path), tmp_path / "export")
 
 
-@pytest.fixture(scope="module")
-def smollm2_hf(smollm2_gguf):
-  """transformers' own SmolLM2 from the same GGUF (dequantized by transformers)."""
-  return transformers.AutoModelForCausalLM.from_pretrained(
-      str(smollm2_gguf.parent), gguf_file=smollm2_gguf.name, dtype=torch.float32,
-      attn_implementation="eager").eval()
-
-
 @pytest.mark.slow
 def test_smollm2_matches_transformers(smollm2, smollm2_hf):
   model, tokenizer = smollm2
