@@ -166,8 +166,32 @@ def top_k(logits_bv, k_b, k_bound: int, min_keep: int = 1):
   return jnp.where(keep, logits_bv, FILTERED)
 
 
+NUCLEUS_CANDIDATES = 1024
+
+
 def top_p(logits_bv, p_b, min_keep: int = 1):
-  """Nucleus (HF): drop the ascending-sorted tokens whose cumulative prob is <= 1 - p."""
+  """Nucleus (HF): drop the ascending-sorted tokens whose cumulative prob is <= 1 - p.
+
+  A full-vocabulary sort costs ~90 ms per step for 8 x 49k logits on CPU, so the nucleus is
+  first sought among the top `NUCLEUS_CANDIDATES` tokens (~4 ms); the full sort runs only when
+  some row's nucleus is larger than that.
+  """
+  v = logits_bv.shape[-1]
+  if v <= NUCLEUS_CANDIDATES:
+    return _top_p_sorted(logits_bv, p_b, min_keep)
+  top_vals, _ = jax.lax.top_k(logits_bv, NUCLEUS_CANDIDATES)  # descending
+  probs = jnp.exp(top_vals - jax.nn.logsumexp(logits_bv, axis=-1, keepdims=True))
+  excl = jnp.cumsum(probs, axis=-1) - probs  # mass of strictly more likely candidates
+  # Ascending cumsum at a token is 1 - excl, so HF keeps it iff excl < p.
+  keep = (excl < p_b[:, None]) | (jnp.arange(NUCLEUS_CANDIDATES) < min_keep)[None]
+  n_keep = keep.sum(axis=-1)
+  fits = jnp.all(n_keep < NUCLEUS_CANDIDATES)
+  threshold = jnp.take_along_axis(top_vals, (n_keep - 1)[:, None], axis=-1)
+  fast = lambda: jnp.where(logits_bv >= threshold, logits_bv, FILTERED)
+  return jax.lax.cond(fits, fast, lambda: _top_p_sorted(logits_bv, p_b, min_keep))
+
+
+def _top_p_sorted(logits_bv, p_b, min_keep: int):
   order = jnp.argsort(logits_bv, axis=-1)  # ascending, as HF
   sorted_logits = jnp.take_along_axis(logits_bv, order, axis=-1)
   cum = jnp.cumsum(jax.nn.softmax(sorted_logits, axis=-1), axis=-1)

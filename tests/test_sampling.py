@@ -56,6 +56,16 @@ def test_top_p(p):
   _same(s.process(jnp.asarray(x), s.params(4)), lp.TopPLogitsWarper(p)(None, torch.tensor(x)))
 
 
+@pytest.mark.parametrize("scale", [0.5, 3.0])
+@pytest.mark.parametrize("p", [0.05, 0.5, 0.9, 0.999])
+def test_top_p_large_vocab(p, scale):
+  """Vocab > NUCLEUS_CANDIDATES: the top-k fast path, or the full-sort fallback when the
+  nucleus is wider (small `scale` = flat logits), still equals HF."""
+  x = np.random.default_rng(7).normal(size=(3, 5000)).astype(np.float32) * scale
+  s = Sampler(top_p=p)
+  _same(s.process(jnp.asarray(x), s.params(3)), lp.TopPLogitsWarper(p)(None, torch.tensor(x)))
+
+
 @pytest.mark.parametrize("p", [0.05, 0.5, 0.9, 0.999])
 def test_top_p_with_ties(p):
   """HF sorts with torch's unstable sort, so which tied token it drops at the boundary is
