@@ -111,7 +111,10 @@ def response_logprobs(model, prompts: Sequence[Sequence[int]], responses: Sequen
     return next_token_logprobs(nnx.merge(graphdef, state), tokens_bs, mask_bs)
 
   out = []
-  for i in range(0, len(prompts), batch_size):
+  from tqdm import tqdm
+
+  for i in tqdm(range(0, len(prompts), batch_size), desc="scoring", unit="batch",
+                disable=len(prompts) <= batch_size):
     rows = [list(p) + list(r) for p, r in zip(prompts[i:i + batch_size],
                                               responses[i:i + batch_size])]
     width = -(-max(len(r) for r in rows) // multiple) * multiple
