@@ -1,0 +1,1 @@
+"""postlab.benchmarks: throughput benchmarks against transformers."""
