@@ -30,6 +30,8 @@ _DISTRIBUTED = flags.DEFINE_bool(
 TASKS = {
     "quickstart": "decode.quickstart:run",
     "decode_sweep": "decode.sweep:run",
+    "train": "align.train:run",
+    "align_eval": "align.evals.compare:run",
 }
 
 _MULTIPROCESS_ENV = ("JAX_COORDINATOR_ADDRESS", "COORDINATOR_ADDRESS", "MEGASCALE_COORDINATOR_ADDRESS")
@@ -45,8 +47,17 @@ def _multiprocess_launch() -> bool:
   return "," in os.environ.get("TPU_WORKER_HOSTNAMES", "")
 
 
+class _QuietLibraries(logging.Filter):
+  """Orbax logs every file it renames at INFO; keep its warnings and our progress lines."""
+
+  def filter(self, record: logging.LogRecord) -> bool:
+    return record.levelno >= logging.WARNING or "/orbax/" not in record.pathname
+
+
 def main(argv):
   del argv
+  for handler in logging.getLogger().handlers:
+    handler.addFilter(_QuietLibraries())
   config = _CONFIG.value
   if config is None:
     raise app.UsageError("--config is required, e.g. --config=configs/quickstart.py:cpu")

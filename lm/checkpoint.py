@@ -59,16 +59,17 @@ class Checkpointer:
     self._mgr.wait_until_finished()
     return saved
 
-  def restore(self, model: nnx.Module, *, step: int | None = None, opt_state: Any = None
-              ) -> tuple[Any, dict]:
-    """Restore into `model` in place (and an opt_state like the one given); `(opt_state, extra)`.
+  def restore(self, model: nnx.Module | nnx.State, *, step: int | None = None,
+              opt_state: Any = None) -> tuple[Any, dict]:
+    """Restore into `model` (a module, or an `nnx.State` such as the trainable part) in place,
+    and an opt_state like the one given; returns `(opt_state, extra)`.
 
     `opt_state` may be a concrete or abstract (ShapeDtypeStruct) pytree used as the target.
     """
     step = self.latest_step if step is None else step
     if step is None:
       raise FileNotFoundError(f"no checkpoint in {self.directory}; train first or drop --resume.")
-    state = nnx.state(model)
+    state = model if isinstance(model, nnx.State) else nnx.state(model)
     items = {
         "model": ocp.args.StandardRestore(_abstract(nnx.to_pure_dict(state))),
         "extra": ocp.args.JsonRestore(),
@@ -77,7 +78,8 @@ class Checkpointer:
       items["opt_state"] = ocp.args.StandardRestore(_abstract(opt_state))
     restored = self._mgr.restore(int(step), args=ocp.args.Composite(**items))
     nnx.replace_by_pure_dict(state, restored["model"])
-    nnx.update(model, state)
+    if not isinstance(model, nnx.State):
+      nnx.update(model, state)
     return (restored["opt_state"] if opt_state is not None else None), dict(restored["extra"])
 
   def close(self) -> None:

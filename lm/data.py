@@ -12,7 +12,8 @@ from lm.run import shared_data_dir
 log = logging.getLogger(__name__)
 
 
-def _shared(rel: str) -> Path | None:
+def shared_file(rel: str) -> Path | None:
+  """`shared_data_dir()/rel` where that file exists, else None."""
   root = shared_data_dir()
   path = root / rel if root else None
   return path if path is not None and path.exists() else None
@@ -24,13 +25,21 @@ def _open_text(path: Path) -> str:
     return fh.read()
 
 
+def read_rows(path: Path) -> list:
+  """Rows of a local `.json` (one list) or `.jsonl` file, either optionally gzipped."""
+  text = _open_text(Path(path))
+  if text.lstrip().startswith("["):
+    return json.loads(text)
+  return [json.loads(line) for line in text.splitlines() if line.strip()]
+
+
 def load_instructions(source: str = "alpaca_eval", n: int | None = None) -> list[str]:
   """Instruction strings: `alpaca_eval`, `alpaca_cleaned`, or a local .json/.jsonl(.gz) path.
 
   Local files are lists/lines of objects with an `instruction` (or `prompt`/`question`) field.
   """
   if source == "alpaca_eval":
-    path = _shared("alpaca-eval/outputs.json.gz")
+    path = shared_file("alpaca-eval/outputs.json.gz")
     if path is not None:
       rows = json.loads(_open_text(path))
     else:
@@ -44,7 +53,7 @@ def load_instructions(source: str = "alpaca_eval", n: int | None = None) -> list
       rows = datasets.load_dataset("yahma/alpaca-cleaned", split="train")
       rows = [r for r in rows if not r["input"]]  # instruction-only rows need no context
     except Exception as e:  # offline: the AlpacaEval instructions are the closest real set
-      if _shared("alpaca-eval/outputs.json.gz") is None:
+      if shared_file("alpaca-eval/outputs.json.gz") is None:
         raise
       log.warning("yahma/alpaca-cleaned unavailable (%s); using AlpacaEval instructions", e)
       return load_instructions("alpaca_eval", n)
@@ -53,9 +62,7 @@ def load_instructions(source: str = "alpaca_eval", n: int | None = None) -> list
     if not path.exists():
       raise FileNotFoundError(
           f"prompt source {source!r} is neither 'alpaca_eval', 'alpaca_cleaned' nor an existing file.")
-    text = _open_text(path)
-    rows = json.loads(text) if text.lstrip().startswith("[") else [
-        json.loads(line) for line in text.splitlines() if line.strip()]
+    rows = read_rows(path)
   out = []
   for i, r in enumerate(rows):
     value = next((r[k] for k in ("instruction", "prompt", "question") if k in r), None)
@@ -69,7 +76,7 @@ def load_instructions(source: str = "alpaca_eval", n: int | None = None) -> list
 
 def load_wikitext(split: str = "test") -> str:
   """WikiText-2 (tokenized release, as in ../shared/data) joined into one string."""
-  path = _shared(f"wikitext-2/wiki.{split}.tokens.gz")
+  path = shared_file(f"wikitext-2/wiki.{split}.tokens.gz")
   if path is not None:
     return _open_text(path)
   import datasets

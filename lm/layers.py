@@ -2,9 +2,19 @@
 
 Every parameter carries logical axis names in its `logical_axes` metadata (resolved to mesh axes by
 `lm.sharding`), not flax's `out_sharding`, so models build the same with or without a mesh.
+
+LoRA lives inside `Linear` (`Linear.add_lora`, driven by `align.lora`): factors are `nnx.LoRAParam`
+(A `[*in, r]`, B `[r, *out]`, B zero at init), so one forward serves base and adapted models and
+`nnx.split(model, nnx.LoRAParam, ...)` picks the adapter. LoRA dropout is an `nnx.Dropout` per layer
+on its own rng stream `LORA_DROPOUT_STREAM`; its key/count live in `nnx.RngState` variables
+(exclude them from checkpoints with `nnx.Not(nnx.RngState)`). `reseed_lora_dropout` replaces the
+stream object rather than writing its variables, so it works on a model merged inside `jax.grad`
+whose other state was captured from an outer trace.
 """
 
 from __future__ import annotations
+
+import math
 
 import jax
 import jax.numpy as jnp
@@ -13,6 +23,7 @@ from flax import nnx
 from lm.config import ModelConfig, rope_frequencies
 
 _INIT_STD = 0.02
+LORA_DROPOUT_STREAM = "lora_dropout"
 
 
 def param(value: jax.Array, axes: tuple[str | None, ...]) -> nnx.Param:
@@ -26,6 +37,8 @@ class Linear(nnx.Module):
   """`y = x · W (+ b)` contracting the last `len(in_shape)` dims of x; the only matmul layer.
 
   Shapes are tuples so attention keeps heads as their own axis (`[D] -> [N, H]`) for sharding.
+  With `add_lora`, `y += B(A(dropout(x))) · alpha / rank` (PEFT's LoRA) unless the adapter is
+  switched off (`lora_enabled=False`) or folded into the kernel (`lora_merged=True`).
   """
 
   def __init__(
@@ -48,6 +61,49 @@ class Linear(nnx.Module):
         param(jnp.zeros(self.out_shape, param_dtype), axes[len(self.in_shape):])
         if use_bias else None
     )
+    self.lora_rank = 0
+    self.lora_scaling = 0.0
+    self.lora_enabled = True
+    self.lora_merged = False
+    self.lora_a = nnx.data(None)
+    self.lora_b = nnx.data(None)
+    self.lora_dropout = nnx.data(None)
+
+  def add_lora(self, rank: int, alpha: float, dropout: float, *, rngs: nnx.Rngs) -> None:
+    """Add LoRA factors A `[*in, rank]` (uniform ±1/sqrt(fan_in), as PEFT) and B `[rank, *out]` = 0.
+
+    The adapter output is scaled by alpha / rank; dropout (rate `dropout`) acts on its input only.
+    """
+    if self.lora_rank:
+      raise ValueError(f"this Linear already has a rank-{self.lora_rank} LoRA adapter.")
+    if rank < 1:
+      raise ValueError(f"LoRA rank must be >= 1; got {rank}.")
+    if not 0.0 <= dropout < 1.0:
+      raise ValueError(f"LoRA dropout must be in [0, 1); got {dropout}.")
+    axes = self.kernel.get_metadata().get("logical_axes") or (None,) * self.kernel[...].ndim
+    n_in = len(self.in_shape)
+    pdtype = self.kernel[...].dtype
+    bound = 1.0 / math.sqrt(math.prod(self.in_shape))
+    a = jax.random.uniform(rngs.params(), self.in_shape + (rank,), pdtype, -bound, bound)
+    self.lora_a = nnx.LoRAParam(a, logical_axes=tuple(axes[:n_in]) + ("lora_rank",))
+    self.lora_b = nnx.LoRAParam(jnp.zeros((rank,) + self.out_shape, pdtype),
+                                logical_axes=("lora_rank",) + tuple(axes[n_in:]))
+    self.lora_rank = rank
+    self.lora_scaling = float(alpha) / rank
+    if dropout > 0:
+      stream = nnx.Rngs(**{LORA_DROPOUT_STREAM: getattr(rngs, LORA_DROPOUT_STREAM)()})
+      self.lora_dropout = nnx.Dropout(dropout, rng_collection=LORA_DROPOUT_STREAM, rngs=stream)
+
+  def reseed_lora_dropout(self, key: jax.Array) -> None:
+    """Give the LoRA dropout a fresh rng stream from `key` (a new object, so valid in any trace)."""
+    if self.lora_dropout is not None:
+      self.lora_dropout.rngs = nnx.RngStream(key, tag=LORA_DROPOUT_STREAM)
+
+  def lora_delta(self) -> jax.Array:
+    """`A·B·scaling` shaped like the kernel `[*in, *out]`, in float32."""
+    a = self.lora_a[...].astype(jnp.float32)
+    b = self.lora_b[...].astype(jnp.float32)
+    return jnp.tensordot(a, b, axes=1) * self.lora_scaling
 
   def __call__(self, x: jax.Array) -> jax.Array:
     n_in = len(self.in_shape)
@@ -57,7 +113,18 @@ class Linear(nnx.Module):
     )
     if self.bias is not None:
       y = y + self.bias[...].astype(self.dtype)
+    if self.lora_rank and self.lora_enabled and not self.lora_merged:
+      y = y + self._lora(x, contract)
     return y
+
+  def _lora(self, x: jax.Array, contract) -> jax.Array:
+    x = x.astype(self.dtype)
+    if self.lora_dropout is not None:
+      x = self.lora_dropout(x)
+    h = jax.lax.dot_general(x, self.lora_a[...].astype(self.dtype), (contract, ((), ())))
+    b = self.lora_b[...].astype(self.dtype)
+    y = jax.lax.dot_general(h, b, (((h.ndim - 1,), (0,)), ((), ())))
+    return y * jnp.asarray(self.lora_scaling, self.dtype)
 
 
 class Embed(nnx.Module):

@@ -228,7 +228,8 @@ def _check_inputs(cfg: ModelConfig, tokens_bs, positions_bs, attn_mask, cache) -
     )
   b, s = tokens_bs.shape
   if _is_concrete(tokens_bs) and tokens_bs.size:
-    lo, hi = int(jnp.min(tokens_bs)), int(jnp.max(tokens_bs))
+    ids = np.asarray(tokens_bs)  # numpy: a concrete array captured under jit must not be traced
+    lo, hi = int(ids.min()), int(ids.max())
     if lo < 0 or hi >= cfg.vocab_size:
       bad = lo if lo < 0 else hi
       raise ValueError(

@@ -73,6 +73,16 @@ class MetricsWriter:
             self._tb.add_scalar(k, float(v), int(step))
       self._tb.flush()
 
+  def rewind(self, step: int) -> None:
+    """Drop JSONL records after `step`: a run resumed from a checkpoint at `step` logs them again."""
+    self._fh.close()
+    kept = [line for line in self.path.read_text().splitlines()
+            if line.strip() and json.loads(line)["step"] <= step]
+    tmp = self.path.with_suffix(".jsonl.tmp")
+    tmp.write_text("".join(line + "\n" for line in kept))
+    os.replace(tmp, self.path)
+    self._fh = open(self.path, "a")
+
   def close(self) -> None:
     self._fh.close()
     if self._tb is not None:
@@ -84,6 +94,7 @@ class RunDir:
 
   def __init__(self, workdir: str | os.PathLike, config: Any, *, resume: bool = False):
     self.path = Path(workdir).absolute()
+    self.resume = resume
     cfg_file = self.path / "config.json"
     cfg_json = config.to_json_best_effort(indent=2) if hasattr(config, "to_json_best_effort") \
         else json.dumps(_to_jsonable(config), indent=2)

@@ -12,6 +12,7 @@ import lm
 from decode import engine
 from decode.engine import StopRules, generate
 from decode.sampling import GREEDY, Sampler
+from tests_helpers import random_hf_llama
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
@@ -24,18 +25,8 @@ PROMPTS = [[5, 17, 33, 2, 9, 100, 7], [41, 8], [3, 3, 90, 12, 250]]
 @pytest.fixture(scope="module")
 def tiny_pair(tmp_path_factory):
   """(our model, HF model) with the same random weights; larger-than-init weights."""
-  cfg = transformers.LlamaConfig(
-      vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
-      tie_word_embeddings=True, attn_implementation="eager")
-  torch.manual_seed(0)
-  hf = transformers.LlamaForCausalLM(cfg).eval()
-  with torch.no_grad():
-    for name, p in hf.named_parameters():
-      p.copy_(1.0 + 0.2 * torch.randn_like(p) if name.endswith("norm.weight")
-              else 0.15 * torch.randn_like(p))
   path = tmp_path_factory.mktemp("tiny") / "hf"
-  hf.save_pretrained(path)
+  hf = random_hf_llama(path)
   return weights.load_hf_dir(path), hf
 
 

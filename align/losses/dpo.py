@@ -1,0 +1,102 @@
+"""Direct Preference Optimisation and its variants over one stacked chosen/rejected forward.
+
+With h = (log π(y_c|x) - log π(y_r|x)) - (log π_ref(y_c|x) - log π_ref(y_r|x)) (sums over response
+tokens), the per-pair losses are:
+  sigmoid  -(1-ε) log σ(βh) - ε log σ(-βh)          (Rafailov et al. 2023; ε>0 = conservative cDPO)
+  robust   (-(1-ε) log σ(βh) + ε log σ(-βh)) / (1-2ε) (Chowdhury et al. 2024, unbiased under flips)
+  hinge    max(0, 1 - βh)                           (SLiC-HF; Zhao et al. 2023)
+  ipo      (h - 1/(2β))², with log-probs averaged per response token (Azar et al. 2023; as TRL)
+The reference is the same weights with LoRA adapters switched off (no second copy), or log-probs
+precomputed into the batch as `ref_logps` `[B, 2]`.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from align import lora
+from align.losses import register
+from align.losses.common import sequence_logprobs
+
+VARIANTS = ("sigmoid", "robust", "hinge", "ipo")
+
+
+def dpo_losses(policy_c, policy_r, ref_c, ref_r, *, beta: float, variant: str = "sigmoid",
+               label_smoothing: float = 0.0):
+  """Per-pair losses `[B]` from (summed or, for IPO, averaged) log-probs `[B]`."""
+  h = (policy_c - policy_r) - (ref_c - ref_r)
+  eps = label_smoothing
+  if variant == "sigmoid":
+    return -(1 - eps) * jax.nn.log_sigmoid(beta * h) - eps * jax.nn.log_sigmoid(-beta * h)
+  if variant == "robust":
+    return (-(1 - eps) * jax.nn.log_sigmoid(beta * h) + eps * jax.nn.log_sigmoid(-beta * h)) / (
+        1 - 2 * eps)
+  if variant == "hinge":
+    return jax.nn.relu(1 - beta * h)
+  if variant == "ipo":
+    return (h - 1 / (2 * beta)) ** 2
+  raise ValueError(f"dpo variant {variant!r} is unknown; choose one of {VARIANTS}")
+
+
+def check_config(cfg) -> None:
+  """Clear errors for bad β / variant / label smoothing before anything compiles."""
+  if cfg.variant not in VARIANTS:
+    raise ValueError(f"loss.variant={cfg.variant!r} is unknown; choose one of {VARIANTS}.")
+  if not cfg.beta > 0:
+    raise ValueError(f"loss.beta={cfg.beta} must be > 0 (the seeds use 0.1).")
+  ls = cfg.get("label_smoothing", 0.0)
+  if not 0 <= ls < 0.5:
+    raise ValueError(f"loss.label_smoothing={ls} must be in [0, 0.5).")
+
+
+def pair_logprobs(model, batch: dict):
+  """Summed response log-probs and token counts of chosen and rejected, `[B, 2]` each."""
+  tokens = batch["tokens"]
+  b, two, s = tokens.shape
+  flat = lambda x: x.reshape(b * two, s)
+  lp, n = sequence_logprobs(model, flat(tokens), flat(batch["attn_mask"]), flat(batch["loss_mask"]))
+  return lp.reshape(b, two), n.reshape(b, two)
+
+
+def reference_logprobs(model, batch: dict):
+  """`ref_logps` from the batch when precomputed; else the same model with adapters off."""
+  if "ref_logps" in batch:
+    return batch["ref_logps"]
+  if not lora.count_params(model, nnx.LoRAParam):
+    raise ValueError(
+        "DPO needs a reference: this model has no LoRA adapters to switch off. Set "
+        "config.loss.reference='precomputed' (reference log-probs scored once before training) "
+        "or train with LoRA (config.lora.rank > 0)."
+    )
+  with lora.disabled(model):
+    ref, _ = pair_logprobs(model, batch)
+  return jax.lax.stop_gradient(ref)
+
+
+@register("dpo")
+def dpo_loss(model, batch: dict, cfg):
+  """batch: tokens/attn_mask/loss_mask `[B, 2, S]` (0 = chosen, 1 = rejected), optional
+  ref_logps `[B, 2]`. cfg: beta, variant, label_smoothing."""
+  policy, n_tok = pair_logprobs(model, batch)
+  ref = reference_logprobs(model, batch)
+  if cfg.variant == "ipo":
+    per_tok = jnp.maximum(n_tok, 1.0)
+    pol_x, ref_x = policy / per_tok, ref / per_tok
+  else:
+    pol_x, ref_x = policy, ref
+  losses_b = dpo_losses(pol_x[:, 0], pol_x[:, 1], ref_x[:, 0], ref_x[:, 1], beta=cfg.beta,
+                        variant=cfg.variant, label_smoothing=cfg.get("label_smoothing", 0.0))
+  loss = losses_b.mean()
+  reward_c = cfg.beta * (policy[:, 0] - ref[:, 0])
+  reward_r = cfg.beta * (policy[:, 1] - ref[:, 1])
+  return loss, {
+      "loss": loss,
+      "rewards/chosen": reward_c.mean(),
+      "rewards/rejected": reward_r.mean(),
+      "rewards/margin": (reward_c - reward_r).mean(),
+      "rewards/accuracy": (reward_c > reward_r).astype(jnp.float32).mean(),
+      "logps/chosen": policy[:, 0].mean(),
+      "logps/rejected": policy[:, 1].mean(),
+  }

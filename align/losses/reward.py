@@ -1,0 +1,35 @@
+"""Bradley–Terry reward-model loss: -log σ(r_chosen - r_rejected - margin)."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from align.losses import register
+
+
+def bradley_terry(r_chosen_b, r_rejected_b, margin_b=0.0, center_coef: float = 0.0):
+  """Per-pair loss `[B]`; `center_coef` adds TRL's (r_c + r_r)² centring penalty."""
+  loss_b = -jax.nn.log_sigmoid(r_chosen_b - r_rejected_b - margin_b)
+  if center_coef:
+    loss_b = loss_b + center_coef * (r_chosen_b + r_rejected_b) ** 2
+  return loss_b
+
+
+@register("reward")
+def reward_loss(model, batch: dict, cfg=None):
+  """`model` is an `align.reward_model.RewardModel`; batch tokens/attn_mask are `[B, 2, S]`
+  (0 = chosen, 1 = rejected), scored in one forward; an optional `margin` `[B]` per pair."""
+  tokens = batch["tokens"]
+  b, two, s = tokens.shape
+  rewards = model(tokens.reshape(b * two, s), batch["attn_mask"].reshape(b * two, s)).reshape(b, two)
+  r_c, r_r = rewards[:, 0], rewards[:, 1]
+  margin = batch.get("margin", 0.0) + (cfg.get("margin", 0.0) if cfg else 0.0)
+  loss = bradley_terry(r_c, r_r, margin, cfg.get("center_coef", 0.0) if cfg else 0.0).mean()
+  return loss, {
+      "loss": loss,
+      "accuracy": (r_c > r_r).astype(jnp.float32).mean(),
+      "rewards/chosen": r_c.mean(),
+      "rewards/rejected": r_r.mean(),
+      "rewards/margin": (r_c - r_r).mean(),
+  }

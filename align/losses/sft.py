@@ -1,0 +1,24 @@
+"""Supervised fine-tuning: token cross-entropy on response tokens (prompt tokens masked)."""
+
+from __future__ import annotations
+
+import jax.numpy as jnp
+
+from align.losses import register
+from align.losses.common import attention_inputs, target_logprobs
+
+
+@register("sft")
+def sft_loss(model, batch: dict, cfg=None):
+  """Mean negative log-likelihood per response token of the batch.
+
+  batch: tokens `[B, S]`, attn_mask `[B, S]`, loss_mask `[B, S]` (1 on target tokens), and
+  segment_ids/positions when packed.
+  """
+  del cfg
+  attn_mask, positions = attention_inputs(batch)
+  lp_bs = target_logprobs(model, batch["tokens"], attn_mask, positions)
+  w_bs = batch["loss_mask"][:, 1:].astype(jnp.float32)
+  n_tokens = jnp.maximum(w_bs.sum(), 1.0)
+  nll = -(lp_bs * w_bs).sum() / n_tokens
+  return nll, {"loss": nll, "nll": nll, "perplexity": jnp.exp(nll), "target_tokens": w_bs.sum()}

@@ -1,0 +1,166 @@
+"""The `train` task behind `launch.py`: SFT, reward-model or DPO training by `config.loss.name`.
+
+Loads the model (real weights by name, or a tiny preset for smoke runs), applies LoRA, builds the
+data, trains with the one `Trainer`, and leaves in the workdir: metrics (JSONL + TensorBoard),
+checkpoints, loss/metric plots, the adapter (PEFT format) or full weights, and `report.md`.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+import jax
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+from flax import nnx  # noqa: E402
+
+from align import data, lora, losses  # noqa: E402
+from align.reward_model import RewardModel  # noqa: E402
+from align.trainer import Trainer  # noqa: E402
+from lm import config as lm_config  # noqa: E402
+from lm import hub  # noqa: E402
+from lm.checkpoint import Checkpointer  # noqa: E402
+from lm.model import Transformer  # noqa: E402
+from lm.run import RunDir, markdown_table  # noqa: E402
+
+log = logging.getLogger(__name__)
+
+DATA_KIND = {"sft": "sft", "reward": "preference", "dpo": "preference"}
+# Metrics plotted (and reported) per loss, train and eval.
+PLOTTED = {
+    "sft": ["loss", "perplexity"],
+    "reward": ["loss", "accuracy", "rewards/margin"],
+    "dpo": ["loss", "rewards/margin", "rewards/accuracy", "logps/chosen", "logps/rejected"],
+}
+
+
+def load_model(model_cfg):
+  """(Transformer, tokenizer): real weights by `name`, or a random `preset` (smoke runs) with the
+  tokenizer of `tokenizer` and its vocabulary size."""
+  if model_cfg.get("preset"):
+    tok = hub.load_tokenizer(hub.resolve(model_cfg.tokenizer))
+    cfg = lm_config.preset(model_cfg.preset, vocab_size=len(tok), dtype=model_cfg.dtype)
+    return Transformer(cfg, rngs=nnx.Rngs(model_cfg.get("seed", 0))), tok
+  return hub.load_pretrained(model_cfg.name, dtype=model_cfg.dtype)
+
+
+def _trainable(config, model):
+  t = config.train
+  filt = lora.trainable_filter(t.trainable, t.get("trainable_pattern"))
+  if config.loss.name == "reward":
+    filt = nnx.Any(filt, nnx.All(nnx.Param, nnx.PathContains("score")))
+  return filt
+
+
+def _plot(history: list[dict], names: list[str], run_dir: RunDir) -> list[str]:
+  files = []
+  for name in names:
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    for split, style in (("train", "-"), ("eval", "o-")):
+      pts = [(h["step"], h[f"{split}/{name}"]) for h in history if f"{split}/{name}" in h]
+      if pts:
+        xs, ys = zip(*pts)
+        ax.plot(xs, ys, style, label=split, alpha=0.8 if split == "train" else 1.0)
+    ax.set_xlabel("step")
+    ax.set_ylabel(name)
+    ax.legend()
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fname = name.replace("/", "_") + ".png"
+    fig.savefig(run_dir.plots / fname, dpi=110)
+    plt.close(fig)
+    files.append(fname)
+  return files
+
+
+def _export(config, trainer: Trainer, tokenizer, run_dir: RunDir) -> str:
+  """Adapter (PEFT layout) when training LoRA; full HF weights otherwise; the reward head apart."""
+  model = trainer.model
+  backbone = model.backbone if isinstance(model, RewardModel) else model
+  if config.train.trainable == "lora":
+    path = run_dir.path / "adapter"
+    lora.export_peft(backbone, path, cfg=lora.LoraConfig.from_config(config.lora),
+                     base_model_name_or_path=config.model.get("name") or config.model.preset)
+  else:
+    from lm import weights
+
+    path = run_dir.path / "model"
+    if lora.count_params(backbone, nnx.LoRAParam):
+      lora.merge(backbone)
+    weights.save_hf_dir(backbone, path, tokenizer)
+  if isinstance(model, RewardModel):
+    from safetensors.numpy import save_file
+
+    save_file({"score.weight": np.asarray(model.score.kernel[...]).T.copy()},
+              str(path / "reward_head.safetensors"))
+  return str(path)
+
+
+def run(config, run_dir: RunDir, mesh=None) -> dict:
+  name = config.loss.name
+  if name not in DATA_KIND:
+    raise ValueError(f"config.loss.name={name!r}; the train task runs one of {sorted(DATA_KIND)}.")
+  loss_fn = losses.get(name)
+  if name == "dpo":
+    from align.losses.dpo import check_config
+
+    check_config(config.loss)
+  model, tok = load_model(config.model)
+  if config.lora.rank > 0:
+    lora.apply_lora(model, lora.LoraConfig.from_config(config.lora),
+                    rngs=nnx.Rngs(params=config.train.seed, lora_dropout=config.train.seed))
+  if name == "reward":
+    model = RewardModel(model, rngs=nnx.Rngs(config.train.seed))
+  train_ds, eval_examples, data_stats = data.build(config.data, tok, DATA_KIND[name])
+  run_dir.write_json("data_stats.json", data_stats)
+  eval_bs = config.train.get("eval_batch_size", config.train.batch_size)
+  # Whole batches only: a padded row would count as a wrong pair in the accuracy.
+  eval_examples = eval_examples[:len(eval_examples) // eval_bs * eval_bs]
+  if not eval_examples and config.train.get("eval_every"):
+    raise ValueError(f"data.n_eval={config.data.n_eval} leaves no full eval batch of {eval_bs}; "
+                     "raise data.n_eval or lower train.eval_batch_size.")
+  eval_batches = (lambda: data.eval_batches(eval_examples, eval_bs)) if eval_examples else None
+
+  trainer = Trainer(model, loss_fn, config.loss, config.train, trainable=_trainable(config, model),
+                    mesh=mesh)
+  ckpt = Checkpointer(run_dir.path / "checkpoints",
+                      max_to_keep=config.train.get("keep_checkpoints", 2))
+  t0 = time.time()
+  history = trainer.fit(iter(train_ds), run_dir=run_dir, ckpt=ckpt, eval_batches=eval_batches,
+                        resume=getattr(run_dir, "resume", False))
+  wall = time.time() - t0
+  ckpt.close()
+  plots = _plot(history, PLOTTED[name], run_dir)
+  exported = _export(config, trainer, tok, run_dir)
+
+  evals = [h for h in history if any(k.startswith("eval/") for k in h)]
+  first, last = (evals[0], evals[-1]) if evals else ({}, {})
+  rows = [{"metric": k[5:], "start": first.get(k, float("nan")), "end": last.get(k, float("nan"))}
+          for k in sorted(last) if k.startswith("eval/")]
+  summary = {
+      "loss": name, "steps": trainer.step, "wall_s": wall,
+      "compile_s": trainer.times.compile_s, "tokens_per_s": trainer.times.tokens_per_s,
+      "trainable_params": trainer.n_trainable, "eval_start": first, "eval_end": last,
+      "exported": exported, "data": data_stats, "devices": len(jax.devices()),
+  }
+  run_dir.write_json("summary.json", summary)
+  report = [
+      f"# {name.upper()} run\n",
+      f"Model `{config.model.get('name') or config.model.preset}`, trainable "
+      f"`{config.train.trainable}` ({trainer.n_trainable:,} parameters), {trainer.step} steps of "
+      f"batch {config.train.batch_size} on {data_stats['source']} ({data_stats['n_train']} train / "
+      f"{data_stats['n_eval']} held-out examples, sequence length {data_stats['seq_len']}).\n",
+      f"Wall {wall:.0f} s; first step (compile) {trainer.times.compile_s:.1f} s; steady "
+      f"{trainer.times.tokens_per_s:.0f} tokens/s.\n",
+      "## Held-out metrics, start vs end\n",
+      markdown_table(rows),
+      "## Plots\n",
+      *[f"![{p}](plots/{p})\n" for p in plots],
+      f"\nExported: `{exported}`. Config: `config.json`; every step: `metrics.jsonl`.\n",
+  ]
+  run_dir.write_report("\n".join(report))
+  return {k: v for k, v in summary.items() if isinstance(v, (int, float, str))}

@@ -1,0 +1,18 @@
+"""DPO (sigmoid; IPO, hinge and robust by `loss.variant`) on preference pairs.
+
+  python launch.py --config=configs/dpo.py:cpu --workdir=runs/dpo
+  python launch.py --config=configs/dpo.py:gpu_full --workdir=runs/dpo-full \\
+      --config.data.source=Intel/orca_dpo_pairs
+
+The reference is the same weights with the LoRA adapters switched off (no second copy).
+"""
+
+import ml_collections
+
+from configs.train_base import base
+
+
+def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+  c = base("dpo", arg)
+  c.loss.update(beta=0.1, variant="sigmoid", label_smoothing=0.0)
+  return c

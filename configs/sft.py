@@ -1,0 +1,16 @@
+"""Supervised fine-tuning on the chosen replies (prompt tokens masked from the loss).
+
+  python launch.py --config=configs/sft.py:cpu --workdir=runs/sft
+  python launch.py --config=configs/sft.py:gpu_full --workdir=runs/sft-full \\
+      --config.data.source=yahma/alpaca-cleaned
+"""
+
+import ml_collections
+
+from configs.train_base import base
+
+
+def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+  c = base("sft", arg)
+  c.data.pack = c.variant != "smoke"
+  return c

@@ -1,0 +1,51 @@
+"""Shared settings of the training configs (sft.py, reward.py, dpo.py); not a config itself.
+
+Variants: `smoke` (tiny random model with SmolLM2's tokenizer, seconds), `cpu` (SmolLM2-135M-Instruct,
+LoRA r=8 α=16 dropout 0.05, a few dozen steps on the offline hh-rlhf pairs, minutes on 2 cores),
+`gpu_full` (the seeds' settings: 500 steps, batch 4, lr 2e-5, by-name hub datasets).
+"""
+
+import ml_collections
+
+from align.data import default_config as data_config
+
+VARIANTS = ("smoke", "cpu", "gpu_full")
+
+
+def base(loss: str, variant: str | None) -> ml_collections.ConfigDict:
+  variant = variant or "cpu"
+  if variant not in VARIANTS:
+    raise ValueError(f"unknown variant {variant!r}; use one of {VARIANTS}.")
+  c = ml_collections.ConfigDict()
+  c.task = "train"
+  c.variant = variant
+  c.model = ml_collections.ConfigDict({
+      "name": "HuggingFaceTB/SmolLM2-135M-Instruct", "dtype": "float32",
+      "preset": "", "tokenizer": "smollm2-135m-instruct", "seed": 0})
+  c.mesh = ml_collections.ConfigDict({"data": 1, "fsdp": -1, "tensor": 1})
+  c.lora = ml_collections.ConfigDict({"rank": 8, "alpha": 16.0, "dropout": 0.05,
+                                      "targets": "all-linear"})
+  c.train = ml_collections.ConfigDict({
+      "steps": 40, "batch_size": 4, "grad_accum": 1, "lr": 5e-4, "warmup_steps": 4,
+      "schedule": "cosine", "min_lr_ratio": 0.1, "weight_decay": 0.0, "grad_clip": 1.0,
+      "b1": 0.9, "b2": 0.999, "eps": 1e-8, "eval_every": 20, "eval_batch_size": 8,
+      "checkpoint_every": 10, "keep_checkpoints": 2, "seed": 0,
+      "trainable": "lora", "trainable_pattern": ml_collections.config_dict.placeholder(str),
+  })
+  c.loss = ml_collections.ConfigDict({"name": loss})
+  c.data = data_config()
+  c.data.update(source="hh-rlhf", split="train", max_length=256, max_prompt_length=192,
+                n_eval=64, pad_multiple=64, on_error="skip")
+  # one batch size: the data pipeline batches what the trainer steps on
+  c.data.batch_size = c.train.get_ref("batch_size")
+  if variant == "smoke":
+    c.model.update(preset="tiny", name="")
+    c.lora.dropout = 0.0
+    c.train.update(steps=4, batch_size=4, eval_every=2, eval_batch_size=4, checkpoint_every=2,
+                   lr=1e-3, warmup_steps=1)
+    c.data.update(n=48, n_eval=8, max_length=128, max_prompt_length=96)
+  elif variant == "gpu_full":
+    c.train.update(steps=500, batch_size=4, lr=2e-5, warmup_steps=50, eval_every=100,
+                   eval_batch_size=16, checkpoint_every=100)
+    c.data.update(source="Anthropic/hh-rlhf", max_length=512, max_prompt_length=384, n_eval=256)
+  return c

@@ -1,0 +1,179 @@
+"""The one trainer: sharded = unsharded, accumulation = one big batch, only the trainable filter
+moves, NaN stops naming the step with the last good checkpoint kept, SIGKILL + resume = uninterrupted."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import pytest
+from flax import nnx
+
+from align import lora, losses
+from align.trainer import NonFiniteLossError, Trainer
+from lm import config as lm_config
+from lm import sharding
+from lm.checkpoint import Checkpointer
+from lm.model import Transformer
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _train_cfg(**kw):
+  base = dict(steps=3, batch_size=8, grad_accum=1, lr=1e-2, warmup_steps=0, schedule="constant",
+              grad_clip=1.0, weight_decay=0.01, seed=0)
+  return ml_collections.ConfigDict(base | kw)
+
+
+def _batch(seed, b=8, s=16):
+  rng = np.random.default_rng(seed)
+  tokens = rng.integers(1, 256, (b, s)).astype(np.int32)
+  attn = np.ones((b, s), np.int32)
+  attn[::2, 12:] = 0
+  loss_mask = attn.astype(np.float32)
+  loss_mask[:, :4] = 0
+  return {"tokens": tokens, "attn_mask": attn, "loss_mask": loss_mask}
+
+
+def _model(lora_rank=0, dropout=0.0, tensor_friendly=False):
+  cfg = lm_config.preset("tiny")
+  model = Transformer(cfg, rngs=nnx.Rngs(0))
+  if lora_rank:
+    lora.apply_lora(model, lora.LoraConfig(rank=lora_rank, alpha=8.0, dropout=dropout),
+                    rngs=nnx.Rngs(params=1, lora_dropout=2))
+  return model
+
+
+def _flat(state):
+  return {"/".join(map(str, k)): np.asarray(v.get_value()) for k, v in state.flat_state()}
+
+
+@pytest.mark.parametrize("mesh_shape,mode", [
+    (dict(data=2, fsdp=4), "full"), (dict(data=1, fsdp=8), "lora"),
+    (dict(data=2, fsdp=2, tensor=2), "full"), (dict(data=2, fsdp=2, tensor=2), "lora")])
+def test_sharded_step_equals_single_device(mesh_shape, mode):
+  results = []
+  for mesh in (None, sharding.make_mesh(**mesh_shape)):
+    model = _model(lora_rank=4 if mode == "lora" else 0)
+    # lr 1e-3: Adam normalises near-zero gradients, so reduction-order noise moves a weight by
+    # up to ~lr; the tolerance below is a fraction of one step.
+    trainer = Trainer(model, losses.get("sft"), None, _train_cfg(lr=1e-3), mesh=mesh,
+                      trainable=lora.trainable_filter(mode))
+    losses_seen = [trainer.train_step(_batch(i))["loss"] for i in range(2)]
+    results.append((losses_seen, _flat(trainer.params)))
+  (l1, p1), (l8, p8) = results
+  np.testing.assert_allclose(l1, l8, rtol=2e-5)
+  for k in p1:
+    np.testing.assert_allclose(p1[k], p8[k], rtol=1e-4, atol=2e-5, err_msg=k)
+
+
+def test_grad_accumulation_equals_one_batch():
+  out = []
+  for accum in (1, 4):
+    trainer = Trainer(_model(), losses.get("sft"), None, _train_cfg(grad_accum=accum, lr=1e-3))
+    # equal target-token counts per micro-batch, so the mean of means is the batch mean
+    batch = _batch(0)
+    batch["attn_mask"][:] = 1
+    batch["loss_mask"][:, 4:] = 1
+    m = trainer.train_step(batch)
+    out.append((m["loss"], m["grad_norm"], _flat(trainer.params)))
+  assert out[0][0] == pytest.approx(out[1][0], rel=1e-5)
+  assert out[0][1] == pytest.approx(out[1][1], rel=1e-4)
+  for k in out[0][2]:
+    np.testing.assert_allclose(out[0][2][k], out[1][2][k], rtol=1e-4, atol=2e-5, err_msg=k)
+
+
+def test_only_trainable_filter_moves_and_bf16_compute_keeps_f32_masters():
+  model = _model(lora_rank=4, dropout=0.1)
+  before = _flat(nnx.state(model, nnx.All(nnx.Param, nnx.Not(nnx.LoRAParam))))
+  trainer = Trainer(model, losses.get("sft"), None, _train_cfg(),
+                    trainable=lora.trainable_filter("lora"))
+  trainer.train_step(_batch(0))
+  after = _flat(nnx.state(trainer.model, nnx.All(nnx.Param, nnx.Not(nnx.LoRAParam))))
+  for k in before:
+    np.testing.assert_array_equal(before[k], after[k], err_msg=k)
+  assert any(np.abs(v).sum() > 0 for k, v in _flat(trainer.params).items() if "lora_b" in k)
+
+  cfg = lm_config.preset("tiny", dtype="bfloat16")
+  bf = Trainer(Transformer(cfg, rngs=nnx.Rngs(0)), losses.get("sft"), None, _train_cfg())
+  m = bf.train_step(_batch(0))
+  assert np.isfinite(m["loss"])
+  assert all(v.dtype == np.float32 for v in _flat(bf.params).values())
+
+
+def test_nan_loss_stops_naming_step_and_keeps_last_good_checkpoint(tmp_path):
+  def poisoned(model, batch, cfg):
+    loss, metrics = losses.get("sft")(model, batch, cfg)
+    loss = loss + batch["poison"].sum()
+    return loss, dict(metrics, loss=loss)
+
+  batches = []
+  for i in range(5):
+    b = _batch(i)
+    b["poison"] = np.full((8,), np.nan if i == 3 else 0.0, np.float32)
+    batches.append(b)
+  trainer = Trainer(_model(), poisoned, None, _train_cfg(steps=5, checkpoint_every=2))
+  ckpt = Checkpointer(tmp_path / "ckpt")
+  with pytest.raises(NonFiniteLossError, match=r"step 4.*last good checkpoint \(step 2\)"):
+    trainer.fit(iter(batches), ckpt=ckpt)
+  assert ckpt.latest_step == 2
+  # the kept checkpoint restores finite parameters
+  fresh = Trainer(_model(), poisoned, None, _train_cfg(steps=5))
+  fresh.restore(ckpt)
+  assert fresh.step == 2
+  assert all(np.isfinite(v).all() for v in _flat(fresh.params).values())
+
+
+def test_bad_batch_config_names_the_field():
+  with pytest.raises(ValueError, match="grad_accum"):
+    Trainer(_model(), losses.get("sft"), None, _train_cfg(batch_size=6, grad_accum=4))
+  with pytest.raises(ValueError, match="batch shards"):
+    Trainer(_model(), losses.get("sft"), None, _train_cfg(batch_size=4),
+            mesh=sharding.make_mesh(data=8, fsdp=1))
+
+
+def _launch(workdir, *extra):
+  cmd = [sys.executable, str(REPO / "launch.py"), "--config=" + str(REPO / "configs/dpo.py") +
+         ":smoke", f"--workdir={workdir}", "--config.train.steps=6",
+         "--config.train.checkpoint_every=2", "--config.lora.dropout=0.1", *extra]
+  env = dict(os.environ, JAX_PLATFORMS="cpu")
+  return subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL,
+                          stderr=subprocess.PIPE, text=True)
+
+
+def _metrics(workdir):
+  rows = {}
+  for line in (Path(workdir) / "metrics.jsonl").read_text().splitlines():
+    r = json.loads(line)
+    rows.setdefault(r["step"], {}).update(
+        {k: v for k, v in r.items() if k.startswith(("train/loss", "train/rewards", "train/grad",
+                                                       "eval/"))})
+  return rows
+
+
+@pytest.mark.slow
+def test_sigkill_and_resume_equals_uninterrupted(tmp_path, shared_data):
+  full = _launch(tmp_path / "full")
+  killed = _launch(tmp_path / "killed")
+  # SIGKILL once the step-2 checkpoint is complete (orbax renames it into place when done)
+  deadline = time.time() + 600
+  while not (tmp_path / "killed/checkpoints/2").is_dir():
+    assert killed.poll() is None, killed.stderr.read()[-3000:]
+    assert time.time() < deadline
+    time.sleep(0.2)
+  killed.send_signal(signal.SIGKILL)
+  killed.wait()
+  assert full.wait() == 0, full.stderr.read()[-3000:]
+  resumed = _launch(tmp_path / "killed", "--resume")
+  assert resumed.wait() == 0, resumed.stderr.read()[-3000:]
+  a, b = _metrics(tmp_path / "full"), _metrics(tmp_path / "killed")
+  assert sorted(a) == sorted(b) and max(a) == 6
+  for step in a:
+    assert a[step] == b[step], step
