@@ -556,11 +556,14 @@ def default_config() -> ml_collections.ConfigDict:
   return c
 
 
-def build(data_cfg: ml_collections.ConfigDict, tokenizer, kind: str) -> tuple:
+def build(data_cfg: ml_collections.ConfigDict, tokenizer, kind: str, *,
+          transform_train=None) -> tuple:
   """(train grain dataset, padded eval examples, stats) for kind "sft" | "preference".
 
   Eval examples are never packed; batch them with `eval_batches`. Stats (JSON-ready) hold the
   normalisation counts (malformed rows), truncation/drop counts per split and S.
+  `transform_train(padded examples) -> examples` runs before batching (e.g. to attach DPO
+  reference log-probs scored once).
   """
   if kind not in ("sft", "preference"):
     raise ValueError(f"kind must be 'sft' or 'preference', got {kind!r}")
@@ -579,7 +582,10 @@ def build(data_cfg: ml_collections.ConfigDict, tokenizer, kind: str) -> tuple:
     raise ValueError(f"no training examples left of {len(rows)} rows from {data_cfg.source!r}")
   seq_len = data_cfg.max_length if data_cfg.pack else sequence_length(
       train + evals, data_cfg.max_length, data_cfg.pad_multiple)
-  train_ds = make_dataset(pad_examples(train, seq_len), batch_size=data_cfg.batch_size,
+  train_padded = pad_examples(train, seq_len)
+  if transform_train is not None:
+    train_padded = transform_train(train_padded)
+  train_ds = make_dataset(train_padded, batch_size=data_cfg.batch_size,
                           seed=data_cfg.seed, shuffle=data_cfg.shuffle,
                           num_epochs=data_cfg.num_epochs, pack=data_cfg.pack)
   stats = {"kind": kind, "source": data_cfg.source, "seq_len": seq_len,

@@ -19,6 +19,7 @@ import numpy as np  # noqa: E402
 from flax import nnx  # noqa: E402
 
 from align import data, lora, losses  # noqa: E402
+from align.losses.dpo import check_config, precompute_reference  # noqa: E402
 from align.reward_model import RewardModel  # noqa: E402
 from align.trainer import Trainer  # noqa: E402
 from lm import config as lm_config  # noqa: E402
@@ -106,8 +107,6 @@ def run(config, run_dir: RunDir, mesh=None) -> dict:
     raise ValueError(f"config.loss.name={name!r}; the train task runs one of {sorted(DATA_KIND)}.")
   loss_fn = losses.get(name)
   if name == "dpo":
-    from align.losses.dpo import check_config
-
     check_config(config.loss)
   model, tok = load_model(config.model)
   if config.lora.rank > 0:
@@ -115,7 +114,15 @@ def run(config, run_dir: RunDir, mesh=None) -> dict:
                     rngs=nnx.Rngs(params=config.train.seed, lora_dropout=config.train.seed))
   if name == "reward":
     model = RewardModel(model, rngs=nnx.Rngs(config.train.seed))
-  train_ds, eval_examples, data_stats = data.build(config.data, tok, DATA_KIND[name])
+  transform = None
+  if name == "dpo" and config.loss.get("reference") == "precomputed":
+    transform = lambda examples: precompute_reference(model, examples)
+  train_ds, eval_examples, data_stats = data.build(config.data, tok, DATA_KIND[name],
+                                                   transform_train=transform)
+  if name == "dpo":
+    # the reference never changes: score the held-out pairs under it once, not at every eval
+    eval_examples = precompute_reference(model, eval_examples,
+                                         config.train.get("eval_batch_size", 8))
   run_dir.write_json("data_stats.json", data_stats)
   eval_bs = config.train.get("eval_batch_size", config.train.batch_size)
   # Whole batches only: a padded row would count as a wrong pair in the accuracy.

@@ -122,7 +122,9 @@ class Trainer:
     if not self.n_trainable:
       raise ValueError("the trainable filter selects no parameters; check config.train.trainable "
                        "(and that LoRA was applied when training 'lora').")
-    self.params = jax.device_put(params, sharding.state_shardings(params, self.mesh))
+    # Copies (may_alias=False): the step donates them, and the caller's model keeps its arrays.
+    self.params = jax.device_put(params, sharding.state_shardings(params, self.mesh),
+                                 may_alias=False)
     self.rest = jax.device_put(rest, sharding.state_shardings(rest, self.mesh))
     self.tx = make_optimizer(train_cfg)
     self.schedule = make_schedule(train_cfg)

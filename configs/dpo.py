@@ -14,5 +14,7 @@ from configs.train_base import base
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c = base("dpo", arg)
-  c.loss.update(beta=0.1, variant="sigmoid", label_smoothing=0.0)
+  # reference: "adapters_off" (LoRA off in the same weights, scored each step) or "precomputed"
+  # (scored once over the training pairs before step 1; needed for full fine-tuning)
+  c.loss.update(beta=0.1, variant="sigmoid", label_smoothing=0.0, reference="adapters_off")
   return c

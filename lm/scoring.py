@@ -1,8 +1,9 @@
-"""The one scoring primitive (`token_logprobs`) and the sliding-window perplexity built on it."""
+"""The one scoring primitive (`token_logprobs`), exact token KL, and sliding-window perplexity."""
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from typing import Sequence
 
@@ -23,6 +24,19 @@ def token_logprobs(logits_bsv: jax.Array, targets_bs: jax.Array, temperature: fl
     logits = logits / temperature
   picked = jnp.take_along_axis(logits, targets_bs[..., None].astype(jnp.int32), axis=-1)[..., 0]
   return picked - jax.nn.logsumexp(logits, axis=-1)
+
+
+def token_kl(logits_p_bsv: jax.Array, logits_q_bsv: jax.Array) -> jax.Array:
+  """Exact KL(p || q) in nats between the next-token distributions at every position, `[B, S]`.
+
+  Full-vocabulary sum_v p_v (log p_v - log q_v) from both logits' log_softmax (float32); p is
+  usually the policy, q the reference. The sample estimators (k1, k3) use `token_logprobs`.
+  """
+  logp = jax.nn.log_softmax(logits_p_bsv.astype(jnp.float32), axis=-1)
+  logq = jax.nn.log_softmax(logits_q_bsv.astype(jnp.float32), axis=-1)
+  p = jnp.exp(logp)
+  # where, not multiply: p = 0 against log q = -inf (a masked vocab entry) would be nan.
+  return jnp.sum(jnp.where(p > 0, p * (logp - logq), 0.0), axis=-1)
 
 
 def next_token_logprobs(model, tokens_bs: jax.Array, attn_mask: jax.Array | None = None
@@ -98,32 +112,41 @@ def perplexity(model, token_ids: Sequence[int], *, window: int, stride: int,
   return PerplexityResult(nll_sum, n_tok, len(spans), window, stride)
 
 
+def left_pad_rows(rows: Sequence[Sequence[int]], batch_size: int, multiple: int
+                  ) -> tuple[np.ndarray, np.ndarray, int]:
+  """(tokens, mask, width): rows left-padded into `[batch_size, width]`, width rounded up to
+  `multiple` so batches share compilations; unused rows are all padding."""
+  width = -(-max(len(r) for r in rows) // multiple) * multiple
+  tokens = np.zeros((batch_size, width), np.int32)
+  mask = np.zeros((batch_size, width), np.int32)
+  for j, r in enumerate(rows):
+    tokens[j, width - len(r):] = r
+    mask[j, width - len(r):] = 1
+  return tokens, mask, width
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _next_token_logprobs_jit(graphdef, state, tokens_bs, mask_bs):
+  return next_token_logprobs(nnx.merge(graphdef, state), tokens_bs, mask_bs)
+
+
 def response_logprobs(model, prompts: Sequence[Sequence[int]], responses: Sequence[Sequence[int]],
                       *, batch_size: int = 8, multiple: int = 32) -> list[np.ndarray]:
   """Per-token log-probs of each response given its prompt (one forward per batch).
 
-  Rows are left-padded to a multiple of `multiple` tokens so batches share compilations.
+  Rows are left-padded to a multiple of `multiple` tokens; the compiled forward is shared by
+  every call with the same model structure and widths.
   """
-  graphdef, state = nnx.split(model)
-
-  @jax.jit
-  def score(state, tokens_bs, mask_bs):
-    return next_token_logprobs(nnx.merge(graphdef, state), tokens_bs, mask_bs)
-
-  out = []
   from tqdm import tqdm
 
+  graphdef, state = nnx.split(model)
+  out = []
   for i in tqdm(range(0, len(prompts), batch_size), desc="scoring", unit="batch",
                 disable=len(prompts) <= batch_size):
     rows = [list(p) + list(r) for p, r in zip(prompts[i:i + batch_size],
                                               responses[i:i + batch_size])]
-    width = -(-max(len(r) for r in rows) // multiple) * multiple
-    tokens = np.zeros((batch_size, width), np.int32)
-    mask = np.zeros((batch_size, width), np.int32)
-    for j, r in enumerate(rows):
-      tokens[j, width - len(r):] = r
-      mask[j, width - len(r):] = 1
-    lp = np.asarray(score(state, tokens, mask))
+    tokens, mask, width = left_pad_rows(rows, batch_size, multiple)
+    lp = np.asarray(_next_token_logprobs_jit(graphdef, state, tokens, mask))
     for j, r in enumerate(responses[i:i + batch_size]):
       out.append(lp[j, width - 1 - len(r):] if len(r) else np.zeros((0,), np.float32))
   return out

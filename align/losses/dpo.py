@@ -40,8 +40,13 @@ def dpo_losses(policy_c, policy_r, ref_c, ref_r, *, beta: float, variant: str = 
   raise ValueError(f"dpo variant {variant!r} is unknown; choose one of {VARIANTS}")
 
 
+REFERENCES = ("adapters_off", "precomputed")
+
+
 def check_config(cfg) -> None:
-  """Clear errors for bad β / variant / label smoothing before anything compiles."""
+  """Clear errors for bad β / variant / label smoothing / reference before anything compiles."""
+  if cfg.get("reference", "adapters_off") not in REFERENCES:
+    raise ValueError(f"loss.reference={cfg.reference!r} is unknown; choose one of {REFERENCES}.")
   if cfg.variant not in VARIANTS:
     raise ValueError(f"loss.variant={cfg.variant!r} is unknown; choose one of {VARIANTS}.")
   if not cfg.beta > 0:
@@ -100,3 +105,31 @@ def dpo_loss(model, batch: dict, cfg):
       "logps/chosen": policy[:, 0].mean(),
       "logps/rejected": policy[:, 1].mean(),
   }
+
+
+def precompute_reference(model, examples: list[dict], batch_size: int = 8) -> list[dict]:
+  """Examples with `ref_logps` `[2]` added: the reference (adapters off, or the model as given
+  when it has none) scored once, so training and eval skip the reference forward."""
+  import numpy as np
+  from tqdm import tqdm
+
+  graphdef, state = nnx.split(model)
+
+  @jax.jit
+  def score(state, batch):
+    m = nnx.merge(graphdef, state)
+    m.eval()
+    if lora.count_params(m, nnx.LoRAParam):
+      with lora.disabled(m):
+        return pair_logprobs(m, batch)[0]
+    return pair_logprobs(m, batch)[0]
+
+  out = []
+  for start in tqdm(range(0, len(examples), batch_size), desc="reference log-probs", unit="batch",
+                    disable=len(examples) <= batch_size):
+    chunk = examples[start:start + batch_size]
+    rows = chunk + [chunk[0]] * (batch_size - len(chunk))  # static shape
+    batch = {k: np.stack([ex[k] for ex in rows]) for k in ("tokens", "attn_mask", "loss_mask")}
+    ref = np.asarray(score(state, batch))
+    out += [dict(ex, ref_logps=ref[i].astype(np.float32)) for i, ex in enumerate(chunk)]
+  return out

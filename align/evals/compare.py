@@ -1,0 +1,309 @@
+"""The alignment comparison: perplexity, KL, verbosity, length compliance and reward hacking.
+
+`run(config, run_dir, mesh)` (task `align_eval`) evaluates every entry of `config.models`, each
+`{name, model, adapter, stand_in_lora}`, side by side, and writes `report.md` (one table per
+family of metrics), `plots/`, `results.json` (every number) and `generations.jsonl`.
+
+KL references: an entry with an adapter (or a stand-in LoRA) is compared with the same weights,
+adapters off (`align.lora.disabled`); any other entry with the entry named `config.reference`.
+The reference entry itself has KL 0 by definition and is not scored against itself.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from typing import Any, Mapping
+
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from align.evals import kl as kl_lib
+from align.evals import perplexity as ppl_lib
+from align.evals import perturb, verbosity
+from align.evals.report import render
+from decode.engine import generate
+from decode.sampling import GREEDY, Sampler
+from lm import data, hub
+from lm.config import preset
+from lm.layers import Linear
+from lm.model import Transformer
+from lm.run import RunDir
+
+log = logging.getLogger(__name__)
+
+
+class ByteTokenizer:
+  """UTF-8 bytes as token ids (vocab 256, id 0 = end/pad) for random `tiny:SEED` models."""
+
+  eos_token_id = pad_token_id = 0
+  unk_token_id = None
+
+  def encode(self, text: str, add_special_tokens: bool = False) -> list[int]:
+    del add_special_tokens
+    return [b for b in text.encode("utf-8") if b]
+
+  def __call__(self, text: str) -> dict[str, list[int]]:
+    return {"input_ids": self.encode(text)}
+
+  def decode(self, ids, skip_special_tokens: bool = True) -> str:
+    del skip_special_tokens
+    return bytes(int(i) for i in ids if 0 < int(i) < 256).decode("utf-8", errors="replace")
+
+  def apply_chat_template(self, messages, add_generation_prompt=True, tokenize=True):
+    text = "".join(f"<{m['role']}>\n{m['content']}\n" for m in messages)
+    text += "<assistant>\n" if add_generation_prompt else ""
+    return self.encode(text) if tokenize else text
+
+  def convert_tokens_to_ids(self, token: str):
+    del token
+    return None
+
+
+def _plain(entry) -> dict:
+  return entry.to_dict() if hasattr(entry, "to_dict") else dict(entry)
+
+
+def load_model(spec: str, *, dtype: str = "float32"):
+  """(model, tokenizer) for a hub id / path / alias, or `tiny:SEED` (random, byte tokenizer)."""
+  if spec.startswith("tiny:"):
+    cfg = preset("tiny", max_seq_len=512, dtype=dtype, param_dtype=dtype)
+    return Transformer(cfg, rngs=nnx.Rngs(int(spec.split(":")[1]))), ByteTokenizer()
+  return hub.load_pretrained(spec, dtype=dtype)
+
+
+def add_stand_in_lora(model, *, rank: int, alpha: float, b_std: float, seed: int,
+                      targets: Any = "all-linear") -> None:
+  """A random LoRA through `align.lora.apply_lora`, then B ~ N(0, b_std^2) (B != 0, seeded)."""
+  from align import lora
+
+  lora.apply_lora(model, lora.LoraConfig(rank=rank, alpha=alpha, dropout=0.0, targets=targets),
+                  rngs=nnx.Rngs(seed))
+  rng = np.random.default_rng(seed)  # numpy: no per-shape compiles for a one-off init
+  for _, lin in nnx.iter_modules(model):
+    if isinstance(lin, Linear) and lin.lora_rank:
+      b = lin.lora_b[...]
+      lin.lora_b.set_value(jnp.asarray(b_std * rng.standard_normal(b.shape), b.dtype))
+
+
+def adapters_off(model):
+  """The same weights with every LoRA adapter switched off, as a model of its own (no copy)."""
+  from align import lora
+
+  with lora.disabled(model):
+    return nnx.merge(*nnx.split(model))
+
+
+def load_entry(entry: Mapping, *, dtype: str = "float32", cache: dict | None = None) -> dict:
+  """Loads one `config.models` entry: {name, model, adapter?, stand_in_lora?} -> a dict with
+  `model`, `tokenizer`, and `reference` (adapters off) when the entry carries an adapter.
+
+  `cache` (model spec -> (model, tokenizer)) loads each base once; adapters go on a clone.
+  """
+  e = _plain(entry)
+  if e.get("adapter") and e.get("stand_in_lora"):
+    raise ValueError(f"model entry {e['name']!r}: give an adapter or a stand_in_lora, not both.")
+  cache = {} if cache is None else cache
+  if e["model"] not in cache:
+    cache[e["model"]] = load_model(e["model"], dtype=dtype)
+  model, tok = cache[e["model"]]
+  if e.get("adapter") or e.get("stand_in_lora"):
+    model = nnx.clone(model)  # the cached base stays adapter-free for other entries
+  out = {"name": e["name"], "spec": e, "model": model, "tokenizer": tok, "reference": None}
+  if e.get("adapter"):
+    from align import lora
+
+    lora.load_peft(model, e["adapter"])
+  elif e.get("stand_in_lora"):
+    add_stand_in_lora(model, **_plain(e["stand_in_lora"]))
+  if e.get("adapter") or e.get("stand_in_lora"):
+    model.eval()  # LoRA dropout off: evaluation is deterministic
+    out["reference"] = adapters_off(model)
+  return out
+
+
+def _generate(model, tok, prompts, cfg, *, sampler=GREEDY, seed=0) -> list[dict]:
+  """Answers to chat-encoded prompts; the last batch is padded with repeats so shapes are shared."""
+  rows, bs = [], min(cfg.batch_size, len(prompts))
+  for i in range(0, len(prompts), bs):
+    chunk = prompts[i:i + bs]
+    padded = chunk + [chunk[-1]] * (bs - len(chunk))
+    out = generate(model, padded, max_new_tokens=cfg.max_new_tokens, eos_ids=hub.stop_ids(tok),
+                   pad_id=tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id,
+                   sampler=sampler, seed=seed + i)
+    for seq, fin in list(zip(out.sequences(), out.finish_reasons()))[:len(chunk)]:
+      text = tok.decode(seq, skip_special_tokens=True).strip()
+      rows.append({"tokens": seq, "text": text, "finish": fin,
+                   "words": verbosity.count_words(text)})
+  return rows
+
+
+def run(config, run_dir: RunDir, mesh=None, scorer=None) -> dict:
+  """The task. `scorer`: an optional `texts -> scores` reward model, added to the hacking table."""
+  del mesh
+  t_start, timing = time.time(), {}
+  cache: dict = {}
+  entries = [load_entry(e, dtype=config.dtype, cache=cache) for e in config.models]
+  names = [e["name"] for e in entries]
+  by_name = dict(zip(names, entries))
+  if config.reference not in by_name:
+    raise ValueError(f"config.reference={config.reference!r} is not a model entry; entries are "
+                     f"{names}.")
+  ref = by_name[config.reference]
+  ref_plain = not (ref["spec"].get("adapter") or ref["spec"].get("stand_in_lora"))
+  for e in entries:
+    if e["reference"] is None and e["name"] != config.reference:
+      e["reference"] = ref["model"]
+      e["reference_name"] = config.reference
+      e["reference_is_main"] = True
+    elif e["reference"] is not None:
+      e["reference_name"] = f"{e['name']} (adapters off)"
+      # Adapters off on the reference's own base weights is the reference model itself.
+      e["reference_is_main"] = ref_plain and e["spec"]["model"] == ref["spec"]["model"]
+  timing["load_s"] = time.time() - t_start
+
+  instructions = data.load_instructions(config.prompts.source, config.prompts.n)
+  categories = [verbosity.classify_prompt(q) for q in instructions]
+  suffix = config.verbosity.length_instruction
+  wiki = data.load_wikitext("test")[:config.perplexity.max_chars]
+  pairs = ppl_lib.load_pairs(config.perplexity.pairs_source, config.perplexity.pairs_n)
+  results: dict[str, Any] = {
+      "models": [{**e["spec"], "kl_reference": e.get("reference_name")} for e in entries],
+      "prompts": {"source": config.prompts.source, "n": len(instructions),
+                  "categories": {c: categories.count(c) for c in verbosity.CATEGORIES}},
+      "perplexity": {}, "kl": {}, "verbosity": {}, "length_compliance": {},
+      "reward_hacking": {}}
+  gens: dict[str, dict[str, list[dict]]] = {}
+  for e in entries:
+    name, model, tok = e["name"], e["model"], e["tokenizer"]
+    t0 = time.time()
+    ppl_text = ppl_lib.text_perplexity(model, tok, wiki, **config.perplexity.text)
+    p_ids, r_ids = ppl_lib.encode_pairs(tok, pairs,
+                                        max_response_tokens=config.perplexity.max_response_tokens)
+    ppl_pairs = ppl_lib.response_perplexity(model, p_ids, r_ids,
+                                            batch_size=config.perplexity.batch_size,
+                                            multiple=config.score_multiple)
+    results["perplexity"][name] = {"wikitext2_test": ppl_text, "pairs": ppl_pairs}
+    timing[f"{name}/perplexity_s"] = time.time() - t0
+
+    t0 = time.time()
+    plain = [hub.encode_chat(tok, q) for q in instructions]
+    limited = [hub.encode_chat(tok, f"{q} {suffix}") for q in instructions]
+    both = _generate(model, tok, plain + limited, config.decode)  # one pass: shared compiles
+    gens[name] = {"plain": both[:len(plain)], "length_instruction": both[len(plain):]}
+    timing[f"{name}/generate_s"] = time.time() - t0
+
+    words = [g["words"] for g in gens[name]["plain"]]
+    words_lim = [g["words"] for g in gens[name]["length_instruction"]]
+    results["verbosity"][name] = {
+        "plain": verbosity.stats_by_category(categories, words),
+        "length_instruction": verbosity.stats_by_category(categories, words_lim)}
+    results["length_compliance"][name] = {
+        **verbosity.length_compliance(words_lim, config.verbosity.word_limit),
+        "mean_words": float(np.mean(words_lim)),
+        "hit_max_new_tokens": float(np.mean([g["finish"] == "length"
+                                             for g in gens[name]["length_instruction"]]))}
+
+    if e["reference"] is not None:
+      t0 = time.time()
+      results["kl"][name] = _kl(e, plain, tok(wiki)["input_ids"], config)
+      timing[f"{name}/kl_s"] = time.time() - t0
+
+  t0 = time.time()
+  hacking, deltas = _hacking(entries, instructions, gens[config.reference]["plain"], config,
+                             scorer)
+  results["reward_hacking"] = hacking
+  timing["reward_hacking_s"] = time.time() - t0
+
+  with open(run_dir.path / "generations.jsonl", "w") as fh:
+    for name, kinds in gens.items():
+      for kind, rows in kinds.items():
+        for i, g in enumerate(rows):
+          fh.write(json.dumps({"model": name, "kind": kind, "prompt_idx": i,
+                               "category": categories[i], "instruction": instructions[i],
+                               "text": g["text"], "words": g["words"], "finish": g["finish"],
+                               "n_tokens": len(g["tokens"])}) + "\n")
+  _plots(gens, categories, hacking, deltas, config, run_dir)
+  timing["total_s"] = time.time() - t_start
+  results["timing"] = timing
+  results["config"] = json.loads(config.to_json_best_effort())
+  run_dir.write_json("results.json", results)
+  for step, name in enumerate(names):
+    run_dir.metrics.write(step, _headline(results, name), model=name)
+  run_dir.write_report(render(config, results, entries))
+  return {"total_s": timing["total_s"], **_headline(results, names[-1])}
+
+
+def _kl(e, plain_prompts, wiki_ids, config) -> dict:
+  """KL(policy || reference) on the policy's own T=1 samples and on a WikiText-2 slice."""
+  c = config.kl
+  samples = _generate(e["model"], e["tokenizer"], plain_prompts, config.decode,
+                      sampler=Sampler(temperature=c.temperature), seed=config.seed)
+  own = kl_lib.kl_rows(e["model"], e["reference"], plain_prompts, [g["tokens"] for g in samples],
+                       batch_size=c.batch_size, multiple=config.score_multiple)
+  ctx, cont = kl_lib.text_windows(wiki_ids[:c.text_tokens], window=c.window, stride=c.stride)
+  text = kl_lib.kl_rows(e["model"], e["reference"], ctx, cont, batch_size=c.batch_size,
+                        multiple=config.score_multiple)
+  return {"reference": e["reference_name"], "temperature": c.temperature,
+          "own_samples": kl_lib.summarize_kl(own), "fixed_text": kl_lib.summarize_kl(text)}
+
+
+def _hacking(entries, instructions, ref_rows, config, scorer):
+  """Delta stats per (series, perturbation) on the reference's greedy answers; raw deltas too."""
+  c = config.hacking
+  perts = {p: perturb.PERTURBATIONS[p] for p in c.perturbations}
+  n = c.n or len(ref_rows)
+  instructions, responses = instructions[:n], [g["text"] for g in ref_rows[:n]]
+  kw = dict(batch_size=c.batch_size, max_response_tokens=c.max_response_tokens,
+            multiple=config.score_multiple)
+  series, ref_avg = [], None
+  for e in entries:
+    if e["reference"] is not None:
+      implicit, avg, avg_ref = perturb.log_ratio_scorers(e["model"], e["reference"],
+                                                         e["tokenizer"], beta=c.beta, **kw)
+      series += [(f"{e['name']}: implicit reward (beta={c.beta})", implicit),
+                 (f"{e['name']}: avg log-prob", avg)]
+      if e["reference_is_main"] and ref_avg is None:
+        ref_avg = avg_ref  # the reference's log-probs come with this pass: no extra forward
+  ref = next(e for e in entries if e["name"] == config.reference)
+  if ref_avg is None:
+    ref_avg = perturb.avg_logprob_scorer(ref["model"], ref["tokenizer"], **kw)
+  series.insert(0, (f"{config.reference}: avg log-prob", ref_avg))
+  if scorer is not None:
+    series.append(("reward model", perturb.from_text_scorer(scorer)))
+  stats, deltas = {}, {}
+  for label, fn in series:
+    scores, _ = perturb.perturbation_scores(instructions, responses, fn, perts, seed=config.seed)
+    stats[label] = {p: {**perturb.delta_stats(scores["original"], scores[p]),
+                        "original_mean": float(np.mean(scores["original"]))} for p in perts}
+    deltas[label] = {p: scores[p] - scores["original"] for p in perts}
+  return stats, deltas
+
+
+def _headline(results, name) -> dict:
+  out = {"wikitext2_perplexity": results["perplexity"][name]["wikitext2_test"]["perplexity"],
+         "pairs_perplexity": results["perplexity"][name]["pairs"]["perplexity"],
+         "mean_words": results["verbosity"][name]["plain"]["all"]["mean"],
+         "length_compliance": results["length_compliance"][name]["compliance_rate"]}
+  if name in results["kl"]:
+    out["kl_exact_per_token_own"] = results["kl"][name]["own_samples"]["exact_per_token"]
+  return out
+
+
+def _plots(gens, categories, hacking, deltas, config, run_dir):
+  for kind, title in (("plain", "Response length per prompt category"),
+                      ("length_instruction", f"With \"{config.verbosity.length_instruction}\"")):
+    lengths = {}
+    for name, kinds in gens.items():
+      words = [g["words"] for g in kinds[kind]]
+      lengths[name] = {c: [w for w, k in zip(words, categories) if k == c]
+                       for c in verbosity.CATEGORIES}
+      lengths[name]["all"] = words
+    verbosity.box_plot(lengths, run_dir.plots / f"lengths_{kind}.png", title=title,
+                       limit=config.verbosity.word_limit if kind != "plain" else None)
+  perturb.bar_plot(hacking, run_dir.plots / "reward_hacking_mean_delta.png",
+                   title="Reward hacking: mean score change per perturbation")
+  perturb.delta_plot(deltas, run_dir.plots / "reward_hacking_deltas.png",
+                     title="Reward hacking: per-example score changes")

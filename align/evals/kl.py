@@ -1,0 +1,123 @@
+"""KL(policy || reference) per token and per sequence: exact, and Schulman's sample estimators.
+
+At position t with context x_<t, p the policy's and q the reference's next-token distribution:
+
+  exact = sum_v p(v) (log p(v) - log q(v))   full vocabulary, `lm.scoring.token_kl`
+  k1    = log p(x_t) - log q(x_t)            unbiased, high variance, can be negative
+  k2    = (log r)^2 / 2,  r = q(x_t) / p(x_t) biased, low variance (shown for completeness)
+  k3    = (r - 1) - log r                    unbiased, never negative, low variance
+
+("Approximating KL divergence", J. Schulman, 2020.) k1 and k3 are unbiased for KL only where
+x_t ~ p, i.e. on the policy's own samples at temperature 1; there, summed over a sequence, k1, k3
+and the exact per-token KLs are all unbiased for the sequence-level KL(p || q) (chain rule). On
+greedy outputs or fixed text the exact column is the per-context KL; k1/k2/k3 are shown only to
+compare. Log-probs come from `lm.scoring.token_logprobs`, the one scoring primitive.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from lm import scoring
+from lm.scoring import sliding_windows, token_kl, token_logprobs
+
+ESTIMATORS = ("exact", "k1", "k2", "k3")
+
+
+def sample_kl_estimators(logp: jax.Array, logq: jax.Array) -> dict[str, jax.Array]:
+  """k1, k2, k3 at sampled tokens from their log-probs under p (policy) and q (reference)."""
+  log_r = logq - logp
+  return {"k1": -log_r, "k2": 0.5 * log_r**2, "k3": jnp.expm1(log_r) - log_r}
+
+
+@functools.partial(jax.jit, static_argnames=("gp", "gq"))
+def _per_token(gp, sp, gq, sq, tokens_bs, mask_bs):
+  """Every estimator at positions 0..S-2 (predicting tokens 1..S-1): `[B, S-1]` each.
+
+  Top level with static graphdefs, so calls with the same models and shapes share one compile.
+  """
+  logits_p, _ = nnx.merge(gp, sp)(tokens_bs, attn_mask=mask_bs)
+  logits_q, _ = nnx.merge(gq, sq)(tokens_bs, attn_mask=mask_bs)
+  targets = tokens_bs[:, 1:]
+  logp = token_logprobs(logits_p[:, :-1], targets)
+  logq = token_logprobs(logits_q[:, :-1], targets)
+  return {"exact": token_kl(logits_p[:, :-1], logits_q[:, :-1]), "logp": logp, "logq": logq,
+          **sample_kl_estimators(logp, logq)}
+
+
+def kl_rows(policy, reference, contexts: Sequence[Sequence[int]],
+            continuations: Sequence[Sequence[int]], *, batch_size: int = 4,
+            multiple: int = 32) -> list[dict[str, np.ndarray]]:
+  """Per-token KL estimates of each continuation given its context, one forward per model.
+
+  Args:
+    policy, reference: models with the `model(tokens_bs, attn_mask=...)` forward (any two; for a
+      LoRA policy the reference is the same weights with adapters off, see `compare`).
+    contexts: token ids before each continuation (at least one token each).
+    continuations: token ids scored; each row's KL is at the positions predicting them.
+    batch_size, multiple: rows per forward; widths rounded up to `multiple` to share compiles.
+
+  Returns:
+    One dict per row: each estimator, and `logp`/`logq` (the tokens' log-probs under policy and
+    reference), -> `[len(continuation)]` float32 arrays (nats).
+  """
+  if any(len(c) == 0 for c in contexts):
+    raise ValueError("every KL row needs at least one context token.")
+  gp, sp = nnx.split(policy)
+  gq, sq = nnx.split(reference)
+  # Shortest rows first: batches share widths, so fewer compiles and less padding.
+  order = sorted(range(len(contexts)), key=lambda i: len(contexts[i]) + len(continuations[i]))
+  contexts = [contexts[i] for i in order]
+  continuations = [continuations[i] for i in order]
+  out = []
+  for i in range(0, len(contexts), batch_size):
+    conts = continuations[i:i + batch_size]
+    rows = [list(c) + list(r) for c, r in zip(contexts[i:i + batch_size], conts)]
+    tokens, mask, width = scoring.left_pad_rows(rows, batch_size, multiple)
+    kls = {k: np.asarray(v) for k, v in _per_token(gp, sp, gq, sq, tokens, mask).items()}
+    for j, r in enumerate(conts):
+      # Position s of the [B, S-1] outputs predicts token s+1: a row's last len(r) tokens.
+      out.append({k: v[j, width - 1 - len(r):] if len(r) else np.zeros((0,), np.float32)
+                  for k, v in kls.items()})
+  unsorted = [None] * len(out)
+  for pos, i in enumerate(order):
+    unsorted[i] = out[pos]
+  return unsorted
+
+
+def text_windows(token_ids: Sequence[int], *, window: int, stride: int
+                 ) -> tuple[list[list[int]], list[list[int]]]:
+  """(contexts, continuations) covering a token stream as `scoring.perplexity` does.
+
+  Every token but the first is scored once, with up to `window - stride` tokens of context.
+  """
+  ids = list(token_ids)
+  contexts, conts = [], []
+  for b, e, n in sliding_windows(len(ids), window, stride):
+    first = max(e - n, b + 1)
+    contexts.append(ids[b:first])
+    conts.append(ids[first:e])
+  return contexts, conts
+
+
+def summarize_kl(rows: Sequence[dict[str, np.ndarray]]) -> dict[str, float]:
+  """Flat numbers for a set of KL rows (nats).
+
+  `{est}_per_token`: mean over all scored tokens pooled; `{est}_per_seq` / `{est}_per_seq_std`:
+  mean / population std over rows of the row's sum; `n_tokens`, `n_sequences`.
+  """
+  out: dict[str, float] = {"n_sequences": len(rows),
+                           "n_tokens": int(sum(len(r["exact"]) for r in rows))}
+  for est in ESTIMATORS:
+    pooled = np.concatenate([r[est] for r in rows]).astype(np.float64) if rows else np.zeros(0)
+    sums = np.array([float(np.sum(r[est], dtype=np.float64)) for r in rows])
+    out[f"{est}_per_token"] = float(pooled.mean()) if pooled.size else float("nan")
+    out[f"{est}_per_seq"] = float(sums.mean()) if sums.size else float("nan")
+    out[f"{est}_per_seq_std"] = float(sums.std()) if sums.size else float("nan")
+  return out

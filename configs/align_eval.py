@@ -1,0 +1,80 @@
+"""Alignment diagnostics: perplexity, KL to the reference, verbosity, length compliance, hacking.
+
+Variants: `cpu` (default; SmolLM2-135M-Instruct vs the LoRA-DPO adapter of `dpo.py:cpu` in
+`runs/dpo-cpu/adapter`, or a labelled STAND-IN random LoRA while that does not exist; 24
+AlpacaEval prompts, 96 new tokens, minutes here), `standin` (cpu, always the stand-in), `smoke` (random tiny models with a byte tokenizer, seconds, for
+tests), `gpu_full` (the seeds' settings: 400 prompts, 256 new tokens, whole WikiText-2 test).
+
+`models`: a list of `{name, model, adapter, stand_in_lora}`; `model` is a hub id, path, offline
+alias or `tiny:SEED`; `adapter` a PEFT LoRA directory (loaded by `align.lora.load_peft`);
+`stand_in_lora` a random LoRA `{rank, alpha, b_std, seed}` used until a trained DPO adapter
+exists (labelled "stand-in" in the report). Replace the stand-in entry by
+`{"name": "lora-dpo", "model": BASE, "adapter": "runs/dpo/adapter"}` once one does.
+"""
+
+from pathlib import Path
+
+import ml_collections
+
+_BASE = "HuggingFaceTB/SmolLM2-135M-Instruct"
+# Written by `launch.py --config=configs/dpo.py:cpu --workdir=runs/dpo-cpu`.
+DPO_CPU_ADAPTER = "runs/dpo-cpu/adapter"
+
+
+def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+  variant = arg or "cpu"
+  c = ml_collections.ConfigDict()
+  c.task = "align_eval"
+  c.variant = variant
+  c.seed = 0
+  c.dtype = "float32"
+  c.mesh = ml_collections.ConfigDict({"data": 1, "fsdp": -1, "tensor": 1})
+  # The trained LoRA-DPO adapter of dpo.py:cpu when it exists; else the labelled stand-in.
+  policy = ({"name": "lora-dpo", "model": _BASE, "adapter": str(Path(DPO_CPU_ADAPTER).absolute()),
+             "stand_in_lora": None} if Path(DPO_CPU_ADAPTER).is_dir() and variant != "standin"
+            else {"name": "lora-dpo (stand-in)", "model": _BASE, "adapter": None,
+                  "stand_in_lora": {"rank": 8, "alpha": 16.0, "b_std": 0.03, "seed": 0}})
+  c.models = [{"name": "reference", "model": _BASE, "adapter": None, "stand_in_lora": None},
+              policy]
+  c.reference = "reference"
+  c.prompts = ml_collections.ConfigDict({"source": "alpaca_eval", "n": 24})
+  c.score_multiple = 64  # scored rows are padded to a multiple of this: fewer compiles
+  # One decoding batch for all 48 prompts (plain + length-instructed): CPU decode steps are
+  # weight-bandwidth bound, so a larger batch costs about the same per step.
+  c.decode = ml_collections.ConfigDict({"max_new_tokens": 96, "batch_size": 48})
+  c.perplexity = ml_collections.ConfigDict({
+      "max_chars": 40_000,
+      "text": {"max_tokens": 1024, "window": 512, "stride": 256, "batch_size": 4},
+      "pairs_source": "alpaca_eval", "pairs_n": 24, "max_response_tokens": 128, "batch_size": 8,
+  })
+  c.kl = ml_collections.ConfigDict({"temperature": 1.0, "text_tokens": 512, "window": 256,
+                                    "stride": 128, "batch_size": 4})
+  c.verbosity = ml_collections.ConfigDict({"length_instruction": "Answer in at most 50 words.",
+                                           "word_limit": 50})
+  c.hacking = ml_collections.ConfigDict({
+      "perturbations": ["filler", "keywords", "reorder", "padding"], "beta": 0.1,
+      "n": 8,  # the first n of the reference's greedy answers (None: all)
+      "batch_size": 8, "max_response_tokens": 256})
+  if variant == "smoke":
+    c.models = [
+        {"name": "reference", "model": "tiny:0", "adapter": None, "stand_in_lora": None},
+        {"name": "lora (stand-in)", "model": "tiny:0", "adapter": None,
+         "stand_in_lora": {"rank": 4, "alpha": 8.0, "b_std": 0.5, "seed": 0}},
+    ]
+    c.prompts.n = 4
+    c.score_multiple = 256
+    c.decode.update(max_new_tokens=16, batch_size=8)
+    c.perplexity.update(max_chars=2000, pairs_n=4, max_response_tokens=64, batch_size=4)
+    c.perplexity.text.update(max_tokens=512, window=128, stride=64)
+    c.kl.update(text_tokens=256, window=128, stride=64)
+    c.hacking.update(n=None, batch_size=4, max_response_tokens=64)
+  elif variant == "gpu_full":
+    c.prompts.n = 400
+    c.decode.update(max_new_tokens=256, batch_size=64)
+    c.perplexity.update(max_chars=10**8, pairs_n=400, max_response_tokens=512, batch_size=32)
+    c.perplexity.text.update(max_tokens=10**8, window=1024, stride=512, batch_size=16)
+    c.kl.update(text_tokens=32_768, window=1024, stride=512, batch_size=16)
+    c.hacking.update(n=None, batch_size=32, max_response_tokens=512)
+  elif variant not in ("cpu", "standin"):
+    raise ValueError(f"unknown align_eval variant {variant!r}; use smoke, cpu or gpu_full.")
+  return c
