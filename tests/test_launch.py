@@ -62,3 +62,22 @@ def test_decode_sweep_smoke_writes_every_output(tmp_path, smollm2_gguf, shared_d
   summary = json.loads((work / "summary.json").read_text())
   assert {s["strategy"] for s in summary["strategies"]} >= {"greedy", "beam4"}
   assert len(summary["beam_logprob_sums"]["beam4"]) == 2 * 4
+
+
+@pytest.mark.parametrize("algo,plots", [("sft", ["loss.png", "perplexity.png"]),
+                                        ("reward", ["loss.png", "accuracy.png"])])
+def test_train_smoke_writes_run_directory(tmp_path, shared_data, smollm2_gguf, algo, plots):
+  """SFT and reward-model smoke runs (DPO's is exercised by the SIGKILL/resume test)."""
+  work = tmp_path / algo
+  r = subprocess.run([sys.executable, "launch.py", f"--config=configs/{algo}.py:smoke",
+                      f"--workdir={work}", "--config.train.steps=2",
+                      "--config.train.eval_every=0"],
+                     cwd=REPO, capture_output=True, text=True, timeout=600)
+  assert r.returncode == 0, r.stderr[-3000:]
+  for name in ["config.json", "metrics.jsonl", "report.md", "summary.json", "data_stats.json",
+               "adapter/adapter_model.safetensors", "adapter/adapter_config.json",
+               *[f"plots/{p}" for p in plots]]:
+    assert (work / name).exists(), name
+  assert list((work / "tensorboard").iterdir())
+  steps = [json.loads(line)["step"] for line in (work / "metrics.jsonl").read_text().splitlines()]
+  assert max(steps) == 2
