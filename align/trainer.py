@@ -25,7 +25,6 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from flax import nnx
-from jax.sharding import NamedSharding, PartitionSpec
 
 from align import lora
 from lm import sharding
@@ -196,15 +195,15 @@ class Trainer:
     out = {}
     for k, v in batch.items():
       v = np.asarray(v)
-      spec = NamedSharding(self.mesh, PartitionSpec(("data", "fsdp"), *([None] * (v.ndim - 1))))
       rows = v.shape[0] // n_proc
-      out[k] = jax.make_array_from_process_local_data(spec, v[pid * rows:(pid + 1) * rows],
-                                                      v.shape)
+      out[k] = jax.make_array_from_process_local_data(
+          sharding.batch_sharding(self.mesh, v.ndim), v[pid * rows:(pid + 1) * rows], v.shape)
     return out
 
   def train_step(self, batch: dict) -> dict[str, float]:
     """One optimizer step on a global batch; returns host metrics (raises on a non-finite loss)."""
-    n_tokens = int(np.asarray(batch.get("attn_mask", batch["tokens"] * 0 + 1)).sum())
+    n_tokens = int(np.asarray(batch["attn_mask"]).sum()) if "attn_mask" in batch else int(
+        np.asarray(batch["tokens"]).size)
     t0 = time.perf_counter()
     with jax.set_mesh(self.mesh):
       self.params, self.opt_state, metrics = self._train_step(

@@ -42,7 +42,7 @@ def _batch(seed, b=8, s=16):
   return {"tokens": tokens, "attn_mask": attn, "loss_mask": loss_mask}
 
 
-def _model(lora_rank=0, dropout=0.0, tensor_friendly=False):
+def _model(lora_rank=0, dropout=0.0):
   cfg = lm_config.preset("tiny")
   model = Transformer(cfg, rngs=nnx.Rngs(0))
   if lora_rank:
