@@ -1,6 +1,6 @@
 """LoRA-DPO training step, ours vs TRL `DPOTrainer` + PEFT, SmolLM2-135M-Instruct float32, this CPU.
 
-Batch 4 pairs x 256 tokens (chosen and rejected each 256: hh-rlhf pairs long enough to fill it),
+Batch 4 pairs x 256 tokens (hh-rlhf pairs whose longer reply fills 256, prompt <= 192 tokens),
 LoRA r=8 alpha=16 on all linear layers, beta 0.1, AdamW. Each side runs in its own subprocess so
 its peak memory (max RSS) is its own: TRL first, which also writes the exact batches its
 collator built; ours then trains on those same token arrays. Tokens/s counts real (unpadded)
@@ -45,7 +45,9 @@ def _max_rss_mb() -> float:
 
 
 def _pairs(tokenizer, n: int, seq: int) -> list[dict]:
-  """hh-rlhf pairs whose prompt + shorter reply reaches `seq` tokens (so every row is full)."""
+  """hh-rlhf pairs whose longer row reaches `seq` tokens (every batch pads to `seq`) and whose
+  prompt leaves at least a quarter of the row to the reply (TRL drops pairs whose prompt fills
+  `max_length`; rows of nearly all prompt would measure the trunk alone)."""
   from align import data
 
   rows = data.load_records("hh-rlhf")
@@ -57,9 +59,9 @@ def _pairs(tokenizer, n: int, seq: int) -> list[dict]:
       continue
     prompt = tokenizer.apply_chat_template(rec["prompt"], tokenize=False,
                                            add_generation_prompt=True)
-    shortest = min(len(tokenizer(prompt + r)["input_ids"]) for r in (rec["chosen"],
-                                                                      rec["rejected"]))
-    if shortest >= seq + 8:
+    longest = max(len(tokenizer(prompt + r)["input_ids"]) for r in (rec["chosen"],
+                                                                     rec["rejected"]))
+    if longest >= seq + 8 and len(tokenizer(prompt)["input_ids"]) <= seq * 3 // 4:
       out.append({"prompt": prompt, "chosen": rec["chosen"], "rejected": rec["rejected"]})
     if len(out) == n:
       return out

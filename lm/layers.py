@@ -14,6 +14,7 @@ whose other state was captured from an outer trace.
 
 from __future__ import annotations
 
+import functools
 import math
 
 import jax
@@ -114,17 +115,47 @@ class Linear(nnx.Module):
     if self.bias is not None:
       y = y + self.bias[...].astype(self.dtype)
     if self.lora_rank and self.lora_enabled and not self.lora_merged:
-      y = y + self._lora(x, contract)
+      y = y + self._lora(x)
     return y
 
-  def _lora(self, x: jax.Array, contract) -> jax.Array:
+  def _lora(self, x: jax.Array) -> jax.Array:
     x = x.astype(self.dtype)
     if self.lora_dropout is not None:
       x = self.lora_dropout(x)
-    h = jax.lax.dot_general(x, self.lora_a[...].astype(self.dtype), (contract, ((), ())))
-    b = self.lora_b[...].astype(self.dtype)
-    y = jax.lax.dot_general(h, b, (((h.ndim - 1,), (0,)), ((), ())))
-    return y * jnp.asarray(self.lora_scaling, self.dtype)
+    n_in = len(self.in_shape)
+    lead = x.shape[:x.ndim - n_in]
+    a = self.lora_a[...].astype(self.dtype).reshape(-1, self.lora_rank)
+    b = self.lora_b[...].astype(self.dtype).reshape(self.lora_rank, -1)
+    y = lora_product(x.reshape(-1, a.shape[0]), a, b, self.lora_scaling)
+    return y.reshape(lead + self.out_shape)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def lora_product(x_ti: jax.Array, a_ir: jax.Array, b_ro: jax.Array, scaling: float) -> jax.Array:
+  """`(x·A)·B·scaling` over flattened tokens `[T, in]`, with a hand-written backward.
+
+  Autodiff's backward lets XLA:CPU transpose the `[T, out]` cotangent for the `[r, out]` weight
+  gradient (fused with elementwise work, it took 2x the whole MLP forward at 8x256 tokens). Here
+  every backward product is a plain row-major GEMM and only rank-`r` tensors are transposed.
+  """
+  return (x_ti @ a_ir) @ b_ro * jnp.asarray(scaling, x_ti.dtype)
+
+
+def _lora_fwd(x_ti, a_ir, b_ro, scaling):
+  h_tr = x_ti @ a_ir
+  return h_tr @ b_ro * jnp.asarray(scaling, x_ti.dtype), (x_ti, a_ir, b_ro, h_tr)
+
+
+def _lora_bwd(scaling, res, dy_to):
+  x_ti, a_ir, b_ro, h_tr = res
+  dy_to = dy_to * jnp.asarray(scaling, dy_to.dtype)
+  g_tr = dy_to @ b_ro.T
+  d_b = h_tr.T @ dy_to
+  d_a = (g_tr.T @ x_ti).T
+  return g_tr @ a_ir.T, d_a, d_b
+
+
+lora_product.defvjp(_lora_fwd, _lora_bwd)
 
 
 class Embed(nnx.Module):

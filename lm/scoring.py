@@ -26,6 +26,41 @@ def token_logprobs(logits_bsv: jax.Array, targets_bs: jax.Array, temperature: fl
   return picked - jax.nn.logsumexp(logits, axis=-1)
 
 
+def selected_token_logprobs(model, h_bsd: jax.Array, targets_bs: jax.Array, select_bs: jax.Array,
+                            *, chunk: int = 64) -> jax.Array:
+  """`token_logprobs` of `targets_bs` at the `select_bs` positions (0 elsewhere), `[B, S]` float32,
+  from final hidden states `h_bsd` through `model.logits`, never materialising `[B, S, V]`.
+
+  The output head runs `chunk` positions at a time and skips chunks where nothing is selected
+  (prompt positions of SFT/DPO rows cost nothing); each chunk's logits are recomputed in the
+  backward pass instead of being kept, so memory holds one `[B, chunk, V]` block.
+  """
+  b, s, d = h_bsd.shape
+  n = -(-s // chunk)
+  pad = n * chunk - s
+  if pad:
+    h_bsd = jnp.pad(h_bsd, ((0, 0), (0, pad), (0, 0)))
+    targets_bs = jnp.pad(targets_bs, ((0, 0), (0, pad)))
+    select_bs = jnp.pad(select_bs, ((0, 0), (0, pad)))
+  blocks = lambda x: jnp.moveaxis(x.reshape((b, n, chunk) + x.shape[2:]), 1, 0)
+
+  @jax.checkpoint
+  def scored(h_bcd, t_bc, sel_bc):
+    return jnp.where(sel_bc, token_logprobs(model.logits(h_bcd), t_bc), 0.0)
+
+  def skipped(h_bcd, t_bc, sel_bc):
+    del h_bcd, sel_bc
+    return jnp.zeros(t_bc.shape, jnp.float32)
+
+  def one(args):
+    h_bcd, t_bc, sel_bc = args
+    return jax.lax.cond(sel_bc.any(), scored, skipped, h_bcd, t_bc, sel_bc)
+
+  out = jax.lax.map(one, (blocks(h_bsd), blocks(targets_bs.astype(jnp.int32)),
+                          blocks(select_bs.astype(bool))))
+  return jnp.moveaxis(out, 0, 1).reshape(b, n * chunk)[:, :s]
+
+
 def token_kl(logits_p_bsv: jax.Array, logits_q_bsv: jax.Array) -> jax.Array:
   """Exact KL(p || q) in nats between the next-token distributions at every position, `[B, S]`.
 

@@ -239,3 +239,22 @@ def test_errors(tiny):
   lora.apply_lora(m, lora.LoraConfig(targets=("q",)), rngs=nnx.Rngs(0))
   with pytest.raises(ValueError, match="already has LoRA"):
     lora.apply_lora(m, lora.LoraConfig(), rngs=nnx.Rngs(0))
+
+
+def test_lora_product_backward_equals_autodiff():
+  """The hand-written LoRA backward gives autodiff's gradients for x, A and B."""
+  from lm.layers import lora_product
+
+  k = jax.random.split(jax.random.key(0), 4)
+  x = jax.random.normal(k[0], (12, 6))
+  a = jax.random.normal(k[1], (6, 3))
+  b = jax.random.normal(k[2], (3, 5))
+  w = jax.random.normal(k[3], (12, 5))
+
+  def f(fn):
+    return lambda x, a, b: (jnp.tanh(fn(x, a, b)) * w).sum()
+
+  ours = jax.grad(f(lambda x, a, b: lora_product(x, a, b, 2.5)), argnums=(0, 1, 2))(x, a, b)
+  ref = jax.grad(f(lambda x, a, b: (x @ a) @ b * 2.5), argnums=(0, 1, 2))(x, a, b)
+  for g, r in zip(ours, ref):
+    np.testing.assert_allclose(g, r, rtol=1e-5, atol=1e-5)

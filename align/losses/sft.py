@@ -17,7 +17,7 @@ def sft_loss(model, batch: dict, cfg=None):
   """
   del cfg
   attn_mask, positions = attention_inputs(batch)
-  lp_bs = target_logprobs(model, batch["tokens"], attn_mask, positions)
+  lp_bs = target_logprobs(model, batch["tokens"], attn_mask, positions, batch["loss_mask"])
   w_bs = batch["loss_mask"][:, 1:].astype(jnp.float32)
   n_tokens = jnp.maximum(w_bs.sum(), 1.0)
   nll = -(lp_bs * w_bs).sum() / n_tokens
