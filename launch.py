@@ -67,6 +67,10 @@ def main(argv):
   if task not in TASKS:
     raise app.UsageError(f"config.task={task!r} is unknown; known tasks: {sorted(TASKS)}")
 
+  if task == "train":
+    from align.trainer import use_cpu_training_flags
+
+    use_cpu_training_flags()  # before the backend starts
   import jax
 
   if _multiprocess_launch():

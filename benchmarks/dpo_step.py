@@ -128,8 +128,10 @@ def _ours_side(batches_path: str) -> dict:
   from flax import nnx
 
   from align import lora, losses
-  from align.trainer import Trainer
+  from align.trainer import Trainer, use_cpu_training_flags
   from lm import hub
+
+  use_cpu_training_flags()  # as launch.py does for training runs
 
   z = np.load(batches_path)
   batches = []

