@@ -177,3 +177,17 @@ def test_sigkill_and_resume_equals_uninterrupted(tmp_path, shared_data):
   assert sorted(a) == sorted(b) and max(a) == 6
   for step in a:
     assert a[step] == b[step], step
+
+
+def test_cpu_training_flags_keep_the_users(monkeypatch):
+  """Training XLA flags are added once; a flag the user already set keeps the user's value."""
+  from align.trainer import CPU_TRAINING_XLA_FLAGS, use_cpu_training_flags
+
+  name = CPU_TRAINING_XLA_FLAGS[0].split("=")[0]
+  monkeypatch.setenv("XLA_FLAGS", f"{name}=true --xla_dump_to=/tmp/x")
+  use_cpu_training_flags()
+  use_cpu_training_flags()
+  flags = os.environ["XLA_FLAGS"].split()
+  assert f"{name}=true" in flags and CPU_TRAINING_XLA_FLAGS[0] not in flags
+  assert "--xla_dump_to=/tmp/x" in flags
+  assert all(flags.count(f) == 1 for f in CPU_TRAINING_XLA_FLAGS[1:])
