@@ -17,6 +17,7 @@ import dataclasses
 import json
 import logging
 import math
+import os
 import time
 from typing import Any, Callable, Iterator
 
@@ -49,8 +50,6 @@ CPU_TRAINING_XLA_FLAGS = ("--xla_cpu_enable_concurrency_optimized_scheduler=fals
 def use_cpu_training_flags() -> None:
   """Add `CPU_TRAINING_XLA_FLAGS` to `XLA_FLAGS` (those the user set win). Call before the first
   JAX computation: XLA reads the variable once, when the backend starts."""
-  import os
-
   current = os.environ.get("XLA_FLAGS", "")
   set_names = {f.split("=")[0] for f in current.split()}
   extra = [f for f in CPU_TRAINING_XLA_FLAGS if f.split("=")[0] not in set_names]

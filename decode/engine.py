@@ -19,7 +19,7 @@ from flax import nnx
 
 from decode.sampling import GREEDY, Sampler, SamplingParams
 from lm.model import KVCache
-from lm.scoring import token_logprobs
+from lm.scoring import left_pad_rows, token_logprobs
 
 FINISH_REASONS = ("length", "eos", "stop", "repeat")
 
@@ -70,13 +70,7 @@ def left_pad(prompts: Sequence[Sequence[int]], pad_id: int, multiple: int = 16
   """`[B, P]` tokens and mask, left-padded; P rounded up to `multiple` to reuse compilations."""
   if not prompts or any(len(p) == 0 for p in prompts):
     raise ValueError("every prompt needs at least one token.")
-  p = max(len(x) for x in prompts)
-  p = -(-p // multiple) * multiple
-  tokens = np.full((len(prompts), p), pad_id, np.int32)
-  mask = np.zeros((len(prompts), p), np.int32)
-  for i, x in enumerate(prompts):
-    tokens[i, p - len(x):] = x
-    mask[i, p - len(x):] = 1
+  tokens, mask, _ = left_pad_rows(prompts, len(prompts), multiple, pad_id)
   return tokens, mask
 
 

@@ -35,7 +35,7 @@ def selected_token_logprobs(model, h_bsd: jax.Array, targets_bs: jax.Array, sele
   (prompt positions of SFT/DPO rows cost nothing); each chunk's logits are recomputed in the
   backward pass instead of being kept, so memory holds one `[B, chunk, V]` block.
   """
-  b, s, d = h_bsd.shape
+  b, s = targets_bs.shape
   n = -(-s // chunk)
   pad = n * chunk - s
   if pad:
@@ -147,12 +147,12 @@ def perplexity(model, token_ids: Sequence[int], *, window: int, stride: int,
   return PerplexityResult(nll_sum, n_tok, len(spans), window, stride)
 
 
-def left_pad_rows(rows: Sequence[Sequence[int]], batch_size: int, multiple: int
+def left_pad_rows(rows: Sequence[Sequence[int]], batch_size: int, multiple: int, pad_id: int = 0
                   ) -> tuple[np.ndarray, np.ndarray, int]:
-  """(tokens, mask, width): rows left-padded into `[batch_size, width]`, width rounded up to
-  `multiple` so batches share compilations; unused rows are all padding."""
+  """(tokens, mask, width): rows left-padded with `pad_id` into `[batch_size, width]`, width
+  rounded up to `multiple` so batches share compilations; unused rows are all padding."""
   width = -(-max(len(r) for r in rows) // multiple) * multiple
-  tokens = np.zeros((batch_size, width), np.int32)
+  tokens = np.full((batch_size, width), pad_id, np.int32)
   mask = np.zeros((batch_size, width), np.int32)
   for j, r in enumerate(rows):
     tokens[j, width - len(r):] = r
