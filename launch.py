@@ -99,5 +99,8 @@ def main(argv):
 
 if __name__ == "__main__":
   sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+  from lm.runtime import reexec_with_cpu_allocator
+
+  reexec_with_cpu_allocator()  # glibc reads its tunables at start-up, before JAX allocates
   flags.mark_flags_as_required(["config", "workdir"])
   app.run(main)

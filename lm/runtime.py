@@ -1,0 +1,56 @@
+"""Process settings for XLA:CPU that must exist before the process starts: glibc's allocator.
+
+XLA:CPU allocates each executable's temporary buffer (GBs for a training step: the saved
+activations) when it runs and frees it after. glibc serves allocations over 32 MB with a fresh
+`mmap` and returns them with `munmap`, so every step page-faults its whole working set back in: a
+SmolLM2-135M LoRA forward+backward at 8x256 tokens took 1.5 M minor faults and 15 s of kernel time
+per call on 2 cores (21.8 s wall). Serving every allocation from the heap (`mmap_max=0`), in one
+arena (worker threads' arenas fall back to `mmap`), and never trimming it keeps the pages mapped
+from one step to the next: 0 faults, 15.4 s wall. The cost: the process keeps its peak memory.
+
+glibc reads `GLIBC_TUNABLES` once, at start-up, so `reexec_with_cpu_allocator` re-executes the
+running command with it set (entry points call it first thing); `cpu_allocator_env` gives the
+environment for a subprocess. Set `POSTLAB_SYSTEM_ALLOCATOR=1` to keep glibc's defaults.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import sys
+from typing import Mapping, Sequence
+
+# trim_threshold 2**40: freed heap memory is never handed back (glibc's cap is SIZE_MAX).
+CPU_ALLOCATOR_TUNABLES = (("glibc.malloc.arena_max", "1"), ("glibc.malloc.mmap_max", "0"),
+                          ("glibc.malloc.trim_threshold", str(2**40)))
+OPT_OUT = "POSTLAB_SYSTEM_ALLOCATOR"
+
+
+def cpu_allocator_env(environ: Mapping[str, str]) -> dict[str, str]:
+  """`environ` with `CPU_ALLOCATOR_TUNABLES` added to `GLIBC_TUNABLES`; tunables the user set win,
+  and nothing changes off glibc Linux or with `POSTLAB_SYSTEM_ALLOCATOR=1`."""
+  env = dict(environ)
+  if env.get(OPT_OUT) == "1" or not _glibc_linux():
+    return env
+  current = [t for t in env.get("GLIBC_TUNABLES", "").split(":") if t]
+  names = {t.split("=")[0] for t in current}
+  extra = [f"{k}={v}" for k, v in CPU_ALLOCATOR_TUNABLES if k not in names]
+  if extra:
+    env["GLIBC_TUNABLES"] = ":".join(current + extra)
+  return env
+
+
+def reexec_with_cpu_allocator(argv: Sequence[str] | None = None) -> None:
+  """Replace this process by the same command with `cpu_allocator_env` (no-op when it already
+  has it). Call before importing JAX; `argv` defaults to the interpreter's own command line."""
+  env = cpu_allocator_env(os.environ)
+  if env.get("GLIBC_TUNABLES") == os.environ.get("GLIBC_TUNABLES"):
+    return
+  argv = list(argv) if argv is not None else [sys.executable] + sys.orig_argv[1:]
+  sys.stdout.flush()
+  sys.stderr.flush()
+  os.execve(sys.executable, argv, env)
+
+
+def _glibc_linux() -> bool:
+  return sys.platform.startswith("linux") and platform.libc_ver()[0] == "glibc"
