@@ -13,6 +13,11 @@ Example arrays (right-padded, pad id 0, `attn_mask` 1 = real token):
   sft:        tokens int32 [S], attn_mask int32 [S], loss_mask float32 [S]
   packed sft: the same plus segment_ids int32 [S] (1, 2, ...; 0 = pad), positions int32 [S]
   preference: tokens int32 [2, S] (0 = chosen, 1 = rejected), attn_mask [2, S], loss_mask [2, S]
+  shared-prompt preference batch (`share_prompts`, rows R x width W, B pairs): each pair is one
+              segment [prompt | chosen reply | rejected reply] packed into rows: tokens, positions,
+              pair_ids (1.. per pair; 0 = pad), branch (0 prompt, 1 chosen, 2 rejected), prev (the
+              row index whose hidden state predicts this token), loss_mask, attn_mask [R, W];
+              pair_mask float32 [B]
 `loss_mask[t] = 1` marks token t as a prediction target (a response token): the loss weights
 `logits[:, :-1]` against `tokens[:, 1:]` by `loss_mask[:, 1:]`. Position 0 (and the first token of
 every packed segment) is never a target.
@@ -526,6 +531,115 @@ def make_dataset(examples: list[dict], *, batch_size: int, seed: int, shuffle: b
   return packed.map(_packed_fields).batch(batch_size, drop_remainder=True)
 
 
+class LayoutOverflowError(ValueError):
+  """A batch's shared-prompt segments do not fit the planned rows x width."""
+
+
+def _shared_segment(tokens_2s: np.ndarray, attn_2s: np.ndarray, loss_2s: np.ndarray) -> dict:
+  """One pair as [prompt | chosen reply | rejected reply]: the prompt is the common prefix of
+  both rows before either's first loss token, stored once."""
+  lc, lr = (int(n) for n in attn_2s.sum(-1))
+  first = [int(np.argmax(loss_2s[j, :n] > 0)) if (loss_2s[j, :n] > 0).any() else n
+           for j, n in ((0, lc), (1, lr))]
+  p = min(first)
+  differ = np.flatnonzero(tokens_2s[0, :p] != tokens_2s[1, :p])
+  p = int(differ[0]) if differ.size else p
+  idx_c, idx_r = np.arange(lc), np.arange(p, lr)
+  # hidden state predicting each token: the one before it in its own branch; the rejected reply's
+  # first token is predicted from the prompt's last (p - 1); without a prompt it is no target.
+  prev_r = lc + np.arange(lr - p) - 1
+  if lr > p:
+    prev_r[0] = p - 1 if p else lc
+  return {
+      "tokens": np.concatenate([tokens_2s[0, :lc], tokens_2s[1, p:lr]]),
+      "positions": np.concatenate([idx_c, idx_r]),
+      "branch": np.concatenate([np.zeros(p), np.ones(lc - p), np.full(lr - p, 2)]),
+      "prev": np.concatenate([np.maximum(idx_c - 1, 0), prev_r]),
+      "loss_mask": np.concatenate([loss_2s[0, :lc], loss_2s[1, p:lr]]),
+  }
+
+
+def _first_fit_decreasing(lengths: list[int], rows: int, width: int) -> list[tuple[int, int]]:
+  """(row, offset) per length; LayoutOverflowError when they do not fit `rows` x `width`."""
+  free = [width] * rows
+  place = [(0, 0)] * len(lengths)
+  for i in sorted(range(len(lengths)), key=lambda i: -lengths[i]):
+    row = next((r for r in range(rows) if free[r] >= lengths[i]), None)
+    if row is None:
+      raise LayoutOverflowError(
+          f"shared-prompt segments of lengths {sorted(lengths, reverse=True)} do not fit "
+          f"{rows} rows x {width} tokens; plan the layout with plan_shared_layout over these "
+          "batches (or raise data.share_prompt_width)")
+    place[i] = (row, width - free[row])
+    free[row] -= lengths[i]
+  return place
+
+
+def share_prompts(batch: dict, *, rows: int, width: int, groups: int = 1) -> dict:
+  """A preference batch (`[B, 2, S]` arrays) in the shared-prompt layout (module docstring).
+
+  Chosen and rejected share their prompt's tokens, so the forward runs P + C + R positions per
+  pair instead of 2 (P + max(C, R)); log-probs are identical (same visible context and RoPE
+  positions). `groups` (the gradient-accumulation count) packs each consecutive B / groups
+  pairs into their own R / groups rows, with pair ids local to the group, so splitting every
+  array along its first axis gives self-contained micro-batches. `ref_logps` passes through.
+  """
+  b = batch["tokens"].shape[0]
+  if b % groups or rows % groups:
+    raise ValueError(f"{b} pairs and {rows} rows must both split into grad_accum={groups} groups")
+  out = {k: np.zeros((rows, width), np.int32) for k in ("tokens", "positions", "pair_ids",
+                                                       "branch", "prev")}
+  out["loss_mask"] = np.zeros((rows, width), np.float32)
+  per, rows_per = b // groups, rows // groups
+  for g in range(groups):
+    segs = [_shared_segment(batch["tokens"][i], batch["attn_mask"][i], batch["loss_mask"][i])
+            for i in range(g * per, (g + 1) * per)]
+    place = _first_fit_decreasing([len(s["tokens"]) for s in segs], rows_per, width)
+    for j, (seg, (row, off)) in enumerate(zip(segs, place)):
+      r, sl = g * rows_per + row, slice(off, off + len(seg["tokens"]))
+      for k in ("tokens", "positions", "branch", "loss_mask"):
+        out[k][r, sl] = seg[k]
+      out["prev"][r, sl] = seg["prev"] + off
+      out["pair_ids"][r, sl] = j + 1
+  out["attn_mask"] = (out["pair_ids"] > 0).astype(np.int32)
+  out["pair_mask"] = np.ones((b,), np.float32)
+  if "ref_logps" in batch:
+    out["ref_logps"] = batch["ref_logps"]
+  return out
+
+
+def plan_shared_layout(batches, *, groups: int = 1, multiple: int = 1, width: int = 0,
+                       width_multiple: int = 64) -> tuple[int, int]:
+  """(rows, width) that every batch in `batches` fits in the shared-prompt layout: width (0 =
+  the longest segment rounded up to `width_multiple`) and the most rows first-fit-decreasing
+  needs for any group, times `groups`, rounded up to `multiple` (the data-parallel size)."""
+  lengths = []
+  for batch in batches:
+    b = batch["tokens"].shape[0]
+    per = b // groups
+    for g in range(groups):
+      lengths.append([len(_shared_segment(batch["tokens"][i], batch["attn_mask"][i],
+                                          batch["loss_mask"][i])["tokens"])
+                      for i in range(g * per, (g + 1) * per)])
+  if not lengths:
+    raise ValueError("plan_shared_layout needs at least one batch")
+  longest = max(max(ls) for ls in lengths)
+  width = width or -(-longest // width_multiple) * width_multiple
+  if longest > width:
+    raise ValueError(f"data.share_prompt_width={width} is shorter than the longest pair "
+                     f"({longest} tokens as prompt + chosen + rejected); raise it or set 0")
+  rows_per = 1
+  for ls in lengths:
+    while True:
+      try:
+        _first_fit_decreasing(ls, rows_per, width)
+        break
+      except LayoutOverflowError:
+        rows_per += 1
+  rows_per = -(-rows_per // multiple) * multiple
+  return rows_per * groups, width
+
+
 def eval_batches(examples: list[dict], batch_size: int) -> Iterator[dict]:
   """Every example once, in order, in batches of static shape; the last batch is filled with
   all-zero rows (attn_mask and loss_mask 0), so weight per-row metrics by `attn_mask.any(-1)`."""
@@ -548,6 +662,10 @@ def default_config() -> ml_collections.ConfigDict:
   c.truncation = "keep_response"  # or "drop" (rows over a limit are counted and left out)
   c.pad_multiple = 0  # 0: S = max_length; k > 0: S = longest example rounded up to k (<= max)
   c.pack = False  # SFT only: first-fit pack examples into rows of S
+  # DPO only: each pair as one [prompt | chosen | rejected] segment packed into rows (the prompt
+  # is scored once); rows x width planned over the run's batches (`plan_shared_layout`)
+  c.share_prompt = False
+  c.share_prompt_width = 0  # 0: the longest pair segment rounded up to 64 tokens
   c.n_eval = 64  # held-out records (drawn by seed) for eval
   c.seed = 0  # holdout draw, shuffle order, packing bins
   c.shuffle = True

@@ -7,6 +7,8 @@ checkpoints, loss/metric plots, the adapter (PEFT format) or full weights, and `
 
 from __future__ import annotations
 
+import functools
+import itertools
 import logging
 import time
 
@@ -101,6 +103,25 @@ def _export(config, trainer: Trainer, tokenizer, run_dir: RunDir) -> str:
   return str(path)
 
 
+def _share_prompts(config, train_ds, eval_batches, n_shards: int):
+  """The DPO train dataset and eval batches mapped onto the shared-prompt layout, each with one
+  static rows x width planned over the batches it will yield (one compile each)."""
+  groups = int(config.train.get("grad_accum", 1))
+  plan = functools.partial(data.plan_shared_layout, multiple=n_shards,
+                           width=config.data.share_prompt_width)
+  rows, width = plan(itertools.islice(iter(train_ds), config.train.steps), groups=groups)
+  train_ds = train_ds.map(functools.partial(data.share_prompts, rows=rows, width=width,
+                                            groups=groups))
+  layout = {"rows": rows, "width": width, "pairs": config.data.batch_size}
+  if eval_batches is not None:
+    e_rows, e_width = plan(eval_batches())
+    layout["eval"] = {"rows": e_rows, "width": e_width}
+    plain = eval_batches
+    eval_batches = lambda: (data.share_prompts(b, rows=e_rows, width=e_width) for b in plain())
+  log.info("shared-prompt layout %s", layout)
+  return train_ds, eval_batches, layout
+
+
 def run(config, run_dir: RunDir, mesh=None) -> dict:
   name = config.loss.name
   if name not in DATA_KIND:
@@ -123,7 +144,6 @@ def run(config, run_dir: RunDir, mesh=None) -> dict:
     # the reference never changes: score the held-out pairs under it once, not at every eval
     eval_examples = precompute_reference(model, eval_examples,
                                          config.train.get("eval_batch_size", 8))
-  run_dir.write_json("data_stats.json", data_stats)
   eval_bs = config.train.get("eval_batch_size", config.train.batch_size)
   # Whole batches only: a padded row would count as a wrong pair in the accuracy.
   eval_examples = eval_examples[:len(eval_examples) // eval_bs * eval_bs]
@@ -131,7 +151,14 @@ def run(config, run_dir: RunDir, mesh=None) -> dict:
     raise ValueError(f"data.n_eval={config.data.n_eval} leaves no full eval batch of {eval_bs}; "
                      "raise data.n_eval or lower train.eval_batch_size.")
   eval_batches = (lambda: data.eval_batches(eval_examples, eval_bs)) if eval_examples else None
+  if config.data.get("share_prompt"):
+    if name != "dpo":
+      raise ValueError(f"data.share_prompt is for DPO; config.loss.name is {name!r}.")
+    n_shards = mesh.shape["data"] * mesh.shape["fsdp"] if mesh is not None else 1
+    train_ds, eval_batches, data_stats["shared_prompt"] = _share_prompts(
+        config, train_ds, eval_batches, n_shards)
 
+  run_dir.write_json("data_stats.json", data_stats)
   trainer = Trainer(model, loss_fn, config.loss, config.train, trainable=_trainable(config, model),
                     mesh=mesh)
   ckpt = Checkpointer(run_dir.path / "checkpoints",

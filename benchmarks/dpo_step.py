@@ -3,9 +3,12 @@
 Batch 4 pairs x 256 tokens (hh-rlhf pairs whose longer reply fills 256, prompt <= 192 tokens),
 LoRA r=8 alpha=16 on all linear layers, beta 0.1, AdamW. Each side runs in its own subprocess so
 its peak memory (max RSS) is its own: TRL first, which also writes the exact batches its
-collator built; ours then trains on those same token arrays. Tokens/s counts real (unpadded)
-tokens of chosen + rejected per step, steady state (median step after `warmup` steps); the
-first step (ours: compile) is reported apart.
+collator built; ours then trains on those same token arrays (by default in the shared-prompt
+layout of configs/dpo.py: each pair's prompt scored once, same loss). Tokens/s counts real
+(unpadded) tokens of the chosen + rejected rows per step, the same count for both sides, steady
+state (median step after `warmup` steps); the first step (ours: compile) is reported apart. Ours
+runs with postlab's glibc allocator settings (`lm.runtime`, as launch.py starts); TRL in its
+default environment, or with the same settings with --trl_same_allocator.
 
   python -m benchmarks.dpo_step [--steps 4 --warmup 1]
 """
@@ -24,10 +27,17 @@ from pathlib import Path
 
 from absl import app, flags, logging
 
+from lm import runtime
+
 flags.DEFINE_integer("steps", 4, "Steps per side (the first `warmup` are not timed).")
 flags.DEFINE_integer("warmup", 1, "Untimed steps (ours: compile is the first).")
 flags.DEFINE_integer("batch", 4, "Preference pairs per step.")
 flags.DEFINE_integer("seq", 256, "Tokens per sequence.")
+flags.DEFINE_bool("trl_same_allocator", False,
+                  "also give TRL's process postlab's glibc allocator settings (lm.runtime)")
+flags.DEFINE_bool("share_prompt", True,
+                  "ours: score each pair as one [prompt | chosen | rejected] segment, as "
+                  "configs/dpo.py does (data.share_prompt)")
 flags.DEFINE_string("side", "", "internal: run one side ('trl' or 'ours') and print its JSON")
 flags.DEFINE_string("batches", "", "internal: npz of the batches TRL's collator built")
 flags.DEFINE_string("weights", "", "internal: HF directory both sides load")
@@ -127,7 +137,7 @@ def _ours_side(batches_path: str) -> dict:
   import numpy as np
   from flax import nnx
 
-  from align import lora, losses
+  from align import data, lora, losses
   from align.trainer import Trainer, use_cpu_training_flags
   from lm import hub
 
@@ -142,6 +152,14 @@ def _ours_side(batches_path: str) -> dict:
     pair = lambda x: np.stack([x[:b], x[b:]], axis=1)
     batches.append({"tokens": pair(ids).astype(np.int32), "attn_mask": pair(mask).astype(np.int32),
                     "loss_mask": pair(comp).astype(np.float32)})
+  # tokens/s counts the same real tokens as TRL's (chosen + rejected rows), whatever the layout
+  tokens = [int(b["attn_mask"].sum()) for b in batches]
+  layout = None
+  if FLAGS.share_prompt:
+    rows, width = data.plan_shared_layout(batches)
+    batches = [data.share_prompts(b, rows=rows, width=width) for b in batches]
+    layout = {"rows": rows, "width": width, "positions": rows * width,
+              "unshared_positions": int(ids.size)}
   model, _ = hub.load_pretrained(FLAGS.weights, tokenizer=False)
   lora.apply_lora(model, lora.LoraConfig(**LORA), rngs=nnx.Rngs(params=0, lora_dropout=0))
   train_cfg = ml_collections.ConfigDict(dict(steps=FLAGS.steps, batch_size=FLAGS.batch, lr=LR,
@@ -150,25 +168,23 @@ def _ours_side(batches_path: str) -> dict:
   loss_cfg = ml_collections.ConfigDict(dict(beta=BETA, variant="sigmoid", label_smoothing=0.0))
   trainer = Trainer(model, losses.get("dpo"), loss_cfg, train_cfg,
                     trainable=lora.trainable_filter("lora"))
-  times, tokens = [], []
-  for b in batches:
-    m = trainer.train_step(b)
-    times.append(m["step_s"])
-    tokens.append(m["tokens"])
+  times = [trainer.train_step(b)["step_s"] for b in batches]
   steady = times[FLAGS.warmup:]
   return dict(first_step_s=times[0], step_s=statistics.median(steady), tokens_per_step=tokens[0],
               tokens_per_s=statistics.median(tokens) / statistics.median(steady),
-              peak_rss_mb=_max_rss_mb())
+              peak_rss_mb=_max_rss_mb(), shared_prompt_layout=layout)
 
 
 def _run_side(side: str, batches: str) -> dict:
   cmd = [sys.executable, "-m", "benchmarks.dpo_step", f"--side={side}", f"--batches={batches}",
          f"--weights={FLAGS.weights}",
          f"--steps={FLAGS.steps}", f"--warmup={FLAGS.warmup}", f"--batch={FLAGS.batch}",
-         f"--seq={FLAGS.seq}"]
+         f"--seq={FLAGS.seq}", f"--share_prompt={FLAGS.share_prompt}"]
   logging.info("running %s side", side)
-  out = subprocess.run(cmd, capture_output=True, text=True,
-                       env=dict(os.environ, JAX_PLATFORMS="cpu"))
+  env = dict(os.environ, JAX_PLATFORMS="cpu")
+  if side == "ours" or FLAGS.trl_same_allocator:  # ours as launch.py runs it
+    env = runtime.cpu_allocator_env(env)
+  out = subprocess.run(cmd, capture_output=True, text=True, env=env)
   if out.returncode:
     raise RuntimeError(f"{side} side failed:\n{out.stderr[-4000:]}")
   return json.loads(out.stdout.strip().splitlines()[-1])
@@ -194,7 +210,8 @@ def main(argv):
   print(json.dumps({
       "benchmark": "dpo_step", "model": "SmolLM2-135M-Instruct (GGUF Q4_1 -> float32)",
       "dtype": "float32", "device": "cpu", "batch_pairs": FLAGS.batch, "seq": FLAGS.seq,
-      "lora": LORA, "ours": ours, "trl": trl,
+      "lora": LORA, "ours": ours, "trl": trl, "share_prompt": FLAGS.share_prompt,
+      "trl_same_allocator": FLAGS.trl_same_allocator,
       "ratio": ours["tokens_per_s"] / trl["tokens_per_s"],
       "target_ratio": 1.5,
   }))

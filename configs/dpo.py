@@ -17,4 +17,6 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # reference: "adapters_off" (LoRA off in the same weights, scored each step) or "precomputed"
   # (scored once over the training pairs before step 1; needed for full fine-tuning)
   c.loss.update(beta=0.1, variant="sigmoid", label_smoothing=0.0, reference="adapters_off")
+  # chosen and rejected share their prompt's positions (same log-probs, fewer tokens per step)
+  c.data.share_prompt = True
   return c

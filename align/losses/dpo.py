@@ -19,6 +19,7 @@ from flax import nnx
 from align import lora
 from align.losses import register
 from align.losses.common import sequence_logprobs
+from lm.scoring import selected_token_logprobs
 
 VARIANTS = ("sigmoid", "robust", "hinge", "ipo")
 
@@ -57,12 +58,32 @@ def check_config(cfg) -> None:
 
 
 def pair_logprobs(model, batch: dict):
-  """Summed response log-probs and token counts of chosen and rejected, `[B, 2]` each."""
+  """Summed response log-probs and token counts of chosen and rejected, `[B, 2]` each, from a
+  `[B, 2, S]` batch or one in the shared-prompt layout (`align.data.share_prompts`)."""
+  if "pair_ids" in batch:
+    return _shared_pair_logprobs(model, batch)
   tokens = batch["tokens"]
   b, two, s = tokens.shape
   flat = lambda x: x.reshape(b * two, s)
   lp, n = sequence_logprobs(model, flat(tokens), flat(batch["attn_mask"]), flat(batch["loss_mask"]))
   return lp.reshape(b, two), n.reshape(b, two)
+
+
+def _shared_pair_logprobs(model, batch: dict):
+  """`pair_logprobs` of the shared-prompt layout: a token sees the earlier tokens of its own pair
+  that are prompt or in its own branch; each target is scored from the hidden state at `prev`."""
+  pair_rw, branch_rw = batch["pair_ids"], batch["branch"]
+  same_pair = (pair_rw[:, :, None] == pair_rw[:, None, :]) & (pair_rw[:, None, :] > 0)
+  visible = (branch_rw[:, None, :] == 0) | (branch_rw[:, :, None] == branch_rw[:, None, :])
+  h_rwd, _ = model.hidden_states(batch["tokens"], batch["positions"], same_pair & visible)
+  h_prev = jnp.take_along_axis(h_rwd, batch["prev"][..., None], axis=1)
+  w_rw = batch["loss_mask"].astype(jnp.float32)
+  lp_rw = selected_token_logprobs(model, h_prev, batch["tokens"], w_rw > 0)
+  n = batch["pair_mask"].shape[0]
+  # (pair, branch) -> row of [B, 2]; prompt and padding go to a dropped segment
+  seg = jnp.where((pair_rw > 0) & (branch_rw > 0), (pair_rw - 1) * 2 + branch_rw - 1, 2 * n)
+  total = lambda x: jax.ops.segment_sum(x.ravel(), seg.ravel(), num_segments=2 * n).reshape(n, 2)
+  return total(lp_rw * w_rw), total(w_rw)
 
 
 def reference_logprobs(model, batch: dict):
