@@ -8,7 +8,9 @@ layout of configs/dpo.py: each pair's prompt scored once, same loss). Tokens/s c
 (unpadded) tokens of the chosen + rejected rows per step, the same count for both sides, steady
 state (median step after `warmup` steps); the first step (ours: compile) is reported apart. Ours
 runs with postlab's glibc allocator settings (`lm.runtime`, as launch.py starts); TRL in its
-default environment, or with the same settings with --trl_same_allocator.
+default environment, or with the same settings with --trl_same_allocator. TRL runs in float32
+without gradient checkpointing (its DPOConfig defaults are bf16 autocast and checkpointing; both
+make its step slower here, --trl_gradient_checkpointing restores the latter).
 
   python -m benchmarks.dpo_step [--steps 4 --warmup 1]
 """
@@ -35,6 +37,8 @@ flags.DEFINE_integer("batch", 4, "Preference pairs per step.")
 flags.DEFINE_integer("seq", 256, "Tokens per sequence.")
 flags.DEFINE_bool("trl_same_allocator", False,
                   "also give TRL's process postlab's glibc allocator settings (lm.runtime)")
+flags.DEFINE_bool("trl_gradient_checkpointing", False,
+                  "TRL: recompute activations in the backward (DPOConfig's default; ours keeps them)")
 flags.DEFINE_bool("share_prompt", True,
                   "ours: score each pair as one [prompt | chosen | rejected] segment, as "
                   "configs/dpo.py does (data.share_prompt)")
@@ -108,7 +112,11 @@ def _trl_side(batches_path: str) -> dict:
     cfg = DPOConfig(output_dir=out, per_device_train_batch_size=FLAGS.batch, max_steps=FLAGS.steps,
                     max_length=FLAGS.seq, learning_rate=LR, beta=BETA, use_cpu=True,
                     report_to=[], save_strategy="no", logging_steps=1, seed=0,
-                    dataloader_num_workers=0, disable_tqdm=True)
+                    dataloader_num_workers=0, disable_tqdm=True,
+                    # float32 like ours: DPOConfig defaults to bf16 autocast (slow on this CPU) and
+                    # gradient checkpointing (activations recomputed; ours keeps them)
+                    bf16=False, fp16=False,
+                    gradient_checkpointing=FLAGS.trl_gradient_checkpointing)
     lcfg = peft.LoraConfig(r=LORA["rank"], lora_alpha=LORA["alpha"],
                            lora_dropout=LORA["dropout"], target_modules="all-linear",
                            task_type="CAUSAL_LM")
@@ -129,7 +137,8 @@ def _trl_side(batches_path: str) -> dict:
   return dict(first_step_s=step_times[0], step_s=statistics.median(steady),
               tokens_per_step=tokens[0], tokens_per_s=statistics.median(tokens) /
               statistics.median(steady), peak_rss_mb=_max_rss_mb(),
-              threads=torch.get_num_threads())
+              threads=torch.get_num_threads(), bf16=cfg.bf16,
+              gradient_checkpointing=cfg.gradient_checkpointing)
 
 
 def _ours_side(batches_path: str) -> dict:
@@ -179,7 +188,8 @@ def _run_side(side: str, batches: str) -> dict:
   cmd = [sys.executable, "-m", "benchmarks.dpo_step", f"--side={side}", f"--batches={batches}",
          f"--weights={FLAGS.weights}",
          f"--steps={FLAGS.steps}", f"--warmup={FLAGS.warmup}", f"--batch={FLAGS.batch}",
-         f"--seq={FLAGS.seq}", f"--share_prompt={FLAGS.share_prompt}"]
+         f"--seq={FLAGS.seq}", f"--share_prompt={FLAGS.share_prompt}",
+         f"--trl_gradient_checkpointing={FLAGS.trl_gradient_checkpointing}"]
   logging.info("running %s side", side)
   env = dict(os.environ, JAX_PLATFORMS="cpu")
   if side == "ours" or FLAGS.trl_same_allocator:  # ours as launch.py runs it
@@ -212,6 +222,7 @@ def main(argv):
       "dtype": "float32", "device": "cpu", "batch_pairs": FLAGS.batch, "seq": FLAGS.seq,
       "lora": LORA, "ours": ours, "trl": trl, "share_prompt": FLAGS.share_prompt,
       "trl_same_allocator": FLAGS.trl_same_allocator,
+      "trl_gradient_checkpointing": FLAGS.trl_gradient_checkpointing,
       "ratio": ours["tokens_per_s"] / trl["tokens_per_s"],
       "target_ratio": 1.5,
   }))

@@ -31,11 +31,17 @@ def selected_token_logprobs(model, h_bsd: jax.Array, targets_bs: jax.Array, sele
   """`token_logprobs` of `targets_bs` at the `select_bs` positions (0 elsewhere), `[B, S]` float32,
   from final hidden states `h_bsd` through `model.logits`, never materialising `[B, S, V]`.
 
-  The output head runs `chunk` positions at a time and skips chunks where nothing is selected
-  (prompt positions of SFT/DPO rows cost nothing); each chunk's logits are recomputed in the
-  backward pass instead of being kept, so memory holds one `[B, chunk, V]` block.
+  Each row's selected positions are first moved to its front (a stable per-row sort, so the
+  batch axis and its sharding stay put); the output head then runs `chunk` positions at a time
+  and skips chunks where no row has a selected position, so unselected positions (prompts,
+  padding) cost nothing wherever they sit. Each chunk's logits are recomputed in the backward
+  pass instead of being kept, so memory holds one `[B, chunk, V]` block.
   """
   b, s = targets_bs.shape
+  order_bs = jnp.argsort(jnp.logical_not(select_bs).astype(jnp.int32), axis=1, stable=True)
+  by_order = lambda x: jnp.take_along_axis(x, order_bs.reshape(order_bs.shape + (1,) * (x.ndim - 2)),
+                                           axis=1)
+  h_bsd, targets_bs, select_bs = by_order(h_bsd), by_order(targets_bs), by_order(select_bs)
   n = -(-s // chunk)
   pad = n * chunk - s
   if pad:
@@ -58,7 +64,8 @@ def selected_token_logprobs(model, h_bsd: jax.Array, targets_bs: jax.Array, sele
 
   out = jax.lax.map(one, (blocks(h_bsd), blocks(targets_bs.astype(jnp.int32)),
                           blocks(select_bs.astype(bool))))
-  return jnp.moveaxis(out, 0, 1).reshape(b, n * chunk)[:, :s]
+  out_bs = jnp.moveaxis(out, 0, 1).reshape(b, n * chunk)[:, :s]
+  return jnp.take_along_axis(out_bs, jnp.argsort(order_bs, axis=1), axis=1)  # original order
 
 
 def token_kl(logits_p_bsv: jax.Array, logits_q_bsv: jax.Array) -> jax.Array:
