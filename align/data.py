@@ -575,6 +575,16 @@ def _first_fit_decreasing(lengths: list[int], rows: int, width: int) -> list[tup
   return place
 
 
+def _segments_by_group(batch: dict, groups: int) -> list[list[dict]]:
+  """`_shared_segment` of every pair, split into `groups` consecutive groups of B / groups."""
+  b = batch["tokens"].shape[0]
+  if b % groups:
+    raise ValueError(f"{b} pairs must split into grad_accum={groups} groups")
+  per = b // groups
+  return [[_shared_segment(batch["tokens"][i], batch["attn_mask"][i], batch["loss_mask"][i])
+           for i in range(g * per, (g + 1) * per)] for g in range(groups)]
+
+
 def share_prompts(batch: dict, *, rows: int, width: int, groups: int = 1) -> dict:
   """A preference batch (`[B, 2, S]` arrays) in the shared-prompt layout (module docstring).
 
@@ -585,15 +595,13 @@ def share_prompts(batch: dict, *, rows: int, width: int, groups: int = 1) -> dic
   array along its first axis gives self-contained micro-batches. `ref_logps` passes through.
   """
   b = batch["tokens"].shape[0]
-  if b % groups or rows % groups:
-    raise ValueError(f"{b} pairs and {rows} rows must both split into grad_accum={groups} groups")
+  if rows % groups:
+    raise ValueError(f"{rows} rows must split into grad_accum={groups} groups")
   out = {k: np.zeros((rows, width), np.int32) for k in ("tokens", "positions", "pair_ids",
                                                        "branch", "prev")}
   out["loss_mask"] = np.zeros((rows, width), np.float32)
-  per, rows_per = b // groups, rows // groups
-  for g in range(groups):
-    segs = [_shared_segment(batch["tokens"][i], batch["attn_mask"][i], batch["loss_mask"][i])
-            for i in range(g * per, (g + 1) * per)]
+  rows_per = rows // groups
+  for g, segs in enumerate(_segments_by_group(batch, groups)):
     place = _first_fit_decreasing([len(s["tokens"]) for s in segs], rows_per, width)
     for j, (seg, (row, off)) in enumerate(zip(segs, place)):
       r, sl = g * rows_per + row, slice(off, off + len(seg["tokens"]))
@@ -613,14 +621,8 @@ def plan_shared_layout(batches, *, groups: int = 1, multiple: int = 1, width: in
   """(rows, width) that every batch in `batches` fits in the shared-prompt layout: width (0 =
   the longest segment rounded up to `width_multiple`) and the most rows first-fit-decreasing
   needs for any group, times `groups`, rounded up to `multiple` (the data-parallel size)."""
-  lengths = []
-  for batch in batches:
-    b = batch["tokens"].shape[0]
-    per = b // groups
-    for g in range(groups):
-      lengths.append([len(_shared_segment(batch["tokens"][i], batch["attn_mask"][i],
-                                          batch["loss_mask"][i])["tokens"])
-                      for i in range(g * per, (g + 1) * per)])
+  lengths = [[len(seg["tokens"]) for seg in segs]
+             for batch in batches for segs in _segments_by_group(batch, groups)]
   if not lengths:
     raise ValueError("plan_shared_layout needs at least one batch")
   longest = max(max(ls) for ls in lengths)
