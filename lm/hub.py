@@ -7,12 +7,12 @@ reachable, else the offline alias for that repo if one exists).
 
 from __future__ import annotations
 
-import hashlib
 import importlib.util
 import logging
 import os
 from pathlib import Path
 
+from lm import tokenizer as _tokenizer
 from lm import weights
 from lm.model import Transformer
 
@@ -84,35 +84,17 @@ def _hub_download(repo_id: str) -> str:
   return snapshot_download(repo_id, allow_patterns=_HUB_PATTERNS)
 
 
-def _cache_dir() -> Path:
-  root = os.environ.get("POSTLAB_CACHE") or os.path.join(
-      os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "postlab")
-  return Path(root)
-
-
 def load_tokenizer(path: str | os.PathLike):
-  """`transformers` tokenizer (with chat template) of an HF directory or a GGUF file.
+  """The tokenizer (with chat template) of an HF directory or a GGUF file; never imports torch.
 
-  A GGUF tokenizer is converted once (slow) and cached as an HF tokenizer directory.
+  A GGUF's tokenizer is built from the file's own metadata (`lm.tokenizer.from_gguf`).
   """
+  path = Path(path)
+  if path.suffix == ".gguf":
+    return _tokenizer.from_gguf(path)
   from transformers import AutoTokenizer
 
-  path = Path(path)
-  if path.suffix != ".gguf":
-    return AutoTokenizer.from_pretrained(str(path))
-  stat = path.stat()
-  digest = hashlib.sha1(f"{path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()
-  cached = _cache_dir() / "tokenizers" / f"{path.stem}-{digest[:12]}"
-  if (cached / "tokenizer_config.json").exists():
-    return AutoTokenizer.from_pretrained(str(cached))
-  tok = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
-  try:
-    tmp = cached.with_name(cached.name + f".tmp{os.getpid()}")
-    tok.save_pretrained(str(tmp))
-    os.replace(tmp, cached)
-  except OSError as e:  # a read-only cache only costs speed
-    log.warning("could not cache tokenizer at %s: %s", cached, e)
-  return tok
+  return AutoTokenizer.from_pretrained(str(path))
 
 
 def load_model(path: str | os.PathLike, *, dtype: str = "float32") -> Transformer:
@@ -126,6 +108,10 @@ def load_pretrained(name_or_path: str, *, dtype: str = "float32", tokenizer: boo
   """`(model, tokenizer)` for a hub repo id, HF directory, `.gguf` file or offline alias."""
   path = resolve(name_or_path)
   log.info("loading %s from %s", name_or_path, path)
+  if path.suffix == ".gguf":  # one parse of the file's metadata serves both
+    reader = weights.open_gguf(path)
+    model = weights.load_gguf(path, dtype=dtype, reader=reader)
+    return model, (_tokenizer.from_gguf(reader, source=str(path)) if tokenizer else None)
   model = load_model(path, dtype=dtype)
   return model, (load_tokenizer(path) if tokenizer else None)
 

@@ -396,11 +396,14 @@ def open_gguf(path: str | os.PathLike):
     ) from e
 
 
-def load_gguf(path: str | os.PathLike, *, dtype: str = "float32") -> Transformer:
-  """A Transformer from a llama-architecture GGUF file (any quantization `gguf` dequantizes)."""
+def load_gguf(path: str | os.PathLike, *, dtype: str = "float32", reader=None) -> Transformer:
+  """A Transformer from a llama-architecture GGUF file (any quantization `gguf` dequantizes).
+
+  `reader`: the file already open (`open_gguf(path)`), to parse its metadata once.
+  """
   import gguf
 
-  reader = open_gguf(path)
+  reader = reader if reader is not None else open_gguf(path)
   cfg = config_from_gguf(reader, dtype=dtype, name=Path(path).stem)
 
   def tensors():

@@ -13,15 +13,17 @@ from pathlib import Path  # noqa: E402
 
 import pytest  # noqa: E402
 
-REPO = Path(__file__).resolve().parents[1]
-SHARED_DATA = REPO.parent / "shared" / "data"
 
 
 @pytest.fixture(scope="session")
 def shared_data() -> Path:
-  if not SHARED_DATA.is_dir():
-    pytest.skip(f"real data not found at {SHARED_DATA} (CI always has it)")
-  return SHARED_DATA
+  from lm.run import shared_data_dir
+
+  path = shared_data_dir()
+  if path is None:
+    pytest.skip("real data not found: no ../shared/data beside the repo and no $POSTLAB_DATA "
+                "(CI always has it)")
+  return path
 
 
 @pytest.fixture(scope="session")

@@ -5,7 +5,6 @@ import json
 import math
 import re
 import subprocess
-import sys
 
 import jax.numpy as jnp
 import numpy as np
@@ -15,7 +14,7 @@ from flax import nnx
 import lm
 from align.evals import compare, kl, perplexity, perturb, verbosity
 from lm import scoring
-from tests_helpers import REPO
+from tests_helpers import REPO, launch_cmd, launch_env
 
 LN2 = math.log(2.0)
 
@@ -294,8 +293,8 @@ def test_reference_log_probs_from_the_policy_pass_equal_the_reference_alone():
 
 def test_align_eval_smoke_writes_every_output(tmp_path, shared_data):
   work = tmp_path / "ae"
-  r = subprocess.run([sys.executable, "launch.py", "--config=configs/align_eval.py:smoke",
-                      f"--workdir={work}"], cwd=REPO, capture_output=True, text=True, timeout=600)
+  r = subprocess.run(launch_cmd("--config=configs/align_eval.py:smoke", f"--workdir={work}"),
+                     cwd=REPO, env=launch_env(), capture_output=True, text=True, timeout=600)
   assert r.returncode == 0, r.stderr[-3000:]
   plots = ["lengths_plain.png", "lengths_length_instruction.png",
            "reward_hacking_mean_delta.png", "reward_hacking_deltas.png"]

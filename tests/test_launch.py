@@ -1,13 +1,13 @@
-"""launch.py end to end: the quickstart on real weights, and workdirs are never silently reused."""
+"""launch.py end to end (torch hidden): the quickstart on real weights, sweeps, training smoke runs,
+and workdirs are never silently reused."""
 
 import json
 import subprocess
-import sys
 
 import pytest
 
 from lm.run import RunDir, WorkdirExistsError
-from tests_helpers import REPO
+from tests_helpers import REPO, launch_cmd, launch_env
 
 
 def test_rundir_refuses_existing_run(tmp_path):
@@ -23,16 +23,16 @@ def test_launch_requires_known_task(tmp_path):
   cfg.write_text("import ml_collections\n"
                  "def get_config(arg=None):\n"
                  "  return ml_collections.ConfigDict({'task': 'nope'})\n")
-  r = subprocess.run([sys.executable, "launch.py", f"--config={cfg}", f"--workdir={tmp_path}/w"],
-                     cwd=REPO, capture_output=True, text=True)
+  r = subprocess.run(launch_cmd(f"--config={cfg}", f"--workdir={tmp_path}/w"),
+                     cwd=REPO, env=launch_env(), capture_output=True, text=True)
   assert r.returncode != 0 and "config.task='nope' is unknown" in r.stderr
 
 
 @pytest.mark.slow
 def test_quickstart_smoke_on_real_weights(tmp_path, smollm2_gguf, shared_data):
   work = tmp_path / "qs"
-  r = subprocess.run([sys.executable, "launch.py", "--config=configs/quickstart.py:smoke",
-                      f"--workdir={work}"], cwd=REPO, capture_output=True, text=True, timeout=600)
+  r = subprocess.run(launch_cmd("--config=configs/quickstart.py:smoke", f"--workdir={work}"),
+                     cwd=REPO, env=launch_env(), capture_output=True, text=True, timeout=600)
   assert r.returncode == 0, r.stderr[-3000:]
   for name in ("config.json", "metrics.jsonl", "report.md", "generations.json",
                "plots/answer_logprobs.png"):
@@ -47,8 +47,8 @@ def test_quickstart_smoke_on_real_weights(tmp_path, smollm2_gguf, shared_data):
 @pytest.mark.slow
 def test_decode_sweep_smoke_writes_every_output(tmp_path, smollm2_gguf, shared_data):
   work = tmp_path / "sweep"
-  r = subprocess.run([sys.executable, "launch.py", "--config=configs/decode_sweep.py:smoke",
-                      f"--workdir={work}"], cwd=REPO, capture_output=True, text=True, timeout=900)
+  r = subprocess.run(launch_cmd("--config=configs/decode_sweep.py:smoke", f"--workdir={work}"),
+                     cwd=REPO, env=launch_env(), capture_output=True, text=True, timeout=900)
   assert r.returncode == 0, r.stderr[-3000:]
   plots = ["avg_logprob_box_greedy_beam.png", "beam_cumulative_scores.png",
            "avg_logprob_vs_temperature.png", "distinct_vs_temperature.png",
@@ -69,10 +69,9 @@ def test_decode_sweep_smoke_writes_every_output(tmp_path, smollm2_gguf, shared_d
 def test_train_smoke_writes_run_directory(tmp_path, shared_data, smollm2_gguf, algo, plots):
   """SFT and reward-model smoke runs (DPO's is exercised by the SIGKILL/resume test)."""
   work = tmp_path / algo
-  r = subprocess.run([sys.executable, "launch.py", f"--config=configs/{algo}.py:smoke",
-                      f"--workdir={work}", "--config.train.steps=2",
-                      "--config.train.eval_every=0"],
-                     cwd=REPO, capture_output=True, text=True, timeout=600)
+  r = subprocess.run(launch_cmd(f"--config=configs/{algo}.py:smoke", f"--workdir={work}",
+                                "--config.train.steps=2", "--config.train.eval_every=0"),
+                     cwd=REPO, env=launch_env(), capture_output=True, text=True, timeout=600)
   assert r.returncode == 0, r.stderr[-3000:]
   for name in ["config.json", "metrics.jsonl", "report.md", "summary.json", "data_stats.json",
                "adapter/adapter_model.safetensors", "adapter/adapter_config.json",

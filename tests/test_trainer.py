@@ -5,7 +5,6 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -22,8 +21,8 @@ from lm import config as lm_config
 from lm import sharding
 from lm.checkpoint import Checkpointer
 from lm.model import Transformer
+from tests_helpers import REPO, launch_cmd, launch_env
 
-REPO = Path(__file__).resolve().parents[1]
 
 
 def _train_cfg(**kw):
@@ -140,11 +139,10 @@ def test_bad_batch_config_names_the_field():
 
 
 def _launch(workdir, *extra):
-  cmd = [sys.executable, str(REPO / "launch.py"), "--config=" + str(REPO / "configs/dpo.py") +
-         ":smoke", f"--workdir={workdir}", "--config.train.steps=6",
-         "--config.train.checkpoint_every=2", "--config.lora.dropout=0.1", *extra]
-  env = dict(os.environ, JAX_PLATFORMS="cpu")
-  return subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL,
+  cmd = launch_cmd("--config=configs/dpo.py:smoke", f"--workdir={workdir}",
+                   "--config.train.steps=6", "--config.train.checkpoint_every=2",
+                   "--config.lora.dropout=0.1", *extra)
+  return subprocess.Popen(cmd, cwd=REPO, env=launch_env(), stdout=subprocess.DEVNULL,
                           stderr=subprocess.PIPE, text=True)
 
 

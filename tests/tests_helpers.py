@@ -1,8 +1,27 @@
-"""Shared constants for tests."""
+"""Shared constants and helpers for tests."""
 
+import os
+import sys
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+
+# `python launch.py ARGS` with torch hidden as if not installed: every library path must run
+# without it (only the parity extra installs torch).
+_LAUNCH_WITHOUT_TORCH = ("import runpy, sys; sys.modules['torch'] = None; sys.argv[0] = 'launch.py'; "
+                         "runpy.run_path('launch.py', run_name='__main__')")
+
+
+def launch_cmd(*args: str) -> list[str]:
+  """Command line running launch.py (from the repo root) with torch unimportable."""
+  return [sys.executable, "-c", _LAUNCH_WITHOUT_TORCH, *args]
+
+
+def launch_env(**extra: str) -> dict[str, str]:
+  """The environment launch.py would re-exec itself with, so it runs in this one process."""
+  from lm.runtime import cpu_allocator_env
+
+  return cpu_allocator_env(dict(os.environ, JAX_PLATFORMS="cpu", **extra))
 
 
 def random_hf_llama(path: Path, *, tie: bool = True, max_position_embeddings: int = 128):

@@ -1,0 +1,179 @@
+"""A GGUF's tokenizer without torch: its vocabulary, merges, special tokens and chat template.
+
+transformers builds the same tokenizer from a GGUF only through its GGUF integration, which imports
+torch. This builds it with the `tokenizers` library from the file's metadata (llama.cpp key names)
+and wraps it in `transformers.PreTrainedTokenizerFast`, so callers keep the usual API
+(`tok(text)`, `decode`, `apply_chat_template`). Byte-level BPE files (`tokenizer.ggml.model` =
+`gpt2`: GPT-2, SmolLM, Llama 3, Qwen 2) are covered; tests compare ids and decodes with
+transformers' GGUF tokenizer.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+
+from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers, processors
+
+log = logging.getLogger(__name__)
+
+# llama.cpp token types (`tokenizer.ggml.token_type`)
+_CONTROL, _USER_DEFINED = 3, 4
+
+# `tokenizer.ggml.pre` -> the split regex its merges were learned with. Types not listed keep the
+# GPT-2 regex of `ByteLevel(use_regex=True)`, as transformers' GGUF loader does (SmolLM's `smollm`
+# among them).
+_LLAMA3_SPLIT = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
+    r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+_QWEN2_SPLIT = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}"
+    r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+PRE_TOKENIZER_SPLITS = {
+    **dict.fromkeys(("llama3", "llama-v3", "llama-bpe", "falcon3", "smaug-bpe", "dbrx"),
+                    _LLAMA3_SPLIT),
+    **dict.fromkeys(("qwen2", "deepseek-r1-qwen"), _QWEN2_SPLIT),
+}
+
+_METADATA = {  # our name -> GGUF key
+    "model": "tokenizer.ggml.model",
+    "pre": "tokenizer.ggml.pre",
+    "tokens": "tokenizer.ggml.tokens",
+    "token_type": "tokenizer.ggml.token_type",
+    "merges": "tokenizer.ggml.merges",
+    "bos_id": "tokenizer.ggml.bos_token_id",
+    "eos_id": "tokenizer.ggml.eos_token_id",
+    "unk_id": "tokenizer.ggml.unknown_token_id",
+    "pad_id": "tokenizer.ggml.padding_token_id",
+    "add_bos": "tokenizer.ggml.add_bos_token",
+    "add_eos": "tokenizer.ggml.add_eos_token",
+    "chat_template": "tokenizer.chat_template",
+}
+
+
+class TokenizerError(ValueError):
+  """A GGUF whose tokenizer cannot be built here; the message names the field and the fix."""
+
+
+@functools.cache
+def byte_alphabet() -> dict[int, str]:
+  """GPT-2's byte -> printable character map, the spelling of every byte-level BPE token."""
+  printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1),
+               *range(ord("®"), ord("ÿ") + 1)]
+  spelling, extra = {}, 0
+  for b in range(256):
+    if b in printable:
+      spelling[b] = chr(b)
+    else:
+      spelling[b] = chr(256 + extra)
+      extra += 1
+  return spelling
+
+
+def _spelled(token: str, alphabet: set[str], spelling: dict[int, str]) -> str:
+  """A token in the byte alphabet; a file that stores one as raw text gets it respelled."""
+  if set(token) <= alphabet:
+    return token
+  return "".join(spelling[b] for b in token.encode("utf-8"))
+
+
+def gguf_metadata(reader) -> dict:
+  """The tokenizer fields of an open `gguf.GGUFReader`, under the names `from_gguf` uses."""
+  out = {}
+  for name, key in _METADATA.items():
+    field = reader.fields.get(key)
+    if field is not None:
+      out[name] = field.contents()
+  return out
+
+
+def byte_level_bpe(meta: dict) -> Tokenizer:
+  """The `tokenizers.Tokenizer` of a byte-level BPE GGUF (ids, merges, split regex, specials)."""
+  for name in ("tokens", "merges"):
+    if name not in meta:
+      raise TokenizerError(
+          f"GGUF field {_METADATA[name]!r} is missing: a byte-level BPE tokenizer needs its "
+          "vocabulary and merges. Use an HF model directory with tokenizer.json instead.")
+  spelling = byte_alphabet()
+  alphabet = set(spelling.values())
+  tokens = meta["tokens"]
+  vocab = {_spelled(t, alphabet, spelling): i for i, t in enumerate(tokens)}
+  merges = [tuple(m.split(" ")) for m in meta["merges"]]
+  for i, pair in enumerate(merges):  # the Rust builder panics on these instead of raising
+    if len(pair) != 2 or not {*pair, "".join(pair)} <= vocab.keys():
+      raise TokenizerError(
+          f"tokenizer.ggml.merges[{i}]={meta['merges'][i]!r} is not two vocabulary tokens whose "
+          "join is a token; the file is corrupt: download it again.")
+  tok = Tokenizer(models.BPE(vocab=vocab, merges=merges, dropout=None, continuing_subword_prefix="",
+                             end_of_word_suffix="", fuse_unk=False))
+  split = PRE_TOKENIZER_SPLITS.get(meta.get("pre"))
+  if split is None:
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+  else:
+    tok.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(split), behavior="isolated"),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+  tok.decoder = decoders.ByteLevel()
+  types = list(meta.get("token_type") or ())
+  # A control token outside the byte alphabet is a converter's mislabel; adding it would grow the
+  # vocabulary past the model's embedding table.
+  control = [t for t, kind in zip(tokens, types) if kind == _CONTROL and set(t) <= alphabet]
+  tok.add_special_tokens([AddedToken(t, normalized=False, special=True) for t in control])
+  user = [t for t, kind in zip(tokens, types) if kind == _USER_DEFINED and t in vocab]
+  tok.add_tokens([AddedToken(t, normalized=False, special=False) for t in user])
+  return tok
+
+
+def _post_processor(tok: Tokenizer, bos: str | None, eos: str | None, add_bos: bool,
+                    add_eos: bool) -> processors.TemplateProcessing:
+  """BOS/EOS around each sequence as the file's `add_bos_token`/`add_eos_token` ask."""
+  def around(seq: str, type_id: int) -> list[str]:
+    return ([f"{bos}:{type_id}"] if add_bos and bos else []) + [f"{seq}:{type_id}"] + (
+        [f"{eos}:{type_id}"] if add_eos and eos else [])
+
+  used = {t for t, on in ((bos, add_bos), (eos, add_eos)) if t and on}
+  return processors.TemplateProcessing(single=around("$A", 0), pair=around("$A", 0) + around("$B", 1),
+                                       special_tokens=[(t, tok.token_to_id(t)) for t in used])
+
+
+def from_gguf_metadata(meta: dict, *, source: str = "GGUF"):
+  """`PreTrainedTokenizerFast` from `gguf_metadata(...)` (no torch)."""
+  from transformers import PreTrainedTokenizerFast
+
+  kind = meta.get("model")
+  if kind != "gpt2":
+    raise TokenizerError(
+        f"{source}: tokenizer.ggml.model={kind!r}; postlab builds byte-level BPE ('gpt2') GGUF "
+        "tokenizers without torch. Fix: load the model from an HF directory with tokenizer.json, "
+        "or pass tokenizer=<HF tokenizer directory>.")
+  tok = byte_level_bpe(meta)
+  tokens = meta["tokens"]
+
+  def special(name):
+    i = meta.get(f"{name}_id")
+    if i is None:
+      return None
+    if not 0 <= int(i) < len(tokens):
+      raise TokenizerError(f"{source}: {_METADATA[name + '_id']}={i} is outside the "
+                           f"{len(tokens)}-token vocabulary; the file is corrupt.")
+    return tokens[int(i)]
+
+  names = {n: special(n) for n in ("bos", "eos", "unk", "pad")}
+  add_bos, add_eos = bool(meta.get("add_bos", False)), bool(meta.get("add_eos", False))
+  tok.post_processor = _post_processor(tok, names["bos"], names["eos"], add_bos, add_eos)
+  return PreTrainedTokenizerFast(
+      tokenizer_object=tok, bos_token=names["bos"], eos_token=names["eos"],
+      unk_token=names["unk"], pad_token=names["pad"], chat_template=meta.get("chat_template"),
+      add_bos_token=add_bos, add_eos_token=add_eos, clean_up_tokenization_spaces=False)
+
+
+def from_gguf(reader_or_path, *, source: str | None = None):
+  """The tokenizer of a GGUF file (path or open `gguf.GGUFReader`), built without torch."""
+  if isinstance(reader_or_path, (str, bytes)) or hasattr(reader_or_path, "__fspath__"):
+    from lm.weights import open_gguf
+
+    source = source or str(reader_or_path)
+    reader_or_path = open_gguf(reader_or_path)
+  return from_gguf_metadata(gguf_metadata(reader_or_path), source=source or "GGUF")
