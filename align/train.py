@@ -43,12 +43,16 @@ PLOTTED = {
 
 def load_model(model_cfg):
   """(Transformer, tokenizer): real weights by `name`, or a random `preset` (smoke runs) with the
-  tokenizer of `tokenizer` and its vocabulary size."""
+  tokenizer of `tokenizer` and its vocabulary size; `scan_layers`/`remat` set how the stack runs."""
   if model_cfg.get("preset"):
     tok = hub.load_tokenizer(hub.resolve(model_cfg.tokenizer))
     cfg = lm_config.preset(model_cfg.preset, vocab_size=len(tok), dtype=model_cfg.dtype)
-    return Transformer(cfg, rngs=nnx.Rngs(model_cfg.get("seed", 0))), tok
-  return hub.load_pretrained(model_cfg.name, dtype=model_cfg.dtype)
+    model = Transformer(cfg, rngs=nnx.Rngs(model_cfg.get("seed", 0)))
+  else:
+    model, tok = hub.load_pretrained(model_cfg.name, dtype=model_cfg.dtype)
+  model.cfg = model.cfg.replace(scan_layers=bool(model_cfg.get("scan_layers", False)),
+                                remat=model_cfg.get("remat", "none"))
+  return model, tok
 
 
 def _trainable(config, model):

@@ -28,7 +28,7 @@ import optax
 from flax import nnx
 
 from align import lora
-from lm import sharding
+from lm import inputs, sharding
 from lm.checkpoint import Checkpointer
 
 log = logging.getLogger(__name__)
@@ -135,6 +135,8 @@ class Trainer:
     _check_train_config(train_cfg, self.n_batch_shards)
     self.accum = int(train_cfg.get("grad_accum", 1))
     self.trainable = trainable
+    lm_cfg = (model.backbone if hasattr(model, "backbone") else model).cfg
+    self._vocab_size, self._max_seq_len = lm_cfg.vocab_size, lm_cfg.max_seq_len
     self.graphdef, params, rest = nnx.split(model, trainable, ...)
     self.n_trainable = sum(x.size for x in jax.tree.leaves(params))
     if not self.n_trainable:
@@ -219,8 +221,24 @@ class Trainer:
           sharding.batch_sharding(self.mesh, v.ndim), v[pid * rows:(pid + 1) * rows], v.shape)
     return out
 
+  def _check_batch(self, batch: dict) -> None:
+    """Token ids inside the vocabulary and sequences within max_seq_len, before anything is
+    traced. Packed rows hold several sequences: their `positions` say how long each one is."""
+    for k, v in batch.items():
+      if k == "tokens" or k.endswith("_tokens"):
+        inputs.token_array(v, vocab_size=self._vocab_size, what=f"batch[{k!r}]")
+    if "positions" in batch:
+      longest, what = int(np.max(batch["positions"], initial=-1)) + 1, "sequences reach position"
+    else:
+      longest, what = int(np.shape(batch.get("tokens", np.zeros((0,))))[-1]), "rows have"
+    if longest > self._max_seq_len:
+      raise inputs.InputError(
+          f"batch {what} {longest} tokens, more than the model's max_seq_len "
+          f"{self._max_seq_len}; lower data.max_length.")
+
   def train_step(self, batch: dict) -> dict[str, float]:
     """One optimizer step on a global batch; returns host metrics (raises on a non-finite loss)."""
+    self._check_batch(batch)
     n_tokens = int(np.asarray(batch["attn_mask"]).sum()) if "attn_mask" in batch else int(
         np.asarray(batch["tokens"]).size)
     t0 = time.perf_counter()
@@ -248,6 +266,7 @@ class Trainer:
     n = 0
     with jax.set_mesh(self.mesh):
       for batch in batches:
+        self._check_batch(batch)
         m = jax.device_get(self._eval_step(self.params, self.rest, self._device_batch(batch)))
         for k, v in m.items():
           sums[k] = sums.get(k, 0.0) + float(v)

@@ -21,7 +21,9 @@ def base(loss: str, variant: str | None) -> ml_collections.ConfigDict:
   c.variant = variant
   c.model = ml_collections.ConfigDict({
       "name": "HuggingFaceTB/SmolLM2-135M-Instruct", "dtype": "float32",
-      "preset": "", "tokenizer": "smollm2-135m-instruct", "seed": 0})
+      "preset": "", "tokenizer": "smollm2-135m-instruct", "seed": 0,
+      # how the layer stack runs (same numbers): one lax.scan, and lm.config.REMAT_POLICIES
+      "scan_layers": False, "remat": "none"})
   c.mesh = ml_collections.ConfigDict({"data": 1, "fsdp": -1, "tensor": 1})
   c.lora = ml_collections.ConfigDict({"rank": 8, "alpha": 16.0, "dropout": 0.05,
                                       "targets": "all-linear"})

@@ -22,7 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from decode.engine import left_pad
+from decode.engine import check_decode_inputs, left_pad
 from lm.model import KVCache
 
 _NEG = -1.0e9  # HF's finite "never pick" score; its float32 rounding decides ties as HF's does
@@ -196,6 +196,8 @@ def beam_search(model, prompts: Sequence[Sequence[int]], *, max_new_tokens: int,
   if not 1 <= num_return_sequences <= w:
     raise ValueError(f"num_return_sequences must be in [1, num_beams={w}]; got "
                      f"{num_return_sequences}.")
+  prompts = check_decode_inputs(model.cfg, prompts, max_new_tokens=max_new_tokens, eos_ids=eos_ids,
+                                pad_id=pad_id)
   tokens, mask = left_pad(prompts, pad_id)
   if tokens.shape[1] + max_new_tokens > model.cfg.max_seq_len:
     raise ValueError(

@@ -18,6 +18,7 @@ import numpy as np
 from flax import nnx
 
 from decode.sampling import GREEDY, Sampler, SamplingParams
+from lm import inputs
 from lm.model import KVCache
 from lm.scoring import left_pad_rows, token_logprobs
 
@@ -72,6 +73,16 @@ def left_pad(prompts: Sequence[Sequence[int]], pad_id: int, multiple: int = 16
     raise ValueError("every prompt needs at least one token.")
   tokens, mask, _ = left_pad_rows(prompts, len(prompts), multiple, pad_id)
   return tokens, mask
+
+
+def check_decode_inputs(cfg, prompts, *, max_new_tokens: int, eos_ids: Sequence[int], pad_id: int
+                        ) -> list[list[int]]:
+  """Prompts as int lists after the host-side checks every decoding entry runs (`lm.inputs`)."""
+  prompts = inputs.token_rows(prompts, vocab_size=cfg.vocab_size, max_len=cfg.max_seq_len,
+                              reserve=max_new_tokens, what="prompts")
+  inputs.token_ids(eos_ids, vocab_size=cfg.vocab_size, what="eos_ids")
+  inputs.token_ids([pad_id], vocab_size=cfg.vocab_size, what="pad_id")
+  return prompts
 
 
 def stop_token_sequences(tokenizer, stop_strings: Sequence[str]) -> tuple[tuple[int, ...], ...]:
@@ -187,7 +198,9 @@ def generate(model, prompts: Sequence[Sequence[int]], *, max_new_tokens: int,
   """
   if max_new_tokens < 1:
     raise ValueError(f"max_new_tokens must be >= 1; got {max_new_tokens}.")
-  prompts = [list(x) for x in prompts for _ in range(num_samples)]
+  prompts = check_decode_inputs(model.cfg, prompts, max_new_tokens=max_new_tokens, eos_ids=eos_ids,
+                                pad_id=pad_id)
+  prompts = [x for x in prompts for _ in range(num_samples)]
   tokens, mask = left_pad(prompts, pad_id)
   if tokens.shape[1] + max_new_tokens > model.cfg.max_seq_len:
     raise ValueError(

@@ -9,6 +9,9 @@ from typing import Any
 import numpy as np
 
 ROPE_KINDS = ("default", "linear", "dynamic", "llama3", "yarn")
+# "none": keep every activation; "full": keep only each block's input, recompute the rest;
+# "dots": keep matmul outputs; "dots_no_batch": keep matmul outputs without batch dimensions.
+REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -63,6 +66,11 @@ class ModelConfig:
   dtype: str = "float32"  # compute dtype
   param_dtype: str = "float32"
   name: str = "custom"
+  # Execution, not architecture (same logits either way): run the layer stack as one `lax.scan`
+  # over stacked layer weights (one block compiled, not n_layers; without a KV cache only), and
+  # what each block keeps for the backward pass (REMAT_POLICIES).
+  scan_layers: bool = False
+  remat: str = "none"
 
   def __post_init__(self):
     if self.head_dim is None:
@@ -88,6 +96,8 @@ class ModelConfig:
       )
     if self.head_dim % 2:
       raise ValueError(f"head_dim={self.head_dim} must be even for RoPE.")
+    if self.remat not in REMAT_POLICIES:
+      raise ValueError(f"remat={self.remat!r} is not a policy; use one of {REMAT_POLICIES}.")
 
   @property
   def n_params(self) -> int:

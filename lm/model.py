@@ -1,6 +1,9 @@
 """The Llama-family decoder: one forward for training, scoring, reward heads and decoding.
 
 `model(tokens_bs, positions_bs=None, attn_mask=None, cache=None) -> (logits_bsv, cache)`.
+`model.trunk(...)` hands out the residual stream after chosen layers from the same forward (and
+can stop after the deepest one); `cfg.scan_layers` runs the stack as one `lax.scan`, `cfg.remat`
+picks what each block keeps for the backward pass. Both leave the numbers unchanged.
 
 Padding is expressed by `attn_mask` (`[B, S]`, 1 = real token; left padding for prompts), or by a
 full `[B, S, T]` mask that is ANDed with causality (packing). The KV cache is an explicit pytree of
@@ -17,6 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from lm import inputs
 from lm.config import ModelConfig
 from lm.layers import Embed, Linear, RMSNorm, apply_rope, param, rope_tables
 from lm.sharding import constrain
@@ -59,6 +63,45 @@ class KVCache:
     return self.mask_bt.shape[1]
 
 
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class Trunk:
+  """One pass through the layer stack.
+
+  hidden_bsd: final-norm hidden states `[B, S, D]`; None when the pass stopped early.
+  cache: the updated KV cache (None without one).
+  residual: layer index L -> the residual stream after block L, `[B, S, D]`, before the final
+    norm (HF's `hidden_states[L + 1]`).
+  """
+
+  hidden_bsd: jax.Array | None
+  cache: KVCache | None
+  residual: dict[int, jax.Array]
+
+
+_REMAT = {
+    "full": None,
+    "dots": jax.checkpoint_policies.checkpoint_dots,
+    "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
+
+def _block_fn(graphdef, remat: str):
+  """`(state, x, cos, sin, mask) -> (x, rng_state)` for one block, rematerialised per `remat`.
+
+  The block's rng state (LoRA dropout counters) comes back out so the caller can store it: a
+  block rebuilt from its state inside `checkpoint`/`scan` cannot update the model in place.
+  """
+  def run(state, x_bsd, cos, sin, mask_bst):
+    block = nnx.merge(graphdef, state)
+    x_bsd, _ = block(x_bsd, cos, sin, mask_bst)
+    return constrain(x_bsd, ("act_batch", "act_seq", "act_embed")), nnx.state(block, nnx.RngState)
+
+  if remat == "none":
+    return run
+  return jax.checkpoint(run, policy=_REMAT[remat])
+
+
 class Attention(nnx.Module):
   """Grouped-query attention with RoPE, optional sliding window and attention sinks."""
 
@@ -71,7 +114,6 @@ class Attention(nnx.Module):
     self.v_proj = Linear((d,), (k, h), axes=("embed", "kv_heads", "head_dim"), **kw)
     kw["use_bias"] = cfg.attention_bias
     self.o_proj = Linear((n, h), (d,), axes=("heads", "head_dim", "embed"), **kw)
-    self.sliding = cfg.layer_types[layer_idx] == "sliding"
     self.sinks = (
         param(jnp.zeros((n,), cfg.param_dtype), ("heads",)) if cfg.attention_sinks else None
     )
@@ -164,8 +206,32 @@ class Transformer(nnx.Module):
   def hidden_states(self, tokens_bs, positions_bs=None, attn_mask=None,
                     cache: KVCache | None = None):
     """Final-norm hidden states `[B, S, D]` and the updated cache: the shared trunk."""
+    out = self.trunk(tokens_bs, positions_bs, attn_mask, cache)
+    return out.hidden_bsd, out.cache
+
+  def residual_stream(self, tokens_bs, layers, positions_bs=None, attn_mask=None
+                      ) -> dict[int, jax.Array]:
+    """The residual stream after each block in `layers` (`[B, S, D]` each, before the final norm);
+    the forward stops after the deepest one."""
+    layers = tuple(layers)
+    if not layers:
+      raise ValueError("layers is empty; name at least one layer index to capture.")
+    return self.trunk(tokens_bs, positions_bs, attn_mask, capture=layers,
+                      stop_after=max(layers)).residual
+
+  def trunk(self, tokens_bs, positions_bs=None, attn_mask=None, cache: KVCache | None = None, *,
+            capture=(), stop_after: int | None = None) -> Trunk:
+    """The layer stack once: final hidden states, the cache, and the residual stream after each
+    layer in `capture`. `stop_after=L` ends the pass after block L (no final norm, no cache)."""
     cfg = self.cfg
     _check_inputs(cfg, tokens_bs, positions_bs, attn_mask, cache)
+    capture = frozenset(int(i) for i in capture)
+    for i in sorted(capture) + ([] if stop_after is None else [stop_after]):
+      if not 0 <= i < cfg.n_layers:
+        raise ValueError(f"layer index {i} is outside the model's layers [0, {cfg.n_layers}).")
+    if stop_after is not None and cache is not None:
+      raise ValueError("stop_after ends the pass early, which leaves a KV cache half written; "
+                       "capture layers from a pass without a cache.")
     b, s = tokens_bs.shape
     if attn_mask is None:
       valid_bs = jnp.ones((b, s), bool)
@@ -203,23 +269,71 @@ class Transformer(nnx.Module):
 
     cos, sin = rope_tables(cfg, positions_bs)
     x = constrain(self.embed(tokens_bs), ("act_batch", "act_seq", "act_embed"))
-    new_k, new_v = [], []
-    for i, layer in enumerate(self.layers):
-      kv = None if cache is None else (cache.k[i], cache.v[i])
-      x, kv = layer(x, cos, sin, masks[cfg.layer_types[i]], kv, index)
-      x = constrain(x, ("act_batch", "act_seq", "act_embed"))
-      if kv is not None:
-        new_k.append(kv[0])
-        new_v.append(kv[1])
-    x = self.final_norm(x)
+    last = cfg.n_layers - 1 if stop_after is None else stop_after
+    if cache is None and (cfg.scan_layers or cfg.remat != "none"):
+      x, residual = self._stack_without_cache(x, cos, sin, masks, capture, last)
+    else:
+      residual = {}
+      new_k, new_v = [], []
+      for i in range(last + 1):
+        kv = None if cache is None else (cache.k[i], cache.v[i])
+        x, kv = self.layers[i](x, cos, sin, masks[cfg.layer_types[i]], kv, index)
+        x = constrain(x, ("act_batch", "act_seq", "act_embed"))
+        if i in capture:
+          residual[i] = x
+        if kv is not None:
+          new_k.append(kv[0])
+          new_v.append(kv[1])
+      if cache is not None:
+        cache = KVCache(
+            k=tuple(new_k), v=tuple(new_v), mask_bt=key_valid_bt,
+            index=cache.index + s,
+            lengths_b=cache.lengths_b + valid_bs.sum(axis=1).astype(jnp.int32),
+        )
+    hidden = self.final_norm(x) if stop_after is None else None
+    return Trunk(hidden, cache, residual)
 
-    if cache is not None:
-      cache = KVCache(
-          k=tuple(new_k), v=tuple(new_v), mask_bt=key_valid_bt,
-          index=cache.index + s,
-          lengths_b=cache.lengths_b + valid_bs.sum(axis=1).astype(jnp.int32),
-      )
-    return x, cache
+  def _stack_without_cache(self, x, cos, sin, masks, capture, last):
+    """Blocks 0..last, each under `cfg.remat`; with `cfg.scan_layers` every run of blocks between
+    captured layers is one `lax.scan` over its layers' stacked weights."""
+    cfg = self.cfg
+    residual = {}
+    if not cfg.scan_layers:
+      for i in range(last + 1):
+        graphdef, state = nnx.split(self.layers[i])
+        x, rng = _block_fn(graphdef, cfg.remat)(state, x, cos, sin, masks[cfg.layer_types[i]])
+        nnx.update(self.layers[i], rng)
+        if i in capture:
+          residual[i] = x
+      return x, residual
+    graphdef = nnx.graphdef(self.layers[0])
+    for i in range(1, last + 1):
+      if nnx.graphdef(self.layers[i]) != graphdef:
+        raise ValueError(
+            f"scan_layers needs every layer to share one structure, but layer {i} differs from "
+            "layer 0 (e.g. LoRA on some layers only); set scan_layers=False for this model.")
+    block = _block_fn(graphdef, cfg.remat)
+    sliding = "sliding" in masks
+
+    def body(x_bsd, layer):
+      state, is_sliding = layer
+      mask = jnp.where(is_sliding, masks["sliding"], masks["full"]) if sliding else masks["full"]
+      return block(state, x_bsd, cos, sin, mask)
+
+    cuts = sorted(i for i in capture if i < last) + [last]
+    start = 0
+    for end in cuts:  # scan blocks start..end, then hand out the residual after `end`
+      ids = range(start, end + 1)
+      states = [nnx.state(self.layers[i]) for i in ids]
+      stacked = jax.tree.map(lambda *xs: jnp.stack(xs), *states)
+      flags = jnp.asarray([cfg.layer_types[i] == "sliding" for i in ids])
+      x, rngs = jax.lax.scan(body, x, (stacked, flags))
+      for j, i in enumerate(ids):
+        nnx.update(self.layers[i], jax.tree.map(lambda r, j=j: r[j], rngs))
+      if end in capture:
+        residual[end] = x
+      start = end + 1
+    return x, residual
 
 
 def _is_concrete(x) -> bool:
@@ -234,15 +348,9 @@ def _check_inputs(cfg: ModelConfig, tokens_bs, positions_bs, attn_mask, cache) -
         f"dtype {tokens_bs.dtype}. Add a batch axis with tokens[None] for one sequence."
     )
   b, s = tokens_bs.shape
-  if _is_concrete(tokens_bs) and tokens_bs.size:
-    ids = np.asarray(tokens_bs)  # numpy: a concrete array captured under jit must not be traced
-    lo, hi = int(ids.min()), int(ids.max())
-    if lo < 0 or hi >= cfg.vocab_size:
-      bad = lo if lo < 0 else hi
-      raise ValueError(
-          f"tokens_bs holds id {bad}, outside the vocabulary [0, {cfg.vocab_size}). Use the "
-          "tokenizer that belongs to this model, or a config with a larger vocab_size."
-      )
+  if _is_concrete(tokens_bs):
+    # numpy: a concrete array captured under jit must not be traced
+    inputs.token_array(np.asarray(tokens_bs), vocab_size=cfg.vocab_size, what="tokens_bs")
   if positions_bs is not None and positions_bs.shape != (b, s):
     raise ValueError(f"positions_bs has shape {positions_bs.shape}; expected {(b, s)}.")
   if attn_mask is not None and attn_mask.shape not in ((b, s), (b, s, s if cache is None else

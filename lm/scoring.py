@@ -12,6 +12,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from lm import inputs
+
 
 def token_logprobs(logits_bsv: jax.Array, targets_bs: jax.Array, temperature: float = 1.0
                    ) -> jax.Array:
@@ -127,6 +129,10 @@ def sliding_windows(n_tokens: int, window: int, stride: int) -> list[tuple[int, 
 def perplexity(model, token_ids: Sequence[int], *, window: int, stride: int,
                batch_size: int = 4) -> PerplexityResult:
   """Sliding-window perplexity of one long token stream (static shapes: one compile)."""
+  inputs.token_array(np.asarray(token_ids), vocab_size=model.cfg.vocab_size, what="token_ids")
+  if window > model.cfg.max_seq_len:
+    raise inputs.InputError(f"window={window} is more than the model's max_seq_len "
+                            f"{model.cfg.max_seq_len}; use a window <= max_seq_len.")
   ids = np.asarray(token_ids, np.int32)
   spans = sliding_windows(len(ids), window, stride)
   graphdef, state = nnx.split(model)
@@ -181,6 +187,17 @@ def response_logprobs(model, prompts: Sequence[Sequence[int]], responses: Sequen
   """
   from tqdm import tqdm
 
+  cfg = model.cfg
+  prompts = inputs.token_rows(prompts, vocab_size=cfg.vocab_size, what="prompts")
+  if len(responses) != len(prompts):
+    raise inputs.InputError(f"{len(prompts)} prompts but {len(responses)} responses; pass one "
+                            "response per prompt.")
+  for i, (p, r) in enumerate(zip(prompts, responses)):
+    inputs.token_array(np.asarray(r, np.int64), vocab_size=cfg.vocab_size, what=f"responses[{i}]")
+    if len(p) + len(r) > cfg.max_seq_len:
+      raise inputs.InputError(
+          f"prompts[{i}] has {len(p)} tokens plus {len(r)} response tokens, more than the model's "
+          f"max_seq_len {cfg.max_seq_len}. Shorten it (keep its last tokens) or the response.")
   graphdef, state = nnx.split(model)
   out = []
   for i in tqdm(range(0, len(prompts), batch_size), desc="scoring", unit="batch",

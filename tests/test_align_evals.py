@@ -114,6 +114,9 @@ def test_stand_in_and_loaded_adapter_share_reference_with_adapters_off(tmp_path)
 class _Fixed(nnx.Module):
   """Every next-token distribution is p = (1/2, 1/4, 1/8, 1/8)."""
 
+  def __init__(self):
+    self.cfg = lm.preset("tiny").replace(vocab_size=4)  # the limits scoring checks inputs by
+
   def __call__(self, tokens_bs, attn_mask=None, **kw):
     logp = jnp.log(jnp.array([0.5, 0.25, 0.125, 0.125]))
     return jnp.broadcast_to(logp, tokens_bs.shape + (4,)), None

@@ -7,6 +7,7 @@ import pytest
 from flax import nnx
 
 import lm
+from tests_helpers import scrambled
 
 SEQ = 12
 WINDOW = 4
@@ -26,18 +27,10 @@ def _cfg(**kw):
 
 def _model(cfg, seed=0, std=0.15):
   """A tiny model with large random weights (peaky attention) and nonzero sinks."""
-  model = lm.Transformer(cfg, rngs=nnx.Rngs(seed))
-  state = nnx.state(model, nnx.Param)
-  leaves, treedef = jax.tree.flatten(state)
-  keys = jax.random.split(jax.random.key(seed + 1), len(leaves))
-  nnx.update(model, jax.tree.unflatten(
-      treedef, [std * jax.random.normal(k, x.shape, x.dtype) for k, x in zip(keys, leaves)]))
-  for block in model.layers:
-    for norm in (block.input_norm, block.post_attn_norm):
-      norm.scale[...] = 1.0 + norm.scale[...]
-    if cfg.attention_sinks:
+  model = scrambled(lm.Transformer(cfg, rngs=nnx.Rngs(seed)), seed + 1, std)
+  if cfg.attention_sinks:
+    for block in model.layers:
       block.attn.sinks[...] = jnp.linspace(-1.0, 2.0, cfg.n_heads)
-  model.final_norm.scale[...] = 1.0 + model.final_norm.scale[...]
   return model
 
 

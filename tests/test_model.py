@@ -7,6 +7,7 @@ import pytest
 from flax import nnx
 
 import lm
+from tests_helpers import scrambled
 
 SEQ = 10
 LENGTHS = (10, 7, 3)
@@ -15,15 +16,7 @@ LENGTHS = (10, 7, 3)
 @pytest.fixture(scope="module")
 def model():
   """Tiny preset with large random weights, so position or mask mistakes move the logits."""
-  m = lm.Transformer(lm.preset("tiny"), rngs=nnx.Rngs(0))
-  state = nnx.state(m, nnx.Param)
-  leaves, treedef = jax.tree.flatten(state)
-  keys = jax.random.split(jax.random.key(1), len(leaves))
-  nnx.update(m, jax.tree.unflatten(
-      treedef, [0.15 * jax.random.normal(k, x.shape, x.dtype) for k, x in zip(keys, leaves)]))
-  for norm in [m.final_norm] + [n for b in m.layers for n in (b.input_norm, b.post_attn_norm)]:
-    norm.scale[...] = 1.0 + norm.scale[...]
-  return m
+  return scrambled(lm.Transformer(lm.preset("tiny"), rngs=nnx.Rngs(0)), seed=1)
 
 
 def _padded_batch(seed=0, seq=SEQ, lengths=LENGTHS):

@@ -13,6 +13,7 @@ transformers = pytest.importorskip("transformers")
 
 import lm  # noqa: E402
 from lm import weights  # noqa: E402
+from tests_helpers import scrambled  # noqa: E402
 
 TOL = 1e-4
 SEQ = 24
@@ -80,18 +81,6 @@ def _max_diff_real(a_bsv, b_bsv, mask_bs):
   return float(np.abs(a_bsv - b_bsv)[mask_bs.astype(bool)].max())
 
 
-def _scramble(model, seed=0, std=0.15):
-  """Replace every parameter with random values of a size that makes attention non-uniform."""
-  state = nnx.state(model, nnx.Param)
-  leaves, treedef = jax.tree.flatten(state)
-  keys = jax.random.split(jax.random.key(seed), len(leaves))
-  new = [std * jax.random.normal(k, x.shape, x.dtype) for k, x in zip(keys, leaves)]
-  nnx.update(model, jax.tree.unflatten(treedef, new))
-  for norm in [model.final_norm] + [m for b in model.layers for m in (b.input_norm, b.post_attn_norm)]:
-    norm.scale[...] = 1.0 + norm.scale[...]
-  return model
-
-
 @pytest.mark.parametrize("tie", [True, False], ids=["tied", "untied"])
 @pytest.mark.parametrize("rope", list(ROPES))
 def test_hf_import_matches_transformers(tmp_path, rope, tie):
@@ -138,7 +127,7 @@ def _export_and_compare(model, path):
 
 @pytest.mark.parametrize("tie", [True, False], ids=["tied", "untied"])
 def test_export_random_preset_loads_in_transformers(tmp_path, tie):
-  model = _scramble(lm.Transformer(lm.preset("tiny", tie_embeddings=tie), rngs=nnx.Rngs(0)))
+  model = scrambled(lm.Transformer(lm.preset("tiny", tie_embeddings=tie), rngs=nnx.Rngs(0)))
   _export_and_compare(model, tmp_path / "export")
 
 

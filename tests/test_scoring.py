@@ -33,6 +33,7 @@ class _Uniform(nnx.Module):
 
   def __init__(self, vocab):
     self.vocab = vocab
+    self.cfg = lm.preset("tiny").replace(vocab_size=vocab)  # the limits scoring checks inputs by
 
   def __call__(self, tokens_bs, attn_mask=None, **kw):
     return jnp.zeros(tokens_bs.shape + (self.vocab,)), None

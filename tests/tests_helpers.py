@@ -42,3 +42,19 @@ def random_hf_llama(path: Path, *, tie: bool = True, max_position_embeddings: in
               else 0.15 * torch.randn_like(p))
   hf.save_pretrained(path)
   return hf
+
+
+def scrambled(model, seed: int = 0, std: float = 0.15):
+  """`model` with every parameter redrawn at a size that makes attention non-uniform (norm scales
+  around 1), so a position, mask or layer mistake moves the logits."""
+  import jax
+  from flax import nnx
+
+  state = nnx.state(model, nnx.Param)
+  leaves, treedef = jax.tree.flatten(state)
+  keys = jax.random.split(jax.random.key(seed), len(leaves))
+  nnx.update(model, jax.tree.unflatten(
+      treedef, [std * jax.random.normal(k, x.shape, x.dtype) for k, x in zip(keys, leaves)]))
+  for norm in [model.final_norm] + [n for b in model.layers for n in (b.input_norm, b.post_attn_norm)]:
+    norm.scale[...] = 1.0 + norm.scale[...]
+  return model
