@@ -68,7 +68,7 @@ def main(argv):
     raise app.UsageError(f"config.task={task!r} is unknown; known tasks: {sorted(TASKS)}")
 
   if task == "train":
-    from align.trainer import use_cpu_training_flags
+    from lm.runtime import use_cpu_training_flags
 
     use_cpu_training_flags()  # before the backend starts
   import jax

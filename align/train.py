@@ -1,14 +1,13 @@
-"""The `train` task behind `launch.py`: SFT, reward-model or DPO training by `config.loss.name`.
+"""The `train` task behind `launch.py`: the algorithm a config names in `config.algorithm`.
 
-Loads the model (real weights by name, or a tiny preset for smoke runs), applies LoRA, builds the
-data, trains with the one `Trainer`, and leaves in the workdir: metrics (JSONL + TensorBoard),
+Loads the model (real weights by name, or a tiny preset for smoke runs), applies LoRA, lets the
+algorithm's record (`align.algorithm.Algorithm`) wrap the model and shape the data, trains with
+the one `lm.trainer.Trainer`, and leaves in the workdir: metrics (JSONL + TensorBoard),
 checkpoints, loss/metric plots, the adapter (PEFT format) or full weights, and `report.md`.
 """
 
 from __future__ import annotations
 
-import functools
-import itertools
 import logging
 import time
 
@@ -17,28 +16,17 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
 from flax import nnx  # noqa: E402
 
-from align import data, lora, losses  # noqa: E402
-from align.losses.dpo import check_config, precompute_reference  # noqa: E402
-from align.reward_model import RewardModel  # noqa: E402
-from align.trainer import Trainer  # noqa: E402
+from align import algorithm, data  # noqa: E402
+from lm import batching, hub, lora  # noqa: E402
 from lm import config as lm_config  # noqa: E402
-from lm import hub  # noqa: E402
 from lm.checkpoint import Checkpointer  # noqa: E402
 from lm.model import Transformer  # noqa: E402
 from lm.run import RunDir, markdown_table  # noqa: E402
+from lm.trainer import Trainer  # noqa: E402
 
 log = logging.getLogger(__name__)
-
-DATA_KIND = {"sft": "sft", "reward": "preference", "dpo": "preference"}
-# Metrics plotted (and reported) per loss, train and eval.
-PLOTTED = {
-    "sft": ["loss", "perplexity"],
-    "reward": ["loss", "accuracy", "rewards/margin"],
-    "dpo": ["loss", "rewards/margin", "rewards/accuracy", "logps/chosen", "logps/rejected"],
-}
 
 
 def load_model(model_cfg):
@@ -55,12 +43,9 @@ def load_model(model_cfg):
   return model, tok
 
 
-def _trainable(config, model):
-  t = config.train
-  filt = lora.trainable_filter(t.trainable, t.get("trainable_pattern"))
-  if config.loss.name == "reward":
-    filt = nnx.Any(filt, nnx.All(nnx.Param, nnx.PathContains("score")))
-  return filt
+def _trainable(config, algo: algorithm.Algorithm):
+  filt = lora.trainable_filter(config.train.trainable, config.train.get("trainable_pattern"))
+  return algo.trainable(filt) if algo.trainable else filt
 
 
 def _plot(history: list[dict], names: list[str], run_dir: RunDir) -> list[str]:
@@ -84,10 +69,11 @@ def _plot(history: list[dict], names: list[str], run_dir: RunDir) -> list[str]:
   return files
 
 
-def _export(config, trainer: Trainer, tokenizer, run_dir: RunDir) -> str:
-  """Adapter (PEFT layout) when training LoRA; full HF weights otherwise; the reward head apart."""
+def _export(config, algo: algorithm.Algorithm, trainer: Trainer, tokenizer, run_dir: RunDir) -> str:
+  """Adapter (PEFT layout) when training LoRA; full HF weights otherwise; then the algorithm's own
+  parts (e.g. a reward head) beside them."""
   model = trainer.model
-  backbone = model.backbone if isinstance(model, RewardModel) else model
+  backbone = algo.backbone(model)
   if config.train.trainable == "lora":
     path = run_dir.path / "adapter"
     lora.export_peft(backbone, path, cfg=lora.LoraConfig.from_config(config.lora),
@@ -99,72 +85,40 @@ def _export(config, trainer: Trainer, tokenizer, run_dir: RunDir) -> str:
     if lora.count_params(backbone, nnx.LoRAParam):
       lora.merge(backbone)
     weights.save_hf_dir(backbone, path, tokenizer)
-  if isinstance(model, RewardModel):
-    from safetensors.numpy import save_file
-
-    save_file({"score.weight": np.asarray(model.score.kernel[...]).T.copy()},
-              str(path / "reward_head.safetensors"))
+  if algo.export:
+    algo.export(model, path)
   return str(path)
 
 
-def _share_prompts(config, train_ds, eval_batches, n_shards: int):
-  """The DPO train dataset and eval batches mapped onto the shared-prompt layout, each with one
-  static rows x width planned over the batches it will yield (one compile each)."""
-  groups = int(config.train.get("grad_accum", 1))
-  plan = functools.partial(data.plan_shared_layout, multiple=n_shards,
-                           width=config.data.share_prompt_width)
-  rows, width = plan(itertools.islice(iter(train_ds), config.train.steps), groups=groups)
-  train_ds = train_ds.map(functools.partial(data.share_prompts, rows=rows, width=width,
-                                            groups=groups))
-  layout = {"rows": rows, "width": width, "pairs": config.data.batch_size}
-  if eval_batches is not None:
-    e_rows, e_width = plan(eval_batches())
-    layout["eval"] = {"rows": e_rows, "width": e_width}
-    plain = eval_batches
-    eval_batches = lambda: (data.share_prompts(b, rows=e_rows, width=e_width) for b in plain())
-  log.info("shared-prompt layout %s", layout)
-  return train_ds, eval_batches, layout
-
-
 def run(config, run_dir: RunDir, mesh=None) -> dict:
-  name = config.loss.name
-  if name not in DATA_KIND:
-    raise ValueError(f"config.loss.name={name!r}; the train task runs one of {sorted(DATA_KIND)}.")
-  loss_fn = losses.get(name)
-  if name == "dpo":
-    check_config(config.loss)
+  algo = algorithm.load(config.algorithm)
+  if algo.check:
+    algo.check(config)
   model, tok = load_model(config.model)
   if config.lora.rank > 0:
     lora.apply_lora(model, lora.LoraConfig.from_config(config.lora),
                     rngs=nnx.Rngs(params=config.train.seed, lora_dropout=config.train.seed))
-  if name == "reward":
-    model = RewardModel(model, rngs=nnx.Rngs(config.train.seed))
-  transform = None
-  if name == "dpo" and config.loss.get("reference") == "precomputed":
-    transform = lambda examples: precompute_reference(model, examples)
-  train_ds, eval_examples, data_stats = data.build(config.data, tok, DATA_KIND[name],
+  if algo.wrap:
+    model = algo.wrap(model, config)
+  transform = algo.transform_train(config, model) if algo.transform_train else None
+  train_ds, eval_examples, data_stats = data.build(config.data, tok, algo.data_kind,
                                                    transform_train=transform)
-  if name == "dpo":
-    # the reference never changes: score the held-out pairs under it once, not at every eval
-    eval_examples = precompute_reference(model, eval_examples,
-                                         config.train.get("eval_batch_size", 8))
+  if algo.prepare_eval:
+    eval_examples = algo.prepare_eval(config, model, eval_examples)
   eval_bs = config.train.get("eval_batch_size", config.train.batch_size)
   # Whole batches only: a padded row would count as a wrong pair in the accuracy.
   eval_examples = eval_examples[:len(eval_examples) // eval_bs * eval_bs]
   if not eval_examples and config.train.get("eval_every"):
     raise ValueError(f"data.n_eval={config.data.n_eval} leaves no full eval batch of {eval_bs}; "
                      "raise data.n_eval or lower train.eval_batch_size.")
-  eval_batches = (lambda: data.eval_batches(eval_examples, eval_bs)) if eval_examples else None
-  if config.data.get("share_prompt"):
-    if name != "dpo":
-      raise ValueError(f"data.share_prompt is for DPO; config.loss.name is {name!r}.")
-    n_shards = mesh.shape["data"] * mesh.shape["fsdp"] if mesh is not None else 1
-    train_ds, eval_batches, data_stats["shared_prompt"] = _share_prompts(
-        config, train_ds, eval_batches, n_shards)
+  eval_batches = (lambda: batching.eval_batches(eval_examples, eval_bs)) if eval_examples else None
+  if algo.arrange:
+    train_ds, eval_batches, layout = algo.arrange(config, train_ds, eval_batches, mesh)
+    data_stats.update(layout)
 
   run_dir.write_json("data_stats.json", data_stats)
-  trainer = Trainer(model, loss_fn, config.loss, config.train, trainable=_trainable(config, model),
-                    mesh=mesh)
+  trainer = Trainer(model, algo.loss, config.loss, config.train,
+                    trainable=_trainable(config, algo), mesh=mesh)
   ckpt = Checkpointer(run_dir.path / "checkpoints",
                       max_to_keep=config.train.get("keep_checkpoints", 2))
   t0 = time.time()
@@ -172,22 +126,22 @@ def run(config, run_dir: RunDir, mesh=None) -> dict:
                         resume=getattr(run_dir, "resume", False))
   wall = time.time() - t0
   ckpt.close()
-  plots = _plot(history, PLOTTED[name], run_dir)
-  exported = _export(config, trainer, tok, run_dir)
+  plots = _plot(history, list(algo.plotted), run_dir)
+  exported = _export(config, algo, trainer, tok, run_dir)
 
   evals = [h for h in history if any(k.startswith("eval/") for k in h)]
   first, last = (evals[0], evals[-1]) if evals else ({}, {})
   rows = [{"metric": k[5:], "start": first.get(k, float("nan")), "end": last.get(k, float("nan"))}
           for k in sorted(last) if k.startswith("eval/")]
   summary = {
-      "loss": name, "steps": trainer.step, "wall_s": wall,
+      "algorithm": algo.name, "steps": trainer.step, "wall_s": wall,
       "compile_s": trainer.times.compile_s, "tokens_per_s": trainer.times.tokens_per_s,
       "trainable_params": trainer.n_trainable, "eval_start": first, "eval_end": last,
       "exported": exported, "data": data_stats, "devices": len(jax.devices()),
   }
   run_dir.write_json("summary.json", summary)
   report = [
-      f"# {name.upper()} run\n",
+      f"# {algo.name.upper()} run\n",
       f"Model `{config.model.get('name') or config.model.preset}`, trainable "
       f"`{config.train.trainable}` ({trainer.n_trainable:,} parameters), {trainer.step} steps of "
       f"batch {config.train.batch_size} on {data_stats['source']} ({data_stats['n_train']} train / "

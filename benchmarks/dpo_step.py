@@ -62,14 +62,14 @@ def _pairs(tokenizer, n: int, seq: int) -> list[dict]:
   """hh-rlhf pairs whose longer row reaches `seq` tokens (every batch pads to `seq`) and whose
   prompt leaves at least a quarter of the row to the reply (TRL drops pairs whose prompt fills
   `max_length`; rows of nearly all prompt would measure the trunk alone)."""
-  from align import data
+  from align import records
 
-  rows = data.load_records("hh-rlhf")
+  rows = records.load_records("hh-rlhf")
   out = []
   for i, row in enumerate(rows):
     try:
-      rec = data.normalize_preference(row, i)
-    except data.MalformedRowError:
+      rec = records.normalize_preference(row, i)
+    except records.MalformedRowError:
       continue
     prompt = tokenizer.apply_chat_template(rec["prompt"], tokenize=False,
                                            add_generation_prompt=True)
@@ -90,7 +90,6 @@ def _trl_side(batches_path: str) -> dict:
   from datasets import Dataset
   from trl import DPOConfig, DPOTrainer
 
-  from lm import hub
 
   # transformers marks GGUF-loaded models quantized (untrainable): both sides load the same
   # float32 weights from an HF directory exported from the GGUF.
@@ -146,9 +145,11 @@ def _ours_side(batches_path: str) -> dict:
   import numpy as np
   from flax import nnx
 
-  from align import data, lora, losses
-  from align.trainer import Trainer, use_cpu_training_flags
-  from lm import hub
+  from align import losses
+  from align.losses import shared_prompt
+  from lm import hub, lora
+  from lm.runtime import use_cpu_training_flags
+  from lm.trainer import Trainer
 
   use_cpu_training_flags()  # as launch.py does for training runs
 
@@ -165,8 +166,8 @@ def _ours_side(batches_path: str) -> dict:
   tokens = [int(b["attn_mask"].sum()) for b in batches]
   layout = None
   if FLAGS.share_prompt:
-    rows, width = data.plan_shared_layout(batches)
-    batches = [data.share_prompts(b, rows=rows, width=width) for b in batches]
+    rows, width = shared_prompt.plan_shared_layout(batches)
+    batches = [shared_prompt.share_prompts(b, rows=rows, width=width) for b in batches]
     layout = {"rows": rows, "width": width, "positions": rows * width,
               "unshared_positions": int(ids.size)}
   model, _ = hub.load_pretrained(FLAGS.weights, tokenizer=False)

@@ -1,12 +1,14 @@
 """Alignment diagnostics: perplexity, KL to the reference, verbosity, length compliance, hacking.
 
+Code: `align/evals/compare.py` (task `align_eval`), over the metrics in `align/evals/`.
+
 Variants: `cpu` (default; SmolLM2-135M-Instruct vs the LoRA-DPO adapter of `dpo.py:cpu` in
 `runs/dpo-cpu/adapter`, or a labelled STAND-IN random LoRA while that does not exist; 24
 AlpacaEval prompts, 96 new tokens, minutes here), `standin` (cpu, always the stand-in), `smoke` (random tiny models with a byte tokenizer, seconds, for
 tests), `gpu_full` (the seeds' settings: 400 prompts, 256 new tokens, whole WikiText-2 test).
 
 `models`: a list of `{name, model, adapter, stand_in_lora}`; `model` is a hub id, path, offline
-alias or `tiny:SEED`; `adapter` a PEFT LoRA directory (loaded by `align.lora.load_peft`);
+alias or `tiny:SEED`; `adapter` a PEFT LoRA directory (loaded by `lm.lora.load_peft`);
 `stand_in_lora` a random LoRA `{rank, alpha, b_std, seed}` used until a trained DPO adapter
 exists (labelled "stand-in" in the report). Replace the stand-in entry by
 `{"name": "lora-dpo", "model": BASE, "adapter": "runs/dpo/adapter"}` once one does.

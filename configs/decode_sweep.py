@@ -3,6 +3,8 @@
 Variants: `cpu` (default; 8 AlpacaEval instructions, 4 samples each, finishes in minutes here),
 `smoke` (2 instructions, 16 tokens, for tests), `gpu_full` (400 prompts from alpaca-cleaned by
 name when the hub is reachable, the seeds' settings).
+
+Code: `decode/sweep.py` (task `decode_sweep`), over `decode/engine.py` and `decode/beam.py`.
 """
 
 import ml_collections

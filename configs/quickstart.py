@@ -3,6 +3,8 @@
 Variants: `cpu` (default; 4 AlpacaEval instructions, 128 new tokens, 4k WikiText tokens),
 `smoke` (2 instructions, 16 new tokens, 512 tokens), `gpu_full` (16 instructions, 256 tokens,
 the whole WikiText-2 test split).
+
+Code: `decode/quickstart.py` (task `quickstart`).
 """
 
 import ml_collections

@@ -1,5 +1,7 @@
 """Bradley–Terry reward model: a scalar head on SmolLM2's last hidden state, LoRA on the trunk.
 
+Code: `align/losses/reward.py` (loss, head, record), run by `align/train.py`.
+
   python launch.py --config=configs/reward.py:cpu --workdir=runs/rm
 """
 
@@ -9,7 +11,7 @@ from configs.train_base import base
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-  c = base("reward", arg)
+  c = base("align.losses.reward", arg)
   c.loss.update(margin=0.0, center_coef=0.0)
   if c.variant == "cpu":
     c.train.lr = 1e-3

@@ -1,5 +1,8 @@
 """Shared settings of the training configs (sft.py, reward.py, dpo.py); not a config itself.
 
+Every training config runs `align/train.py` (task `train`) with the algorithm in the module it
+names in `config.algorithm` (`align/losses/NAME.py`: the loss, its batch layout and its record).
+
 Variants: `smoke` (tiny random model with SmolLM2's tokenizer, seconds), `cpu` (SmolLM2-135M-Instruct,
 LoRA r=8 α=16 dropout 0.05, a few dozen steps on the offline hh-rlhf pairs, minutes on 2 cores),
 `gpu_full` (the seeds' settings: 500 steps, batch 4, lr 2e-5, by-name hub datasets).
@@ -12,7 +15,8 @@ from align.data import default_config as data_config
 VARIANTS = ("smoke", "cpu", "gpu_full")
 
 
-def base(loss: str, variant: str | None) -> ml_collections.ConfigDict:
+def base(algorithm: str, variant: str | None) -> ml_collections.ConfigDict:
+  """Shared settings; `algorithm` names the module holding the algorithm's code and record."""
   variant = variant or "cpu"
   if variant not in VARIANTS:
     raise ValueError(f"unknown variant {variant!r}; use one of {VARIANTS}.")
@@ -34,7 +38,8 @@ def base(loss: str, variant: str | None) -> ml_collections.ConfigDict:
       "checkpoint_every": 10, "keep_checkpoints": 2, "seed": 0,
       "trainable": "lora", "trainable_pattern": ml_collections.config_dict.placeholder(str),
   })
-  c.loss = ml_collections.ConfigDict({"name": loss})
+  c.algorithm = algorithm  # e.g. "align.losses.dpo": its ALGORITHM record, run by align/train.py
+  c.loss = ml_collections.ConfigDict()  # the algorithm's own settings (beta, margin, ...)
   c.data = data_config()
   # hh-rlhf offline: 2303 usable pairs (9 malformed rows are skipped and counted); prompts are
   # cut from the left to fit, replies kept.

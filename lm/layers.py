@@ -3,7 +3,7 @@
 Every parameter carries logical axis names in its `logical_axes` metadata (resolved to mesh axes by
 `lm.sharding`), not flax's `out_sharding`, so models build the same with or without a mesh.
 
-LoRA lives inside `Linear` (`Linear.add_lora`, driven by `align.lora`): factors are `nnx.LoRAParam`
+LoRA lives inside `Linear` (`Linear.add_lora`, driven by `lm.lora`): factors are `nnx.LoRAParam`
 (A `[*in, r]`, B `[r, *out]`, B zero at init), so one forward serves base and adapted models and
 `nnx.split(model, nnx.LoRAParam, ...)` picks the adapter. LoRA dropout is an `nnx.Dropout` per layer
 on its own rng stream `LORA_DROPOUT_STREAM`; its key/count live in `nnx.RngState` variables

@@ -54,3 +54,19 @@ def reexec_with_cpu_allocator(argv: Sequence[str] | None = None) -> None:
 
 def _glibc_linux() -> bool:
   return sys.platform.startswith("linux") and platform.libc_ver()[0] == "glibc"
+
+
+# XLA:CPU flags for training steps (README, Benchmarks): the concurrency-optimised scheduler runs
+# independent backward ops side by side and starves the GEMMs that need both cores, and YNNPACK
+# fusions slow the backward. A forward alone is slower with them, so decoding keeps the defaults.
+CPU_TRAINING_XLA_FLAGS = ("--xla_cpu_enable_concurrency_optimized_scheduler=false",
+                          "--xla_cpu_experimental_ynn_fusion_type=")
+
+
+def use_cpu_training_flags() -> None:
+  """Add `CPU_TRAINING_XLA_FLAGS` to `XLA_FLAGS` (those the user set win). Call before the first
+  JAX computation: XLA reads the variable once, when the backend starts. GPU/TPU ignore them."""
+  current = os.environ.get("XLA_FLAGS", "")
+  set_names = {f.split("=")[0] for f in current.split()}
+  extra = [f for f in CPU_TRAINING_XLA_FLAGS if f.split("=")[0] not in set_names]
+  os.environ["XLA_FLAGS"] = " ".join([current] + extra).strip()

@@ -157,8 +157,8 @@ def ours_to_hf(model: Transformer) -> dict[str, np.ndarray]:
   if nnx.state(model, nnx.LoRAParam) and not all(
       getattr(m, "lora_merged", True) for _, m in nnx.iter_graph(model)
       if getattr(m, "lora_rank", 0)):
-    raise WeightsError("the model has unmerged LoRA adapters: call align.lora.merge(model) to "
-                       "export merged weights, or align.lora.export_peft for the adapter alone.")
+    raise WeightsError("the model has unmerged LoRA adapters: call lm.lora.merge(model) to "
+                       "export merged weights, or lm.lora.export_peft for the adapter alone.")
   flat = nnx.to_flat_state(nnx.state(model, nnx.All(nnx.Param, nnx.Not(nnx.LoRAParam))))
   out = {}
   for path, var in flat:

@@ -91,7 +91,7 @@ def test_kl_rows_equal_unpadded_forward_per_row():
 
 
 def test_stand_in_and_loaded_adapter_share_reference_with_adapters_off(tmp_path):
-  from align import lora
+  from lm import lora
 
   stand_in = {"rank": 2, "alpha": 4.0, "b_std": 0.5, "seed": 3}
   a = compare.load_entry({"name": "a", "model": "tiny:0", "stand_in_lora": stand_in})

@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from align import lora, losses
+from align import losses
+from lm import lora
 from align.losses.dpo import dpo_losses
 from align.losses.reward import bradley_terry
 from align.reward_model import RewardModel

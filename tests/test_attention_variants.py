@@ -1,6 +1,5 @@
 """Attention sinks and sliding windows against a dense numpy reference of the whole decoder."""
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest

@@ -6,12 +6,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from flax import nnx
 
-import lm
 from decode import engine
 from decode.engine import StopRules, generate
-from decode.sampling import GREEDY, Sampler
+from decode.sampling import Sampler
 from tests_helpers import random_hf_llama
 
 torch = pytest.importorskip("torch")

@@ -8,7 +8,7 @@ import pytest
 from flax import nnx
 
 import lm
-from align import lora
+from lm import lora
 from tests_helpers import scrambled
 
 SEQ = 12

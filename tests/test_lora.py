@@ -10,7 +10,7 @@ import pytest
 from flax import nnx
 
 import lm
-from align import lora
+from lm import lora
 from lm import scoring, weights
 
 TOKENS_BS = np.array([[5, 17, 99, 3, 42, 7, 250, 11], [1, 2, 3, 4, 5, 6, 7, 8]], np.int32)

@@ -1,6 +1,5 @@
 """Invariants of the one forward on the tiny preset: caching, padding, packing, input checks."""
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest

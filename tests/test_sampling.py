@@ -5,7 +5,6 @@ import pytest
 import jax
 import jax.numpy as jnp
 
-from decode import sampling
 from decode.sampling import Sampler
 
 torch = pytest.importorskip("torch")

@@ -2,13 +2,14 @@
 log-probs, loss and gradients as scoring chosen and rejected as two full rows."""
 
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import pytest
 from flax import nnx
 
-from align import data, lora, losses
+from align import losses
+from align.losses import shared_prompt
+from lm import lora
 from align.losses.dpo import pair_logprobs
 from lm import config as lm_config
 from lm.model import Transformer
@@ -54,8 +55,8 @@ def _loss_and_grads(model, batch):
 
 def test_shared_prompt_layout_equals_two_rows_per_pair():
   batch = _pairs(np.random.default_rng(0))
-  rows, width = data.plan_shared_layout([batch], width=48)
-  shared = data.share_prompts(batch, rows=rows, width=width)
+  rows, width = shared_prompt.plan_shared_layout([batch], width=48)
+  shared = shared_prompt.share_prompts(batch, rows=rows, width=width)
   assert rows * width < batch["tokens"].size  # fewer positions than 2 rows per pair
   model = _model()
   lp, n = pair_logprobs(model, batch)
@@ -74,8 +75,8 @@ def test_shared_prompt_layout_equals_two_rows_per_pair():
 
 def test_shared_prompt_groups_are_self_contained_micro_batches():
   batch = _pairs(np.random.default_rng(1))
-  rows, width = data.plan_shared_layout([batch], groups=2, width_multiple=8)
-  shared = data.share_prompts(batch, rows=rows, width=width, groups=2)
+  rows, width = shared_prompt.plan_shared_layout([batch], groups=2, width_multiple=8)
+  shared = shared_prompt.share_prompts(batch, rows=rows, width=width, groups=2)
   model = _model()
   lp = np.asarray(pair_logprobs(model, batch)[0])
   for g in range(2):
@@ -86,10 +87,10 @@ def test_shared_prompt_groups_are_self_contained_micro_batches():
 
 def test_shared_prompt_layout_overflow_names_the_fix():
   batch = _pairs(np.random.default_rng(2))
-  rows, width = data.plan_shared_layout([batch], width_multiple=8)
-  with pytest.raises(data.LayoutOverflowError, match="plan_shared_layout"):
-    data.share_prompts(batch, rows=rows - 1, width=width)
+  rows, width = shared_prompt.plan_shared_layout([batch], width_multiple=8)
+  with pytest.raises(shared_prompt.LayoutOverflowError, match="plan_shared_layout"):
+    shared_prompt.share_prompts(batch, rows=rows - 1, width=width)
   with pytest.raises(ValueError, match="share_prompt_width"):
-    data.plan_shared_layout([batch], width=16)
-  rows2, _ = data.plan_shared_layout([batch], multiple=4)
+    shared_prompt.plan_shared_layout([batch], width=16)
+  rows2, _ = shared_prompt.plan_shared_layout([batch], multiple=4)
   assert rows2 % 4 == 0 and rows2 >= rows

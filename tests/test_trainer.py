@@ -8,15 +8,14 @@ import subprocess
 import time
 from pathlib import Path
 
-import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import pytest
 from flax import nnx
 
-from align import lora, losses
-from align.trainer import NonFiniteLossError, Trainer
+from align import losses
+from lm import lora
+from lm.trainer import NonFiniteLossError, Trainer
 from lm import config as lm_config
 from lm import sharding
 from lm.checkpoint import Checkpointer
@@ -179,7 +178,7 @@ def test_sigkill_and_resume_equals_uninterrupted(tmp_path, shared_data):
 
 def test_cpu_training_flags_keep_the_users(monkeypatch):
   """Training XLA flags are added once; a flag the user already set keeps the user's value."""
-  from align.trainer import CPU_TRAINING_XLA_FLAGS, use_cpu_training_flags
+  from lm.runtime import CPU_TRAINING_XLA_FLAGS, use_cpu_training_flags
 
   name = CPU_TRAINING_XLA_FLAGS[0].split("=")[0]
   monkeypatch.setenv("XLA_FLAGS", f"{name}=true --xla_dump_to=/tmp/x")

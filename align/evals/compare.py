@@ -5,7 +5,7 @@
 family of metrics), `plots/`, `results.json` (every number) and `generations.jsonl`.
 
 KL references: an entry with an adapter (or a stand-in LoRA) is compared with the same weights,
-adapters off (`align.lora.disabled`); any other entry with the entry named `config.reference`.
+adapters off (`lm.lora.disabled`); any other entry with the entry named `config.reference`.
 The reference entry itself has KL 0 by definition and is not scored against itself.
 """
 
@@ -76,8 +76,8 @@ def load_model(spec: str, *, dtype: str = "float32"):
 
 def add_stand_in_lora(model, *, rank: int, alpha: float, b_std: float, seed: int,
                       targets: Any = "all-linear") -> None:
-  """A random LoRA through `align.lora.apply_lora`, then B ~ N(0, b_std^2) (B != 0, seeded)."""
-  from align import lora
+  """A random LoRA through `lm.lora.apply_lora`, then B ~ N(0, b_std^2) (B != 0, seeded)."""
+  from lm import lora
 
   lora.apply_lora(model, lora.LoraConfig(rank=rank, alpha=alpha, dropout=0.0, targets=targets),
                   rngs=nnx.Rngs(seed))
@@ -90,7 +90,7 @@ def add_stand_in_lora(model, *, rank: int, alpha: float, b_std: float, seed: int
 
 def adapters_off(model):
   """The same weights with every LoRA adapter switched off, as a model of its own (no copy)."""
-  from align import lora
+  from lm import lora
 
   with lora.disabled(model):
     return nnx.merge(*nnx.split(model))
@@ -113,7 +113,7 @@ def load_entry(entry: Mapping, *, dtype: str = "float32", cache: dict | None = N
     model = nnx.clone(model)  # the cached base stays adapter-free for other entries
   out = {"name": e["name"], "spec": e, "model": model, "tokenizer": tok, "reference": None}
   if e.get("adapter"):
-    from align import lora
+    from lm import lora
 
     lora.load_peft(model, e["adapter"])
   elif e.get("stand_in_lora"):

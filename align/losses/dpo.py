@@ -16,9 +16,10 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from align import lora
-from align.losses import register
+from align.algorithm import Algorithm
+from align.losses import register, shared_prompt
 from align.losses.common import sequence_logprobs
+from lm import lora
 from lm.scoring import selected_token_logprobs
 
 VARIANTS = ("sigmoid", "robust", "hinge", "ipo")
@@ -59,7 +60,7 @@ def check_config(cfg) -> None:
 
 def pair_logprobs(model, batch: dict):
   """Summed response log-probs and token counts of chosen and rejected, `[B, 2]` each, from a
-  `[B, 2, S]` batch or one in the shared-prompt layout (`align.data.share_prompts`)."""
+  `[B, 2, S]` batch or one in the shared-prompt layout (`align.losses.shared_prompt.share_prompts`)."""
   if "pair_ids" in batch:
     return _shared_pair_logprobs(model, batch)
   tokens = batch["tokens"]
@@ -154,3 +155,28 @@ def precompute_reference(model, examples: list[dict], batch_size: int = 8) -> li
     ref = np.asarray(score(state, batch))
     out += [dict(ex, ref_logps=ref[i].astype(np.float32)) for i, ex in enumerate(chunk)]
   return out
+
+
+def _transform_train(config, model):
+  if config.loss.get("reference") == "precomputed":
+    return lambda examples: precompute_reference(model, examples)
+  return None
+
+
+def _arrange(config, train_ds, eval_batches, mesh):
+  if not config.data.get("share_prompt"):
+    return train_ds, eval_batches, {}
+  n_shards = mesh.shape["data"] * mesh.shape["fsdp"] if mesh is not None else 1
+  train_ds, eval_batches, layout = shared_prompt.arrange(config, train_ds, eval_batches, n_shards)
+  return train_ds, eval_batches, {"shared_prompt": layout}
+
+
+ALGORITHM = Algorithm(
+    name="dpo", loss=dpo_loss, data_kind="preference",
+    plotted=("loss", "rewards/margin", "rewards/accuracy", "logps/chosen", "logps/rejected"),
+    check=lambda config: check_config(config.loss),
+    transform_train=_transform_train,
+    # the reference never changes: score the held-out pairs under it once, not at every eval
+    prepare_eval=lambda config, model, examples: precompute_reference(
+        model, examples, config.train.get("eval_batch_size", 8)),
+    arrange=_arrange)

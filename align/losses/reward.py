@@ -4,8 +4,12 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
+from flax import nnx
 
+from align.algorithm import Algorithm, refuse_shared_prompt
 from align.losses import register
+from align.reward_model import RewardModel
 
 
 def bradley_terry(r_chosen_b, r_rejected_b, margin_b=0.0, center_coef: float = 0.0):
@@ -33,3 +37,20 @@ def reward_loss(model, batch: dict, cfg=None):
       "rewards/rejected": r_r.mean(),
       "rewards/margin": (r_c - r_r).mean(),
   }
+
+
+def _export(model: RewardModel, path) -> None:
+  """The score head beside the decoder's weights or adapter: `reward_head.safetensors`."""
+  from safetensors.numpy import save_file
+
+  save_file({"score.weight": np.asarray(model.score.kernel[...]).T.copy()},
+            str(path / "reward_head.safetensors"))
+
+
+ALGORITHM = Algorithm(
+    name="reward", loss=reward_loss, data_kind="preference",
+    plotted=("loss", "accuracy", "rewards/margin"),
+    check=lambda config: refuse_shared_prompt(config, "the reward model"),
+    wrap=lambda model, config: RewardModel(model, rngs=nnx.Rngs(config.train.seed)),
+    trainable=lambda filt: nnx.Any(filt, nnx.All(nnx.Param, nnx.PathContains("score"))),
+    export=_export, backbone=lambda model: model.backbone)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import jax.numpy as jnp
 
+from align.algorithm import Algorithm, refuse_shared_prompt
 from align.losses import register
 from align.losses.common import attention_inputs, target_logprobs
 
@@ -22,3 +23,7 @@ def sft_loss(model, batch: dict, cfg=None):
   n_tokens = jnp.maximum(w_bs.sum(), 1.0)
   nll = -(lp_bs * w_bs).sum() / n_tokens
   return nll, {"loss": nll, "nll": nll, "perplexity": jnp.exp(nll), "target_tokens": w_bs.sum()}
+
+
+ALGORITHM = Algorithm(name="sft", loss=sft_loss, data_kind="sft", plotted=("loss", "perplexity"),
+                      check=lambda config: refuse_shared_prompt(config, "SFT"))

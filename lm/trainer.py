@@ -17,7 +17,6 @@ import dataclasses
 import json
 import logging
 import math
-import os
 import time
 from typing import Any, Callable, Iterator
 
@@ -27,8 +26,7 @@ import numpy as np
 import optax
 from flax import nnx
 
-from align import lora
-from lm import inputs, sharding
+from lm import inputs, lora, sharding
 from lm.checkpoint import Checkpointer
 
 log = logging.getLogger(__name__)
@@ -36,24 +34,6 @@ log = logging.getLogger(__name__)
 
 class NonFiniteLossError(FloatingPointError):
   """The loss became NaN/inf; the message names the step and the last good checkpoint."""
-
-
-# XLA:CPU flags for training steps, measured on SmolLM2-135M LoRA fwd+bwd at 8x256 tokens on 2
-# cores: the concurrency-optimised scheduler runs independent backward ops side by side and slows
-# the GEMMs that need both cores (22.0 s -> 18.3 s without it); YNNPACK fusions add 1.3 s more
-# (-> 17.0 s, compile 41 s -> 31 s). A forward alone gets ~7% slower, so decoding keeps the
-# defaults. GPU/TPU ignore them.
-CPU_TRAINING_XLA_FLAGS = ("--xla_cpu_enable_concurrency_optimized_scheduler=false",
-                          "--xla_cpu_experimental_ynn_fusion_type=")
-
-
-def use_cpu_training_flags() -> None:
-  """Add `CPU_TRAINING_XLA_FLAGS` to `XLA_FLAGS` (those the user set win). Call before the first
-  JAX computation: XLA reads the variable once, when the backend starts."""
-  current = os.environ.get("XLA_FLAGS", "")
-  set_names = {f.split("=")[0] for f in current.split()}
-  extra = [f for f in CPU_TRAINING_XLA_FLAGS if f.split("=")[0] not in set_names]
-  os.environ["XLA_FLAGS"] = " ".join([current] + extra).strip()
 
 
 def make_schedule(cfg) -> optax.Schedule:
