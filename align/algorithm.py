@@ -30,6 +30,8 @@ class Algorithm:
   arrange: `arrange(config, train_ds, eval_batches, mesh) -> (train_ds, eval_batches, stats)`,
     a batch layout planned over the run (e.g. DPO's shared prompts).
   export: `export(model, path)` writes what the algorithm adds beyond the decoder's weights.
+  finish: `finish(config, model, tokenizer, eval_examples, run_dir) -> dict` after training
+    (eval mode): extra outputs of the run, returned into its summary.
   backbone: `backbone(model) -> decoder`, the language model inside a wrapped one.
   """
 
@@ -44,6 +46,7 @@ class Algorithm:
   prepare_eval: Callable[..., list] | None = None
   arrange: Callable[..., tuple] | None = None
   export: Callable[..., None] | None = None
+  finish: Callable[..., dict] | None = None
   backbone: Callable[[Any], Any] = lambda model: model
 
 

@@ -20,9 +20,7 @@ from flax import nnx  # noqa: E402
 
 from align import algorithm, data  # noqa: E402
 from lm import batching, hub, lora  # noqa: E402
-from lm import config as lm_config  # noqa: E402
 from lm.checkpoint import Checkpointer  # noqa: E402
-from lm.model import Transformer  # noqa: E402
 from lm.run import RunDir, markdown_table  # noqa: E402
 from lm.trainer import Trainer  # noqa: E402
 
@@ -30,14 +28,14 @@ log = logging.getLogger(__name__)
 
 
 def load_model(model_cfg):
-  """(Transformer, tokenizer): real weights by `name`, or a random `preset` (smoke runs) with the
-  tokenizer of `tokenizer` and its vocabulary size; `scan_layers`/`remat` set how the stack runs."""
+  """(Transformer, tokenizer) through the one loader (`lm.hub.load`): real weights by `name`, or a
+  random `preset` (smoke runs) with the vocabulary of `tokenizer`; `scan_layers`/`remat` set how
+  the stack runs."""
   if model_cfg.get("preset"):
-    tok = hub.load_tokenizer(hub.resolve(model_cfg.tokenizer))
-    cfg = lm_config.preset(model_cfg.preset, vocab_size=len(tok), dtype=model_cfg.dtype)
-    model = Transformer(cfg, rngs=nnx.Rngs(model_cfg.get("seed", 0)))
+    model, tok = hub.load(preset=model_cfg.preset, tokenizer=model_cfg.tokenizer,
+                          dtype=model_cfg.dtype, seed=model_cfg.get("seed", 0))
   else:
-    model, tok = hub.load_pretrained(model_cfg.name, dtype=model_cfg.dtype)
+    model, tok = hub.load(model_cfg.name, dtype=model_cfg.dtype)
   model.cfg = model.cfg.replace(scan_layers=bool(model_cfg.get("scan_layers", False)),
                                 remat=model_cfg.get("remat", "none"))
   return model, tok
@@ -127,6 +125,7 @@ def run(config, run_dir: RunDir, mesh=None) -> dict:
   wall = time.time() - t0
   ckpt.close()
   plots = _plot(history, list(algo.plotted), run_dir)
+  finished = algo.finish(config, trainer.model, tok, eval_examples, run_dir) if algo.finish else {}
   exported = _export(config, algo, trainer, tok, run_dir)
 
   evals = [h for h in history if any(k.startswith("eval/") for k in h)]
@@ -137,7 +136,7 @@ def run(config, run_dir: RunDir, mesh=None) -> dict:
       "algorithm": algo.name, "steps": trainer.step, "wall_s": wall,
       "compile_s": trainer.times.compile_s, "tokens_per_s": trainer.times.tokens_per_s,
       "trainable_params": trainer.n_trainable, "eval_start": first, "eval_end": last,
-      "exported": exported, "data": data_stats, "devices": len(jax.devices()),
+      "exported": exported, **finished, "data": data_stats, "devices": len(jax.devices()),
   }
   run_dir.write_json("summary.json", summary)
   report = [

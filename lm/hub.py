@@ -116,6 +116,47 @@ def load_pretrained(name_or_path: str, *, dtype: str = "float32", tokenizer: boo
   return model, (load_tokenizer(path) if tokenizer else None)
 
 
+def load(name_or_path: str | None = None, *, preset: str | None = None,
+         tokenizer: str | None = None, adapter: str | os.PathLike | None = None,
+         reward_head: str | os.PathLike | None = None, dtype: str = "float32", seed: int = 0):
+  """`(model, tokenizer)` for any model spec: the one loader of postlab.
+
+  name_or_path: hub id, HF directory, `.gguf` file or offline alias (`load_pretrained`); or
+  preset: a random `lm.config` preset (seeded by `seed`) with the vocabulary of `tokenizer`
+    (a name or path as above), for smoke runs;
+  adapter: a PEFT LoRA directory put on the model (`lm.lora.load_peft`);
+  reward_head: a `reward_head.safetensors` (or the directory holding it): the model comes back
+    as an `lm.heads.RewardModel` with that head.
+  """
+  if (name_or_path is None) == (preset is None):
+    raise ValueError("give a model name_or_path or a preset (with tokenizer), not both or neither.")
+  if preset is not None:
+    if not tokenizer:
+      raise ValueError(f"preset {preset!r} needs tokenizer=<name or path> for its vocabulary.")
+    from flax import nnx
+
+    from lm import config as lm_config
+
+    tok = load_tokenizer(resolve(tokenizer))
+    model = Transformer(lm_config.preset(preset, vocab_size=len(tok), dtype=dtype),
+                        rngs=nnx.Rngs(seed))
+  else:
+    model, tok = load_pretrained(name_or_path, dtype=dtype)
+    if tokenizer:
+      tok = load_tokenizer(resolve(tokenizer))
+  if adapter:
+    from lm import lora
+
+    lora.load_peft(model, adapter)
+  if reward_head:
+    from flax import nnx
+
+    from lm import heads
+
+    model = heads.load_head(heads.RewardModel(model, rngs=nnx.Rngs(seed)), reward_head)
+  return model, tok
+
+
 def encode_chat(tokenizer, user_text: str, system: str | None = None) -> list[int]:
   """Token ids of one user turn in the tokenizer's chat template, ready for the assistant reply."""
   messages = ([{"role": "system", "content": system}] if system else []) + [

@@ -14,7 +14,7 @@ from align import losses
 from lm import lora
 from align.losses.dpo import dpo_losses
 from align.losses.reward import bradley_terry
-from align.reward_model import RewardModel
+from lm.heads import RewardModel
 from lm import config as lm_config
 from lm.model import Transformer
 

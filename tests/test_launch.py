@@ -80,3 +80,23 @@ def test_train_smoke_writes_run_directory(tmp_path, shared_data, smollm2_gguf, a
   assert list((work / "tensorboard").iterdir())
   steps = [json.loads(line)["step"] for line in (work / "metrics.jsonl").read_text().splitlines()]
   assert max(steps) == 2
+  if algo == "reward":
+    _reward_model_loads_back(work)
+
+
+def _reward_model_loads_back(work):
+  """The one loader rebuilds the trained reward model (preset base + adapter + head), and it
+  scores the logged held-out texts as the run did at its end."""
+  import numpy as np
+
+  from lm import heads, hub
+
+  rows = json.loads((work / "reward_samples.json").read_text())
+  assert len(rows) == 8
+  model, tok = hub.load(preset="tiny", tokenizer="smollm2-135m-instruct",
+                        adapter=work / "adapter", reward_head=work / "adapter")
+  texts = [r["text"] for r in rows]
+  assert [tok(t, add_special_tokens=False)["input_ids"] for t in texts] == [r["ids"] for r in rows]
+  logged = np.array([r["score"] for r in rows])
+  np.testing.assert_allclose(heads.score_texts(model, tok, texts), logged, rtol=1e-5, atol=1e-5)
+  assert np.ptp(logged) > 1e-4  # texts get different scores: the head is not a constant

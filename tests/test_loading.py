@@ -5,6 +5,7 @@ import json
 import numpy as np
 import pytest
 
+import lm
 from lm import hub, weights
 
 
@@ -87,3 +88,33 @@ def test_smollm2_gguf_config_and_tokenizer(smollm2):
   ids = hub.encode_chat(tok, "Hi")
   assert tok.decode(ids).startswith("<|im_start|>system")
   assert tok.convert_tokens_to_ids("<|im_end|>") in hub.stop_ids(tok)
+
+
+def test_one_loader_refuses_unclear_specs(tmp_path, smollm2_gguf):
+  with pytest.raises(ValueError, match="not both or neither"):
+    hub.load()
+  with pytest.raises(ValueError, match="not both or neither"):
+    hub.load("smollm2-135m-instruct", preset="tiny")
+  with pytest.raises(ValueError, match="needs tokenizer="):
+    hub.load(preset="tiny")
+  with pytest.raises(FileNotFoundError, match="no reward head"):
+    hub.load(preset="tiny", tokenizer="smollm2-135m-instruct", reward_head=tmp_path)
+
+
+def test_reward_head_round_trips(tmp_path, smollm2_gguf):
+  import numpy as np
+  from flax import nnx
+
+  from lm import heads
+
+  model, tok = hub.load(preset="tiny", tokenizer="smollm2-135m-instruct")
+  rm = heads.RewardModel(model, rngs=nnx.Rngs(5))
+  heads.save_head(rm, tmp_path)
+  back, _ = hub.load(preset="tiny", tokenizer="smollm2-135m-instruct", reward_head=tmp_path)
+  texts = ["Hello there.", "A longer text, with more tokens in it."]
+  np.testing.assert_allclose(heads.score_texts(back, tok, texts), heads.score_texts(rm, tok, texts),
+                             rtol=1e-6)
+  other = heads.RewardModel(lm.Transformer(lm.preset("tiny", d_model=32), rngs=nnx.Rngs(0)),
+                            rngs=nnx.Rngs(0))
+  with pytest.raises(ValueError, match=r"expected 'score.weight' of shape \(1, 32\)"):
+    heads.load_head(other, tmp_path)

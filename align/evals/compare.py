@@ -71,7 +71,7 @@ def load_model(spec: str, *, dtype: str = "float32"):
   if spec.startswith("tiny:"):
     cfg = preset("tiny", max_seq_len=512, dtype=dtype, param_dtype=dtype)
     return Transformer(cfg, rngs=nnx.Rngs(int(spec.split(":")[1]))), ByteTokenizer()
-  return hub.load_pretrained(spec, dtype=dtype)
+  return hub.load(spec, dtype=dtype)
 
 
 def add_stand_in_lora(model, *, rank: int, alpha: float, b_std: float, seed: int,

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from flax import nnx
 
 from align.algorithm import Algorithm, refuse_shared_prompt
 from align.losses import register
-from align.reward_model import RewardModel
+from lm import heads
+from lm.heads import RewardModel
 
 
 def bradley_terry(r_chosen_b, r_rejected_b, margin_b=0.0, center_coef: float = 0.0):
@@ -22,7 +22,7 @@ def bradley_terry(r_chosen_b, r_rejected_b, margin_b=0.0, center_coef: float = 0
 
 @register("reward")
 def reward_loss(model, batch: dict, cfg=None):
-  """`model` is an `align.reward_model.RewardModel`; batch tokens/attn_mask are `[B, 2, S]`
+  """`model` is an `lm.heads.RewardModel`; batch tokens/attn_mask are `[B, 2, S]`
   (0 = chosen, 1 = rejected), scored in one forward; an optional `margin` `[B]` per pair."""
   tokens = batch["tokens"]
   b, two, s = tokens.shape
@@ -39,12 +39,21 @@ def reward_loss(model, batch: dict, cfg=None):
   }
 
 
-def _export(model: RewardModel, path) -> None:
-  """The score head beside the decoder's weights or adapter: `reward_head.safetensors`."""
-  from safetensors.numpy import save_file
-
-  save_file({"score.weight": np.asarray(model.score.kernel[...]).T.copy()},
-            str(path / "reward_head.safetensors"))
+def _finish(config, model: RewardModel, tokenizer, eval_examples: list[dict], run_dir) -> dict:
+  """The trained head's scores of the first held-out pairs, with their texts, in
+  `reward_samples.json`: what `lm.hub.load(..., reward_head=...)` must reproduce."""
+  rows = []
+  for ex in eval_examples[:config.train.get("report_pairs", 4)]:
+    for branch, name in ((0, "chosen"), (1, "rejected")):
+      ids = ex["tokens"][branch][ex["attn_mask"][branch] > 0].tolist()
+      rows.append({"pair": len(rows) // 2, "branch": name, "ids": ids,
+                   "text": tokenizer.decode(ids, skip_special_tokens=False)})
+  if rows:
+    scores = heads.score_ids(model, [r["ids"] for r in rows])
+    for r, s in zip(rows, scores):
+      r["score"] = float(s)
+  run_dir.write_json("reward_samples.json", rows)
+  return {"reward_samples": len(rows)}
 
 
 ALGORITHM = Algorithm(
@@ -53,4 +62,5 @@ ALGORITHM = Algorithm(
     check=lambda config: refuse_shared_prompt(config, "the reward model"),
     wrap=lambda model, config: RewardModel(model, rngs=nnx.Rngs(config.train.seed)),
     trainable=lambda filt: nnx.Any(filt, nnx.All(nnx.Param, nnx.PathContains("score"))),
-    export=_export, backbone=lambda model: model.backbone)
+    export=lambda model, path: heads.save_head(model, path), finish=_finish,
+    backbone=lambda model: model.backbone)
