@@ -63,14 +63,30 @@ def _tiny(seed=0):
   return lm.Transformer(lm.preset("tiny"), rngs=nnx.Rngs(seed))
 
 
-def test_kl_of_model_with_itself_is_zero():
-  model = _tiny()
-  rng = np.random.default_rng(0)
-  ctx = [list(rng.integers(1, 256, n)) for n in (3, 10, 5)]
-  cont = [list(rng.integers(1, 256, n)) for n in (7, 2, 30)]
-  for row in kl.kl_rows(model, model, ctx, cont, batch_size=2):
-    for est in kl.ESTIMATORS:
-      np.testing.assert_allclose(row[est], 0.0, atol=1e-6)
+class _Dist(nnx.Module):
+  """Every next-token distribution is `probs`, whatever the context."""
+
+  def __init__(self, probs):
+    self.logp = nnx.Variable(jnp.log(jnp.asarray(probs, jnp.float32)))
+
+  def __call__(self, tokens_bs, attn_mask=None, **kw):
+    return jnp.broadcast_to(self.logp[...], tokens_bs.shape + self.logp.shape), None
+
+
+def test_kl_rows_equal_hand_computed_estimators():
+  """Fixed p and q: the exact KL is sum_v p log(p/q) at every position, and k1, k2, k3 at each
+  continuation token v are log(p/q), (log(q/p))^2 / 2 and q/p - 1 - log(q/p) there."""
+  p, q = np.array([0.5, 0.25, 0.125, 0.125]), np.array([0.25, 0.25, 0.25, 0.25])
+  ctx, cont = [[1], [2, 3, 0]], [[0, 1, 2, 3], [3, 3]]
+  rows = kl.kl_rows(_Dist(p), _Dist(q), ctx, cont, batch_size=2, multiple=4)
+  exact = float(np.sum(p * np.log(p / q)))  # = 0.25 ln 2
+  for r, row in zip(cont, rows):
+    log_r = np.log(q[r] / p[r])
+    np.testing.assert_allclose(row["exact"], np.full(len(r), exact), rtol=1e-6)
+    np.testing.assert_allclose(row["k1"], -log_r, rtol=1e-6, atol=1e-7)
+    np.testing.assert_allclose(row["k2"], 0.5 * log_r**2, rtol=1e-6, atol=1e-7)
+    np.testing.assert_allclose(row["k3"], np.expm1(log_r) - log_r, rtol=1e-5, atol=1e-7)
+  assert exact == pytest.approx(0.25 * math.log(2))
 
 
 def test_kl_rows_equal_unpadded_forward_per_row():

@@ -65,9 +65,10 @@ def test_decode_sweep_smoke_writes_every_output(tmp_path, smollm2_gguf, shared_d
 
 
 @pytest.mark.parametrize("algo,plots", [("sft", ["loss.png", "perplexity.png"]),
-                                        ("reward", ["loss.png", "accuracy.png"])])
+                                        ("reward", ["loss.png", "accuracy.png"]),
+                                        ("dpo", ["loss.png", "rewards_margin.png"])])
 def test_train_smoke_writes_run_directory(tmp_path, shared_data, smollm2_gguf, algo, plots):
-  """SFT and reward-model smoke runs (DPO's is exercised by the SIGKILL/resume test)."""
+  """SFT, reward-model and DPO smoke runs end to end through launch.py and align/train.py."""
   work = tmp_path / algo
   r = subprocess.run(launch_cmd(f"--config=configs/{algo}.py:smoke", f"--workdir={work}",
                                 "--config.train.steps=2", "--config.train.eval_every=0"),

@@ -22,8 +22,12 @@ def test_token_logprobs_matches_log_softmax():
 def test_windows_score_each_token_once():
   spans = scoring.sliding_windows(10, window=4, stride=2)
   assert spans == [(0, 4, 4), (2, 6, 2), (4, 8, 2), (6, 10, 2)]
-  scored = sum(n for _, _, n in spans) - 1  # the first token has no context
-  assert scored == 9
+  # Through perplexity(): with log p(v) distinct per token id and ids 0..9 each once, the summed
+  # NLL is the sum over tokens 1..9 exactly when every token but the first is scored once.
+  logp = np.log(np.arange(1, 11) / 55.0)
+  res = scoring.perplexity(_Fixed(logp), list(range(10)), window=4, stride=2, batch_size=3)
+  assert res.n_tokens == 9
+  assert res.nll_sum == pytest.approx(-logp[1:].sum(), rel=1e-6)
   with pytest.raises(ValueError, match="stride"):
     scoring.sliding_windows(10, window=4, stride=5)
 
@@ -37,6 +41,17 @@ class _Uniform(nnx.Module):
 
   def __call__(self, tokens_bs, attn_mask=None, **kw):
     return jnp.zeros(tokens_bs.shape + (self.vocab,)), None
+
+
+class _Fixed(nnx.Module):
+  """Next-token log-probs `logp` `[V]` at every position, whatever the context."""
+
+  def __init__(self, logp):
+    self.logp = nnx.Variable(jnp.asarray(logp, jnp.float32))
+    self.cfg = lm.preset("tiny").replace(vocab_size=len(logp))  # the limits inputs are checked by
+
+  def __call__(self, tokens_bs, attn_mask=None, **kw):
+    return jnp.broadcast_to(self.logp[...], tokens_bs.shape + self.logp.shape), None
 
 
 def test_perplexity_of_uniform_model_is_vocab_size():

@@ -2,12 +2,14 @@
 moves, NaN stops naming the step with the last good checkpoint kept, SIGKILL + resume = uninterrupted."""
 
 import json
+import re
 import os
 import signal
 import subprocess
 import time
 from pathlib import Path
 
+import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import pytest
@@ -99,11 +101,23 @@ def test_only_trainable_filter_moves_and_bf16_compute_keeps_f32_masters():
     np.testing.assert_array_equal(before[k], after[k], err_msg=k)
   assert any(np.abs(v).sum() > 0 for k, v in _flat(trainer.params).items() if "lora_b" in k)
 
+  def matmul_dtypes(trainer):
+    """Operand types of every dot in the compiled train step, e.g. {'bf16', 'f32'}."""
+    batch = trainer._device_batch(_batch(0))
+    hlo = trainer._train_step.lower(trainer.params, trainer.opt_state, trainer.rest, batch,
+                                    jnp.asarray(0, jnp.int32)).as_text()
+    return {t for line in hlo.splitlines() if "dot_general" in line
+            for t in re.findall(r"tensor<[0-9x]*x(bf16|f32)>", line)}
+
   cfg = lm_config.preset("tiny", dtype="bfloat16")
   bf = Trainer(Transformer(cfg, rngs=nnx.Rngs(0)), losses.get("sft"), None, _train_cfg())
-  m = bf.train_step(_batch(0))
-  assert np.isfinite(m["loss"])
-  assert all(v.dtype == np.float32 for v in _flat(bf.params).values())
+  f32 = Trainer(Transformer(cfg.replace(dtype="float32"), rngs=nnx.Rngs(0)), losses.get("sft"),
+                None, _train_cfg())
+  assert "bf16" in matmul_dtypes(bf) and "bf16" not in matmul_dtypes(f32)  # compute in bf16
+  m_bf, m_f32 = bf.train_step(_batch(0)), f32.train_step(_batch(0))
+  assert np.isfinite(m_bf["loss"])
+  assert 0 < abs(m_bf["loss"] - m_f32["loss"]) < 0.05 * abs(m_f32["loss"])  # rounding, not a bug
+  assert all(v.dtype == np.float32 for v in _flat(bf.params).values())  # float32 masters
 
 
 def test_nan_loss_stops_naming_step_and_keeps_last_good_checkpoint(tmp_path):
