@@ -11,7 +11,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-from decode.engine import generate  # noqa: E402
+from decode.rollout import rollout  # noqa: E402
 from lm import data, hub, scoring  # noqa: E402
 from lm.run import RunDir, markdown_table  # noqa: E402
 
@@ -29,19 +29,14 @@ def run(config, run_dir: RunDir, mesh=None) -> dict:
   if config.prompts.n:
     instructions = data.load_instructions(config.prompts.source, config.prompts.n) + instructions
   prompts = [hub.encode_chat(tok, q) for q in instructions]
-  pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
-  answers, gen_rows, token_lps = [], [], []
   t0 = time.time()
-  n_new = 0
-  for i in range(0, len(prompts), config.decode.batch_size):
-    out = generate(model, prompts[i:i + config.decode.batch_size],
-                   max_new_tokens=config.decode.max_new_tokens, eos_ids=hub.stop_ids(tok),
-                   pad_id=pad)
-    for seq, n, lp in zip(out.sequences(), out.lengths_b, out.logprobs_bt):
-      answers.append(tok.decode(seq, skip_special_tokens=True).strip())
-      token_lps.append(lp[:n])
-      n_new += int(n)
+  out = rollout(model, prompts, max_new_tokens=config.decode.max_new_tokens, tokenizer=tok,
+                batch_size=config.decode.batch_size)
   gen_s = time.time() - t0
+  answers = out.texts(tok, strip=True)
+  token_lps = [lp[:n] for lp, n in zip(out.logprobs_bt, out.lengths_b)]
+  n_new = int(out.lengths_b.sum())
+  gen_rows = []
   for q, a, lp in zip(instructions, answers, token_lps):
     gen_rows.append({"instruction": q, "answer": a, "new_tokens": len(lp),
                      "mean_logprob": float(np.mean(lp)) if len(lp) else 0.0})

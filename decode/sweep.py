@@ -22,7 +22,8 @@ from tqdm import tqdm  # noqa: E402
 
 from decode import metrics  # noqa: E402
 from decode.beam import BeamSearch, beam_search  # noqa: E402
-from decode.engine import StopRules, generate, stop_token_sequences  # noqa: E402
+from decode.engine import StopRules, stop_token_sequences  # noqa: E402
+from decode.rollout import pad_id_of, rollout  # noqa: E402
 from decode.sampling import GREEDY, Sampler  # noqa: E402
 from lm import data, hub, scoring  # noqa: E402
 from lm.run import RunDir, markdown_table  # noqa: E402
@@ -50,7 +51,7 @@ def run(config, run_dir: RunDir, mesh=None, scorer=None) -> dict:
   model, tok = hub.load_pretrained(config.model.name, dtype=config.model.dtype)
   questions = data.load_instructions(config.prompts.source, config.prompts.n)
   prompts = [hub.encode_chat(tok, q) for q in questions]
-  eos, pad = hub.stop_ids(tok), tok.pad_token_id
+  eos, pad = hub.stop_ids(tok), pad_id_of(tok)
   stop = StopRules(stop_sequences=stop_token_sequences(tok, list(cfg.stop_strings)),
                    repeat_ngram_block=cfg.repeat_ngram_block,
                    repeat_threshold=cfg.repeat_threshold)
@@ -70,10 +71,9 @@ def run(config, run_dir: RunDir, mesh=None, scorer=None) -> dict:
         beam_scores.setdefault(name, []).extend(np.asarray(out.beam_logprob_sums_bw).ravel())
         finish = ["beam"] * len(seqs)
       else:
-        out = generate(model, chunk, max_new_tokens=cfg.max_new_tokens, eos_ids=eos,
-                       pad_id=pad, sampler=strategy, num_samples=n_samples,
-                       seed=config.seed + i, stop=stop)
-        seqs, finish = out.sequences(), out.finish_reasons()
+        out = rollout(model, chunk, max_new_tokens=cfg.max_new_tokens, eos_ids=eos, pad_id=pad,
+                      sampler=strategy, num_samples=n_samples, seed=config.seed + i, stop=stop)
+        seqs, finish = out.sequences(), out.finish
       texts = [tok.decode(s, skip_special_tokens=True) for s in seqs]
       for r, (seq, text, fin) in enumerate(zip(seqs, texts, finish)):
         p = i + r // n_samples

@@ -24,7 +24,7 @@ from align.evals import kl as kl_lib
 from align.evals import perplexity as ppl_lib
 from align.evals import perturb, verbosity
 from align.evals.report import render
-from decode.engine import generate
+from decode.rollout import rollout
 from decode.sampling import GREEDY, Sampler
 from lm import data, hub
 from lm.config import preset
@@ -125,19 +125,11 @@ def load_entry(entry: Mapping, *, dtype: str = "float32", cache: dict | None = N
 
 
 def _generate(model, tok, prompts, cfg, *, sampler=GREEDY, seed=0) -> list[dict]:
-  """Answers to chat-encoded prompts; the last batch is padded with repeats so shapes are shared."""
-  rows, bs = [], min(cfg.batch_size, len(prompts))
-  for i in range(0, len(prompts), bs):
-    chunk = prompts[i:i + bs]
-    padded = chunk + [chunk[-1]] * (bs - len(chunk))
-    out = generate(model, padded, max_new_tokens=cfg.max_new_tokens, eos_ids=hub.stop_ids(tok),
-                   pad_id=tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id,
-                   sampler=sampler, seed=seed + i)
-    for seq, fin in list(zip(out.sequences(), out.finish_reasons()))[:len(chunk)]:
-      text = tok.decode(seq, skip_special_tokens=True).strip()
-      rows.append({"tokens": seq, "text": text, "finish": fin,
-                   "words": verbosity.count_words(text)})
-  return rows
+  """Answers to chat-encoded prompts through the one rollout (batches of one shape)."""
+  out = rollout(model, prompts, max_new_tokens=cfg.max_new_tokens, tokenizer=tok, sampler=sampler,
+                seed=seed, batch_size=cfg.batch_size)
+  return [{"tokens": seq, "text": text, "finish": fin, "words": verbosity.count_words(text)}
+          for seq, text, fin in zip(out.sequences(), out.texts(tok, strip=True), out.finish)]
 
 
 def run(config, run_dir: RunDir, mesh=None, scorer=None) -> dict:
