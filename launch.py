@@ -2,6 +2,9 @@
 
   python launch.py --config=configs/quickstart.py:cpu --workdir=runs/quick
   python launch.py --config=configs/dpo.py:cpu --workdir=runs/dpo --config.train.steps=20
+  # two processes on one machine, 4 CPU devices each (one command per process):
+  python launch.py --config=configs/dpo.py:smoke --workdir=runs/mp --num_processes=2 \
+      --process_id=0 --coordinator_address=127.0.0.1:12355 --cpu_devices=4
 
 Loads the (locked) config, starts multi-process JAX when launched that way, builds the mesh,
 writes the resolved config into the workdir and runs the task named by `config.task`.
@@ -25,6 +28,14 @@ _RESUME = flags.DEFINE_bool("resume", False, "continue the run already in --work
 _DISTRIBUTED = flags.DEFINE_bool(
     "distributed", None,
     "call jax.distributed.initialize(); default: auto when a multi-process launcher is detected")
+_COORDINATOR = flags.DEFINE_string(
+    "coordinator_address", None,
+    "host:port of process 0, for a multi-process run started by hand (else $JAX_COORDINATOR_ADDRESS "
+    "or the cluster's launcher)")
+_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "processes in a run started by hand")
+_PROCESS_ID = flags.DEFINE_integer("process_id", None, "this process's index in [0, num_processes)")
+_CPU_DEVICES = flags.DEFINE_integer(
+    "cpu_devices", None, "CPU devices this process exposes (tests and multi-process CPU runs)")
 
 # task name -> "module:function(config, run_dir, mesh)"
 TASKS = {
@@ -40,6 +51,8 @@ _MULTIPROCESS_ENV = ("JAX_COORDINATOR_ADDRESS", "COORDINATOR_ADDRESS", "MEGASCAL
 def _multiprocess_launch() -> bool:
   if _DISTRIBUTED.value is not None:
     return _DISTRIBUTED.value
+  if (_NUM_PROCESSES.value or 1) > 1:
+    return True
   if any(os.environ.get(k) for k in _MULTIPROCESS_ENV):
     return True
   if int(os.environ.get("SLURM_NTASKS", "1")) > 1 or int(os.environ.get("OMPI_COMM_WORLD_SIZE", "1")) > 1:
@@ -73,8 +86,13 @@ def main(argv):
     use_cpu_training_flags()  # before the backend starts
   import jax
 
+  if _CPU_DEVICES.value:
+    jax.config.update("jax_num_cpu_devices", _CPU_DEVICES.value)
   if _multiprocess_launch():
-    jax.distributed.initialize()
+    # CPU processes reduce across each other through gloo; GPU/TPU use their own collectives.
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    jax.distributed.initialize(coordinator_address=_COORDINATOR.value,
+                               num_processes=_NUM_PROCESSES.value, process_id=_PROCESS_ID.value)
   from lm import sharding
   from lm.run import RunDir
 
@@ -83,7 +101,10 @@ def main(argv):
                                (("data", 1), ("fsdp", -1), ("tensor", 1))})
   logging.info("process %d/%d, devices %s, mesh %s", jax.process_index(), jax.process_count(),
                jax.devices(), dict(mesh.shape))
-  run_dir = RunDir(_WORKDIR.value, config, resume=_RESUME.value)
+  # Every process runs the task; process 0 alone writes the run directory (orbax coordinates
+  # checkpoints across processes itself).
+  run_dir = RunDir(_WORKDIR.value, config, resume=_RESUME.value,
+                   primary=jax.process_index() == 0)
   module_name, fn_name = TASKS[task].split(":")
   fn = getattr(importlib.import_module(module_name), fn_name)
   t0 = time.time()

@@ -67,10 +67,9 @@ def _plot(history: list[dict], names: list[str], run_dir: RunDir) -> list[str]:
   return files
 
 
-def _export(config, algo: algorithm.Algorithm, trainer: Trainer, tokenizer, run_dir: RunDir) -> str:
+def _export(config, algo: algorithm.Algorithm, model, tokenizer, run_dir: RunDir) -> str:
   """Adapter (PEFT layout) when training LoRA; full HF weights otherwise; then the algorithm's own
   parts (e.g. a reward head) beside them."""
-  model = trainer.model
   backbone = algo.backbone(model)
   if config.train.trainable == "lora":
     path = run_dir.path / "adapter"
@@ -124,9 +123,12 @@ def run(config, run_dir: RunDir, mesh=None) -> dict:
                         resume=getattr(run_dir, "resume", False))
   wall = time.time() - t0
   ckpt.close()
+  model = trainer.host_model()  # every process takes part in gathering; process 0 writes
+  if not run_dir.primary:
+    return {}
   plots = _plot(history, list(algo.plotted), run_dir)
-  finished = algo.finish(config, trainer.model, tok, eval_examples, run_dir) if algo.finish else {}
-  exported = _export(config, algo, trainer, tok, run_dir)
+  finished = algo.finish(config, model, tok, eval_examples, run_dir) if algo.finish else {}
+  exported = _export(config, algo, model, tok, run_dir)
 
   evals = [h for h in history if any(k.startswith("eval/") for k in h)]
   first, last = (evals[0], evals[-1]) if evals else ({}, {})

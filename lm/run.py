@@ -89,12 +89,32 @@ class MetricsWriter:
       self._tb.close()
 
 
+class _NoMetrics:
+  """The metrics writer of a process that does not own the run directory."""
+
+  def write(self, step: int, scalars: Mapping[str, Any], **fields: Any) -> None:
+    del step, scalars, fields
+
+  def rewind(self, step: int) -> None:
+    del step
+
+  def close(self) -> None:
+    pass
+
+
 class RunDir:
   """A run's directory: `config.json`, `metrics.jsonl`, `tensorboard/`, `plots/`, `report.md`."""
 
-  def __init__(self, workdir: str | os.PathLike, config: Any, *, resume: bool = False):
+  def __init__(self, workdir: str | os.PathLike, config: Any, *, resume: bool = False,
+               primary: bool = True):
+    """`primary=False` (processes other than 0 of a multi-process run): the same paths, no
+    checks and no writes, so one process owns the directory."""
     self.path = Path(workdir).absolute()
     self.resume = resume
+    self.primary = primary
+    if not primary:
+      self.metrics = _NoMetrics()
+      return
     cfg_file = self.path / "config.json"
     cfg_json = config.to_json_best_effort(indent=2) if hasattr(config, "to_json_best_effort") \
         else json.dumps(_to_jsonable(config), indent=2)
@@ -118,6 +138,8 @@ class RunDir:
 
   def write_json(self, name: str, obj: Any) -> Path:
     path = self.path / name
+    if not self.primary:
+      return path
     tmp = path.with_suffix(path.suffix + ".tmp")
     tmp.write_text(json.dumps(_to_jsonable(obj), indent=2))
     os.replace(tmp, path)
@@ -125,6 +147,8 @@ class RunDir:
 
   def write_report(self, text: str) -> Path:
     path = self.path / "report.md"
+    if not self.primary:
+      return path
     path.write_text(text)
     log.info("report: %s", path)
     return path

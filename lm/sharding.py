@@ -101,3 +101,15 @@ def constrain(x: jax.Array, names: Sequence[str | None]) -> jax.Array:
 def batch_sharding(mesh: jax.sharding.Mesh, ndim: int) -> NamedSharding:
   """Inputs sharded on their leading batch axis over (`data`, `fsdp`)."""
   return NamedSharding(mesh, PartitionSpec(("data", "fsdp"), *([None] * (ndim - 1))))
+
+
+def host_array(x) -> np.ndarray:
+  """`x` whole on this host as numpy. An array sharded across processes is gathered (a collective:
+  in a multi-process run every process must call this for the same array, in the same order)."""
+  if not isinstance(x, jax.Array) or x.is_fully_addressable:
+    return np.asarray(x)
+  if x.sharding.is_fully_replicated:
+    return np.asarray(x.addressable_data(0))
+  from jax.experimental import multihost_utils
+
+  return np.asarray(multihost_utils.process_allgather(x, tiled=True))

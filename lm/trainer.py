@@ -145,6 +145,15 @@ class Trainer:
     """The model with the current trainable state (shares arrays; do not donate them)."""
     return nnx.merge(self.graphdef, self.params, self.rest)
 
+  def host_model(self) -> nnx.Module:
+    """The model with every array whole on this process, for export and host-side scoring. In a
+    multi-process run every process must call it (sharded arrays are gathered across them)."""
+    if jax.process_count() == 1:
+      return self.model
+    local = lambda x: (jnp.asarray(sharding.host_array(x))
+                       if isinstance(x, jax.Array) and not x.is_fully_addressable else x)
+    return nnx.merge(self.graphdef, jax.tree.map(local, self.params), jax.tree.map(local, self.rest))
+
   def _merged(self, params, rest, train: bool = True):
     """The model at this trace level (fresh Variables: nnx forbids mutating, e.g. dropout rng
     counts, variables created at another trace level)."""
@@ -226,7 +235,7 @@ class Trainer:
       self.params, self.opt_state, metrics = self._train_step(
           self.params, self.opt_state, self.rest, self._device_batch(batch),
           jnp.asarray(self.step, jnp.int32))
-    metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
+    metrics = {k: float(sharding.host_array(v)) for k, v in metrics.items()}
     dt = time.perf_counter() - t0
     if self.times.compile_s == 0.0:
       self.times.compile_s = dt
@@ -247,7 +256,8 @@ class Trainer:
     with jax.set_mesh(self.mesh):
       for batch in batches:
         self._check_batch(batch)
-        m = jax.device_get(self._eval_step(self.params, self.rest, self._device_batch(batch)))
+        m = {k: sharding.host_array(v) for k, v in
+             self._eval_step(self.params, self.rest, self._device_batch(batch)).items()}
         for k, v in m.items():
           sums[k] = sums.get(k, 0.0) + float(v)
         n += 1

@@ -21,6 +21,7 @@ from align.losses import register, shared_prompt
 from align.losses.common import sequence_logprobs
 from lm import lora
 from lm.scoring import selected_token_logprobs
+from lm.sharding import host_array
 
 VARIANTS = ("sigmoid", "robust", "hinge", "ipo")
 
@@ -152,7 +153,7 @@ def precompute_reference(model, examples: list[dict], batch_size: int = 8) -> li
     chunk = examples[start:start + batch_size]
     rows = chunk + [chunk[0]] * (batch_size - len(chunk))  # static shape
     batch = {k: np.stack([ex[k] for ex in rows]) for k in ("tokens", "attn_mask", "loss_mask")}
-    ref = np.asarray(score(state, batch))
+    ref = host_array(score(state, batch))  # under a multi-process mesh the rows are sharded
     out += [dict(ex, ref_logps=ref[i].astype(np.float32)) for i, ex in enumerate(chunk)]
   return out
 
