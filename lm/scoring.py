@@ -133,31 +133,18 @@ def perplexity(model, token_ids: Sequence[int], *, window: int, stride: int,
   if window > model.cfg.max_seq_len:
     raise inputs.InputError(f"window={window} is more than the model's max_seq_len "
                             f"{model.cfg.max_seq_len}; use a window <= max_seq_len.")
-  ids = np.asarray(token_ids, np.int32)
+  ids = np.asarray(token_ids, np.int32).tolist()
   spans = sliding_windows(len(ids), window, stride)
+  # Each window is a (context, scored tokens) row; a window's first token is never scored.
+  firsts = [b + max(e - b - n, 1) for b, e, n in spans]
+  contexts = [ids[b:f] for (b, _, _), f in zip(spans, firsts)]
+  scored = [ids[f:e] for (_, e, _), f in zip(spans, firsts)]
   graphdef, state = nnx.split(model)
-
-  @jax.jit
-  def nll_of(state, tokens_bw, mask_bw, score_bw):
-    m = nnx.merge(graphdef, state)
-    lp = next_token_logprobs(m, tokens_bw, mask_bw)
-    return -(lp * score_bw[:, 1:]).sum()
-
-  nll_sum, n_tok = 0.0, 0
-  for i in range(0, len(spans), batch_size):
-    chunk = spans[i:i + batch_size]
-    tokens = np.zeros((batch_size, window), np.int32)
-    mask = np.zeros((batch_size, window), np.int32)
-    score = np.zeros((batch_size, window), np.float32)
-    for r, (b, e, n) in enumerate(chunk):
-      tokens[r, :e - b] = ids[b:e]
-      mask[r, :e - b] = 1
-      # Score the last n tokens of the window, except a window's first token (no context).
-      first = max(e - b - n, 1)
-      score[r, first:e - b] = 1
-      n_tok += e - b - first
-    nll_sum += float(nll_of(state, tokens, mask, score))
-  return PerplexityResult(nll_sum, n_tok, len(spans), window, stride)
+  fn = lambda t, m: {"lp": _next_token_logprobs_jit(graphdef, state, t, m)}
+  rows = score_rows(fn, contexts, scored, batch_size=batch_size, multiple=window,
+                    desc="perplexity")
+  nll_sum = -float(sum(np.sum(r["lp"], dtype=np.float64) for r in rows))
+  return PerplexityResult(nll_sum, sum(map(len, scored)), len(spans), window, stride)
 
 
 def left_pad_rows(rows: Sequence[Sequence[int]], batch_size: int, multiple: int, pad_id: int = 0
@@ -173,6 +160,35 @@ def left_pad_rows(rows: Sequence[Sequence[int]], batch_size: int, multiple: int,
   return tokens, mask, width
 
 
+def score_rows(fn, prompts: Sequence[Sequence[int]], continuations: Sequence[Sequence[int]], *,
+               batch_size: int = 8, multiple: int = 32, desc: str = "scoring"
+               ) -> list[dict[str, np.ndarray]]:
+  """The one host scoring loop: every (prompt, continuation) row through `fn`, in input order.
+
+  Rows are sorted by length (batches share widths: fewer compiles, less padding), left-padded
+  into `[batch_size, W]` (W rounded up to `multiple`; a last batch is filled with empty rows),
+  and `fn(tokens_bw, mask_bw) -> {name: [B, W-1]}` scores the next-token positions; each row
+  gets the `len(continuation)` positions that predict its continuation tokens.
+  """
+  from tqdm import tqdm
+
+  if len(prompts) != len(continuations):
+    raise inputs.InputError(f"{len(prompts)} prompts but {len(continuations)} continuations; "
+                            "pass one continuation per prompt.")
+  order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]) + len(continuations[i]))
+  out: list = [None] * len(order)
+  for start in tqdm(range(0, len(order), batch_size), desc=desc, unit="batch",
+                    disable=len(order) <= batch_size):
+    idx = order[start:start + batch_size]
+    rows = [list(prompts[i]) + list(continuations[i]) for i in idx]
+    tokens, mask, width = left_pad_rows(rows, batch_size, multiple)
+    scored = {k: np.asarray(v) for k, v in fn(tokens, mask).items()}
+    for j, i in enumerate(idx):
+      n = len(continuations[i])
+      out[i] = {k: v[j, width - 1 - n:] if n else np.zeros((0,), v.dtype) for k, v in scored.items()}
+  return out
+
+
 @functools.partial(jax.jit, static_argnums=0)
 def _next_token_logprobs_jit(graphdef, state, tokens_bs, mask_bs):
   return next_token_logprobs(nnx.merge(graphdef, state), tokens_bs, mask_bs)
@@ -180,13 +196,7 @@ def _next_token_logprobs_jit(graphdef, state, tokens_bs, mask_bs):
 
 def response_logprobs(model, prompts: Sequence[Sequence[int]], responses: Sequence[Sequence[int]],
                       *, batch_size: int = 8, multiple: int = 32) -> list[np.ndarray]:
-  """Per-token log-probs of each response given its prompt (one forward per batch).
-
-  Rows are left-padded to a multiple of `multiple` tokens; the compiled forward is shared by
-  every call with the same model structure and widths.
-  """
-  from tqdm import tqdm
-
+  """Per-token log-probs of each response given its prompt (`score_rows`; one forward a batch)."""
   cfg = model.cfg
   prompts = inputs.token_rows(prompts, vocab_size=cfg.vocab_size, what="prompts")
   if len(responses) != len(prompts):
@@ -199,13 +209,6 @@ def response_logprobs(model, prompts: Sequence[Sequence[int]], responses: Sequen
           f"prompts[{i}] has {len(p)} tokens plus {len(r)} response tokens, more than the model's "
           f"max_seq_len {cfg.max_seq_len}. Shorten it (keep its last tokens) or the response.")
   graphdef, state = nnx.split(model)
-  out = []
-  for i in tqdm(range(0, len(prompts), batch_size), desc="scoring", unit="batch",
-                disable=len(prompts) <= batch_size):
-    rows = [list(p) + list(r) for p, r in zip(prompts[i:i + batch_size],
-                                              responses[i:i + batch_size])]
-    tokens, mask, width = left_pad_rows(rows, batch_size, multiple)
-    lp = np.asarray(_next_token_logprobs_jit(graphdef, state, tokens, mask))
-    for j, r in enumerate(responses[i:i + batch_size]):
-      out.append(lp[j, width - 1 - len(r):] if len(r) else np.zeros((0,), np.float32))
-  return out
+  fn = lambda t, m: {"lp": _next_token_logprobs_jit(graphdef, state, t, m)}
+  return [r["lp"] for r in score_rows(fn, prompts, responses, batch_size=batch_size,
+                                      multiple=multiple)]

@@ -71,24 +71,8 @@ def kl_rows(policy, reference, contexts: Sequence[Sequence[int]],
     raise ValueError("every KL row needs at least one context token.")
   gp, sp = nnx.split(policy)
   gq, sq = nnx.split(reference)
-  # Shortest rows first: batches share widths, so fewer compiles and less padding.
-  order = sorted(range(len(contexts)), key=lambda i: len(contexts[i]) + len(continuations[i]))
-  contexts = [contexts[i] for i in order]
-  continuations = [continuations[i] for i in order]
-  out = []
-  for i in range(0, len(contexts), batch_size):
-    conts = continuations[i:i + batch_size]
-    rows = [list(c) + list(r) for c, r in zip(contexts[i:i + batch_size], conts)]
-    tokens, mask, width = scoring.left_pad_rows(rows, batch_size, multiple)
-    kls = {k: np.asarray(v) for k, v in _per_token(gp, sp, gq, sq, tokens, mask).items()}
-    for j, r in enumerate(conts):
-      # Position s of the [B, S-1] outputs predicts token s+1: a row's last len(r) tokens.
-      out.append({k: v[j, width - 1 - len(r):] if len(r) else np.zeros((0,), np.float32)
-                  for k, v in kls.items()})
-  unsorted = [None] * len(out)
-  for pos, i in enumerate(order):
-    unsorted[i] = out[pos]
-  return unsorted
+  return scoring.score_rows(lambda t, m: _per_token(gp, sp, gq, sq, t, m), contexts,
+                            continuations, batch_size=batch_size, multiple=multiple, desc="KL")
 
 
 def text_windows(token_ids: Sequence[int], *, window: int, stride: int

@@ -35,28 +35,14 @@ def response_perplexity(model, prompts: Sequence[Sequence[int]],
 
   Also `seq_nll_mean`: the mean over pairs of each response's mean NLL (nats/token).
   """
-  lps = sorted_response_logprobs(model, prompts, responses, batch_size=batch_size,
-                                 multiple=multiple)
+  lps = scoring.response_logprobs(model, prompts, responses, batch_size=batch_size,
+                                  multiple=multiple)
   nll_sum = -float(sum(np.sum(lp, dtype=np.float64) for lp in lps))
   n_tok = int(sum(len(lp) for lp in lps))
   seq = [-float(np.mean(lp)) for lp in lps if len(lp)]
   return {"perplexity": math.exp(nll_sum / max(n_tok, 1)), "mean_nll": nll_sum / max(n_tok, 1),
           "n_tokens": n_tok, "n_pairs": len(lps),
           "seq_nll_mean": float(np.mean(seq)) if seq else float("nan")}
-
-
-def sorted_response_logprobs(model, prompts: Sequence[Sequence[int]],
-                             responses: Sequence[Sequence[int]], *, batch_size: int = 8,
-                             multiple: int = 32) -> list[np.ndarray]:
-  """`scoring.response_logprobs` on rows sorted by length (fewer compiles), in input order."""
-  order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]) + len(responses[i]))
-  lps = scoring.response_logprobs(model, [prompts[i] for i in order],
-                                  [responses[i] for i in order], batch_size=batch_size,
-                                  multiple=multiple)
-  out = [None] * len(lps)
-  for pos, i in enumerate(order):
-    out[i] = lps[pos]
-  return out
 
 
 def encode_pairs(tokenizer, pairs: Sequence[tuple[str, str]], *, max_response_tokens: int

@@ -29,8 +29,9 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
 from align.evals.kl import kl_rows  # noqa: E402
-from align.evals.perplexity import encode_pairs, sorted_response_logprobs  # noqa: E402
+from align.evals.perplexity import encode_pairs  # noqa: E402
 from decode import metrics  # noqa: E402
+from lm import scoring  # noqa: E402
 
 PairScorer = Callable[[Sequence[str], Sequence[str]], np.ndarray]
 
@@ -157,7 +158,7 @@ def avg_logprob_scorer(model, tokenizer, *, batch_size: int = 8, max_response_to
 
   def score(prompts, responses):
     p_ids, r_ids = _encode(tokenizer, prompts, responses, max_response_tokens)
-    lps = sorted_response_logprobs(model, p_ids, r_ids, batch_size=batch_size, multiple=multiple)
+    lps = scoring.response_logprobs(model, p_ids, r_ids, batch_size=batch_size, multiple=multiple)
     return np.array([float(np.mean(lp, dtype=np.float64)) if len(lp) else np.nan for lp in lps])
 
   return score
