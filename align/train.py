@@ -9,20 +9,19 @@ checkpoints, loss/metric plots, the adapter (PEFT format) or full weights, and `
 from __future__ import annotations
 
 import logging
+import os
 import time
 
 import jax
-import matplotlib
+from flax import nnx
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-from flax import nnx  # noqa: E402
+from align import algorithm, data
+from lm import batching, hub, lora
+from lm.checkpoint import Checkpointer
+from lm.run import RunDir, markdown_table, pyplot, save_figure
+from lm.trainer import Trainer
 
-from align import algorithm, data  # noqa: E402
-from lm import batching, hub, lora  # noqa: E402
-from lm.checkpoint import Checkpointer  # noqa: E402
-from lm.run import RunDir, markdown_table  # noqa: E402
-from lm.trainer import Trainer  # noqa: E402
+plt = pyplot()
 
 log = logging.getLogger(__name__)
 
@@ -59,10 +58,8 @@ def _plot(history: list[dict], names: list[str], run_dir: RunDir) -> list[str]:
     ax.set_ylabel(name)
     ax.legend()
     ax.grid(alpha=0.3)
-    fig.tight_layout()
     fname = name.replace("/", "_") + ".png"
-    fig.savefig(run_dir.plots / fname, dpi=110)
-    plt.close(fig)
+    save_figure(fig, run_dir.plots / fname, dpi=110)
     files.append(fname)
   return files
 
@@ -128,7 +125,7 @@ def run(config, run_dir: RunDir, mesh=None) -> dict:
     return {}
   plots = _plot(history, list(algo.plotted), run_dir)
   finished = algo.finish(config, model, tok, eval_examples, run_dir) if algo.finish else {}
-  exported = _export(config, algo, model, tok, run_dir)
+  exported = os.path.relpath(_export(config, algo, model, tok, run_dir), run_dir.path)
 
   evals = [h for h in history if any(k.startswith("eval/") for k in h)]
   first, last = (evals[0], evals[-1]) if evals else ({}, {})

@@ -3,8 +3,8 @@
 Code: `align/evals/compare.py` (task `align_eval`), over the metrics in `align/evals/`.
 
 Variants: `cpu` (default; SmolLM2-135M-Instruct vs the LoRA-DPO adapter of `dpo.py:cpu` in
-`runs/dpo-cpu/adapter`, or a labelled STAND-IN random LoRA while that does not exist; 24
-AlpacaEval prompts, 96 new tokens, minutes here), `standin` (cpu, always the stand-in), `smoke` (random tiny models with a byte tokenizer, seconds, for
+`runs/dpo-cpu/adapter`, which must exist: train it first; 24 AlpacaEval prompts, 96 new tokens,
+minutes here), `standin` (cpu with a labelled STAND-IN random LoRA instead of the adapter), `smoke` (random tiny models with a byte tokenizer, seconds, for
 tests), `gpu_full` (the seeds' settings: 400 prompts, 256 new tokens, whole WikiText-2 test).
 
 `models`: a list of `{name, model, adapter, stand_in_lora}`; `model` is a hub id, path, offline
@@ -14,7 +14,6 @@ exists (labelled "stand-in" in the report). Replace the stand-in entry by
 `{"name": "lora-dpo", "model": BASE, "adapter": "runs/dpo/adapter"}` once one does.
 """
 
-from pathlib import Path
 
 import ml_collections
 
@@ -31,9 +30,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.seed = 0
   c.dtype = "float32"
   c.mesh = ml_collections.ConfigDict({"data": 1, "fsdp": -1, "tensor": 1})
-  # The trained LoRA-DPO adapter of dpo.py:cpu when it exists; else the labelled stand-in.
-  policy = ({"name": "lora-dpo", "model": _BASE, "adapter": str(Path(DPO_CPU_ADAPTER).absolute()),
-             "stand_in_lora": None} if Path(DPO_CPU_ADAPTER).is_dir() and variant != "standin"
+  # cpu: the trained LoRA-DPO adapter of dpo.py:cpu (train it first); standin: a labelled random
+  # LoRA. The variant alone decides, never what happens to be on disk.
+  policy = ({"name": "lora-dpo", "model": _BASE, "adapter": DPO_CPU_ADAPTER, "stand_in_lora": None}
+            if variant != "standin"
             else {"name": "lora-dpo (stand-in)", "model": _BASE, "adapter": None,
                   "stand_in_lora": {"rank": 8, "alpha": 16.0, "b_std": 0.03, "seed": 0}})
   c.models = [{"name": "reference", "model": _BASE, "adapter": None, "stand_in_lora": None},

@@ -5,15 +5,13 @@ from __future__ import annotations
 import logging
 import time
 
-import matplotlib
+import numpy as np
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
+from decode.rollout import rollout
+from lm import data, hub, scoring
+from lm.run import RunDir, markdown_table, pyplot, save_figure
 
-from decode.rollout import rollout  # noqa: E402
-from lm import data, hub, scoring  # noqa: E402
-from lm.run import RunDir, markdown_table  # noqa: E402
+plt = pyplot()
 
 log = logging.getLogger(__name__)
 
@@ -65,9 +63,7 @@ def run(config, run_dir: RunDir, mesh=None) -> dict:
   ax.set_ylabel("log p(token)")
   ax.set_title("Greedy answers: per-token log-prob")
   ax.legend(fontsize=6)
-  fig.tight_layout()
-  fig.savefig(run_dir.plots / "answer_logprobs.png", dpi=120)
-  plt.close(fig)
+  save_figure(fig, run_dir.plots / "answer_logprobs.png", dpi=120)
 
   report = [
       f"# Quickstart: {config.model.name}\n",

@@ -13,20 +13,18 @@ import json
 import logging
 import time
 
-import matplotlib
+import numpy as np
+from tqdm import tqdm
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-from tqdm import tqdm  # noqa: E402
+from decode import metrics
+from decode.beam import BeamSearch, beam_search
+from decode.engine import StopRules, stop_token_sequences
+from decode.rollout import pad_id_of, rollout
+from decode.sampling import GREEDY, Sampler
+from lm import data, hub, scoring
+from lm.run import RunDir, markdown_table, pyplot, save_figure
 
-from decode import metrics  # noqa: E402
-from decode.beam import BeamSearch, beam_search  # noqa: E402
-from decode.engine import StopRules, stop_token_sequences  # noqa: E402
-from decode.rollout import pad_id_of, rollout  # noqa: E402
-from decode.sampling import GREEDY, Sampler  # noqa: E402
-from lm import data, hub, scoring  # noqa: E402
-from lm.run import RunDir, markdown_table  # noqa: E402
+plt = pyplot()
 
 log = logging.getLogger(__name__)
 
@@ -132,9 +130,7 @@ def _summary(rows, strategies):
 
 
 def _save(fig, run_dir, name):
-  fig.tight_layout()
-  fig.savefig(run_dir.plots / name, dpi=120)
-  plt.close(fig)
+  save_figure(fig, run_dir.plots / name, dpi=120)
 
 
 def _plots(rows, summary, beam_scores, cfg, run_dir):

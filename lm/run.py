@@ -157,6 +157,25 @@ class RunDir:
     self.metrics.close()
 
 
+def pyplot():
+  """`matplotlib.pyplot` on the file-only Agg backend: runs write PNGs and need no display."""
+  import matplotlib
+
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+
+  return plt
+
+
+def save_figure(fig, path: str | os.PathLike, *, dpi: int = 120) -> Path:
+  """`fig` with a tight layout as a PNG at `path`, then closed; the one place plots are saved."""
+  path = Path(path)
+  fig.tight_layout()
+  fig.savefig(path, dpi=dpi)
+  pyplot().close(fig)
+  return path
+
+
 def markdown_table(rows: list[Mapping[str, Any]], columns: list[str] | None = None,
                    floatfmt: str = ".4g") -> str:
   """A GitHub markdown table of dict rows."""

@@ -2,11 +2,10 @@
 
 XLA:CPU allocates each executable's temporary buffer (GBs for a training step: the saved
 activations) when it runs and frees it after. glibc serves allocations over 32 MB with a fresh
-`mmap` and returns them with `munmap`, so every step page-faults its whole working set back in: a
-SmolLM2-135M LoRA forward+backward at 8x256 tokens took 1.5 M minor faults and 15 s of kernel time
-per call on 2 cores (21.8 s wall). Serving every allocation from the heap (`mmap_max=0`), in one
-arena (worker threads' arenas fall back to `mmap`), and never trimming it keeps the pages mapped
-from one step to the next: 0 faults, 15.4 s wall. The cost: the process keeps its peak memory.
+`mmap` and returns them with `munmap`, so every step page-faults its whole working set back in
+(the README's Benchmarks section has the measured cost). Serving every allocation from the heap
+(`mmap_max=0`), in one arena (worker threads' arenas fall back to `mmap`), and never trimming it
+keeps the pages mapped from one step to the next. The cost: the process keeps its peak memory.
 
 glibc reads `GLIBC_TUNABLES` once, at start-up, so `reexec_with_cpu_allocator` re-executes the
 running command with it set (entry points call it first thing); `cpu_allocator_env` gives the

@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import logging
 import time
+from pathlib import Path
 from typing import Any, Mapping
 
 import jax.numpy as jnp
@@ -115,6 +116,10 @@ def load_entry(entry: Mapping, *, dtype: str = "float32", cache: dict | None = N
   if e.get("adapter"):
     from lm import lora
 
+    if not Path(e["adapter"]).is_dir():
+      raise FileNotFoundError(
+          f"model entry {e['name']!r}: adapter {e['adapter']} does not exist. Train it first "
+          "(configs/dpo.py:cpu writes runs/dpo-cpu/adapter), or run align_eval.py:standin.")
     lora.load_peft(model, e["adapter"])
   elif e.get("stand_in_lora"):
     add_stand_in_lora(model, **_plain(e["stand_in_lora"]))

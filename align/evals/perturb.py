@@ -22,16 +22,15 @@ import math
 import re
 from typing import Callable, Mapping, Sequence
 
-import matplotlib
+import numpy as np
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
+from align.evals.kl import kl_rows
+from align.evals.perplexity import encode_pairs
+from decode import metrics
+from lm import scoring
+from lm.run import pyplot, save_figure
 
-from align.evals.kl import kl_rows  # noqa: E402
-from align.evals.perplexity import encode_pairs  # noqa: E402
-from decode import metrics  # noqa: E402
-from lm import scoring  # noqa: E402
+plt = pyplot()
 
 PairScorer = Callable[[Sequence[str], Sequence[str]], np.ndarray]
 
@@ -205,9 +204,7 @@ def bar_plot(stats: Mapping[str, Mapping[str, Mapping[str, float]]], path, *, ti
   ax.set_ylabel("mean score change (perturbed - original)")
   ax.set_title(title)
   ax.legend(fontsize=7)
-  fig.tight_layout()
-  fig.savefig(path, dpi=120)
-  plt.close(fig)
+  save_figure(fig, path, dpi=120)
 
 
 def delta_plot(deltas: Mapping[str, Mapping[str, np.ndarray]], path, *, title: str) -> None:
@@ -226,6 +223,4 @@ def delta_plot(deltas: Mapping[str, Mapping[str, np.ndarray]], path, *, title: s
     ax.set_title(s, fontsize=9)
     ax.set_ylabel("score change per example")
   fig.suptitle(title)
-  fig.tight_layout()
-  fig.savefig(path, dpi=120)
-  plt.close(fig)
+  save_figure(fig, path, dpi=120)

@@ -16,13 +16,12 @@ from __future__ import annotations
 import re
 from typing import Mapping, Sequence
 
-import matplotlib
+import numpy as np
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
+from decode.metrics import length_stats
+from lm.run import pyplot, save_figure
 
-from decode.metrics import length_stats  # noqa: E402
+plt = pyplot()
 
 CATEGORIES = ("factual", "explanation", "other")
 EXPLANATION_CUES = ("explain", "explanation", "why", "describe", "how does", "how did", "how come",
@@ -108,6 +107,4 @@ def box_plot(lengths: Mapping[str, Mapping[str, Sequence[float]]], path, *, titl
   ax.set_ylabel(ylabel)
   ax.set_title(title)
   ax.legend(fontsize=7)
-  fig.tight_layout()
-  fig.savefig(path, dpi=120)
-  plt.close(fig)
+  save_figure(fig, path, dpi=120)
