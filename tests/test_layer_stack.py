@@ -54,9 +54,17 @@ def _loss_and_grads(model, tokens, mask):
   return np.asarray(logits), float(value), jax.tree.map(np.asarray, grads)
 
 
+def _assert_close(actual, desired, tol=1e-5):
+  """max|actual - desired| <= tol x the scale of `desired` (at least 1): XLA fuses a scanned or
+  rematerialised stack differently, so float32 sums differ in their last bits, never by more."""
+  scale = max(1.0, float(np.abs(desired).max()))
+  assert float(np.abs(np.asarray(actual) - desired).max()) <= tol * scale
+
+
 def _assert_trees_close(a, b, tol):
+  scale = max(1.0, max(float(np.abs(y).max()) for y in jax.tree.leaves(b)))
   for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
-    np.testing.assert_allclose(x, y, atol=tol, rtol=tol)
+    assert float(np.abs(x - y).max()) <= tol * scale
 
 
 @pytest.mark.parametrize("cfg", [lm.preset("tiny"), MIXED], ids=["tiny", "sliding+sinks"])
@@ -70,7 +78,7 @@ def test_scanned_and_rematerialised_stacks_equal_the_plain_one(cfg, remat):
       continue
     other = _copy(plain, scan_layers=scan, remat=remat)
     o_logits, o_value, o_grads = _loss_and_grads(other, tokens, mask)
-    np.testing.assert_allclose(o_logits, logits, atol=1e-5, rtol=1e-5)
+    _assert_close(o_logits, logits)
     assert abs(o_value - value) <= 1e-5 * abs(value)
     _assert_trees_close(o_grads, grads, 1e-5)
 
@@ -96,15 +104,15 @@ def test_lora_dropout_streams_match_in_the_scan():
     m = _model(lm.preset("tiny"), scan_layers=scan)
     lora.apply_lora(m, lora.LoraConfig(rank=4, alpha=8.0, dropout=0.3), rngs=nnx.Rngs(3))
     models.append(m)
-  for name, v in nnx.state(models[1], nnx.LoRAParam).flat_state():
-    v.set_value(0.3 * jax.random.normal(jax.random.key(hash(name) % 2**31), v.shape))
+  for n, (_, v) in enumerate(nnx.state(models[1], nnx.LoRAParam).flat_state()):
+    v.set_value(0.3 * jax.random.normal(jax.random.key(n), v.shape))
   nnx.update(models[0], nnx.state(models[1], nnx.LoRAParam))
   for m in models:
     lora.set_dropout_key(m, 7)
   for _ in range(2):  # the second call uses advanced counters: both stacks must advance them
     a = np.asarray(models[0](tokens, attn_mask=mask)[0])
     b = np.asarray(models[1](tokens, attn_mask=mask)[0])
-    np.testing.assert_allclose(a, b, atol=1e-5, rtol=1e-5)
+    _assert_close(b, a)  # one differing dropout mask would move logits by ~0.1
   models[0].eval()
   assert np.abs(np.asarray(models[0](tokens, attn_mask=mask)[0]) - a).max() > 1e-3  # dropout acted
 
@@ -134,9 +142,9 @@ def test_captured_residual_equals_the_forward_truncated_there(scan):
     cut.final_norm.scale[...] = jnp.ones_like(cut.final_norm.scale[...])
     rms = lambda x: x * jax.lax.rsqrt((x * x).mean(-1, keepdims=True) + MIXED.rms_eps)
     want = np.asarray(cut.hidden_states(tokens, attn_mask=mask)[0])  # norm(residual after layer)
-    np.testing.assert_allclose(rms(full.residual[layer]), want, atol=1e-5, rtol=1e-5)
+    _assert_close(rms(full.residual[layer]), want)
     early = model.residual_stream(tokens, [layer], attn_mask=mask)
-    np.testing.assert_allclose(early[layer], full.residual[layer], atol=1e-6)
+    _assert_close(early[layer], np.asarray(full.residual[layer]), tol=1e-6)
 
 
 def test_capture_errors_name_the_layer():
