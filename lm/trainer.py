@@ -55,15 +55,28 @@ def make_schedule(cfg) -> optax.Schedule:
   return optax.join_schedules([optax.linear_schedule(0.0, peak, warmup), decay], [warmup])
 
 
+def _decays(variable) -> bool:
+  axes = getattr(variable, "logical_axes", None)
+  if axes is None:  # a parameter without logical axes: matrices decay
+    return jnp.ndim(variable) >= 2
+  return "lora_rank" in axes or ("embed" in axes and len(axes) >= 2)
+
+
+def weight_decay_mask(params):
+  """True for the weights that map between spaces, read from their logical axes: kernels,
+  embeddings and LoRA factors decay; norm scales, biases (a q bias is 2-D `[heads, head_dim]`)
+  and attention sinks do not."""
+  return jax.tree.map(_decays, params, is_leaf=lambda x: isinstance(x, nnx.Variable))
+
+
 def make_optimizer(cfg) -> optax.GradientTransformation:
-  """Global-norm clipping then AdamW; weight decay only on matrices (not norms, biases)."""
-  decay_mask = lambda params: jax.tree.map(lambda p: p.ndim >= 2, params)
+  """Global-norm clipping then AdamW; weight decay by `weight_decay_mask`."""
   parts = []
   if cfg.get("grad_clip"):
     parts.append(optax.clip_by_global_norm(cfg.grad_clip))
   parts.append(optax.adamw(make_schedule(cfg), b1=cfg.get("b1", 0.9), b2=cfg.get("b2", 0.999),
                            eps=cfg.get("eps", 1e-8), weight_decay=cfg.get("weight_decay", 0.0),
-                           mask=decay_mask))
+                           mask=weight_decay_mask))
   return optax.chain(*parts)
 
 

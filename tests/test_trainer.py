@@ -9,6 +9,7 @@ import subprocess
 import time
 from pathlib import Path
 
+import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
@@ -17,7 +18,7 @@ from flax import nnx
 
 from align import losses
 from lm import lora
-from lm.trainer import NonFiniteLossError, Trainer
+from lm.trainer import NonFiniteLossError, Trainer, make_optimizer
 from lm import config as lm_config
 from lm import sharding
 from lm.checkpoint import Checkpointer
@@ -202,3 +203,32 @@ def test_cpu_training_flags_keep_the_users(monkeypatch):
   assert f"{name}=true" in flags and CPU_TRAINING_XLA_FLAGS[0] not in flags
   assert "--xla_dump_to=/tmp/x" in flags
   assert all(flags.count(f) == 1 for f in CPU_TRAINING_XLA_FLAGS[1:])
+
+
+def test_weight_decay_follows_logical_axes():
+  """Kernels, embeddings and LoRA factors decay; norms, biases (2-D q/k/v ones too) and sinks not."""
+  from lm.trainer import weight_decay_mask
+
+  model = Transformer(lm_config.preset("tiny", attention_bias=True, mlp_bias=True,
+                                       attention_sinks=True), rngs=nnx.Rngs(0))
+  lora.apply_lora(model, lora.LoraConfig(rank=2, alpha=4.0, dropout=0.0), rngs=nnx.Rngs(1))
+  flat = {"/".join(map(str, k)): bool(v) for k, v in
+          nnx.State(weight_decay_mask(nnx.state(model, nnx.Param))).flat_state()}
+  decayed = {k for k, v in flat.items() if v}
+  assert {"embed/embedding", "layers/0/attn/q_proj/kernel", "layers/0/mlp/down_proj/kernel",
+          "layers/0/attn/q_proj/lora_a", "layers/0/attn/q_proj/lora_b"} <= decayed
+  for kept in ("final_norm/scale", "layers/0/input_norm/scale", "layers/0/attn/q_proj/bias",
+               "layers/0/attn/k_proj/bias", "layers/0/attn/o_proj/bias",
+               "layers/0/mlp/gate_proj/bias", "layers/0/attn/sinks"):
+    assert flat[kept] is False, kept
+  # and through the optimizer: with zero gradients only decayed weights move
+  cfg = _train_cfg(lr=0.1, weight_decay=0.5, grad_clip=0.0)
+  tx = make_optimizer(cfg)
+  params = nnx.state(model, nnx.Param)
+  zeros = jax.tree.map(jnp.zeros_like, params)
+  updates, _ = tx.update(zeros, tx.init(params), params)
+  moved = {"/".join(map(str, k)) for k, v in nnx.State(updates).flat_state()
+           if float(jnp.abs(v.get_value() if hasattr(v, "get_value") else v).max()) > 0}
+  nonzero = {"/".join(map(str, k)) for k, v in params.flat_state()
+             if float(jnp.abs(v.get_value()).max()) > 0}  # LoRA B starts at 0: decay leaves it
+  assert moved == decayed & nonzero and "layers/0/attn/q_proj/lora_a" in moved
