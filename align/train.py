@@ -18,7 +18,7 @@ from flax import nnx
 from align import algorithm, data
 from lm import batching, hub, lora
 from lm.checkpoint import Checkpointer
-from lm.run import RunDir, markdown_table, pyplot, save_figure
+from lm.run import RunDir, is_scalar, markdown_table, pyplot, save_figure
 from lm.trainer import Trainer
 
 plt = pyplot()
@@ -50,7 +50,8 @@ def _plot(history: list[dict], names: list[str], run_dir: RunDir) -> list[str]:
   for name in names:
     fig, ax = plt.subplots(figsize=(6, 3.5))
     for split, style in (("train", "-"), ("eval", "o-")):
-      pts = [(h["step"], h[f"{split}/{name}"]) for h in history if f"{split}/{name}" in h]
+      pts = [(h["step"], h[f"{split}/{name}"]) for h in history
+             if is_scalar(h.get(f"{split}/{name}"))]
       if pts:
         xs, ys = zip(*pts)
         ax.plot(xs, ys, style, label=split, alpha=0.8 if split == "train" else 1.0)
@@ -130,7 +131,7 @@ def run(config, run_dir: RunDir, mesh=None) -> dict:
   evals = [h for h in history if any(k.startswith("eval/") for k in h)]
   first, last = (evals[0], evals[-1]) if evals else ({}, {})
   rows = [{"metric": k[5:], "start": first.get(k, float("nan")), "end": last.get(k, float("nan"))}
-          for k in sorted(last) if k.startswith("eval/")]
+          for k in sorted(last) if k.startswith("eval/") and is_scalar(last[k])]
   summary = {
       "algorithm": algo.name, "steps": trainer.step, "wall_s": wall,
       "compile_s": trainer.times.compile_s, "tokens_per_s": trainer.times.tokens_per_s,

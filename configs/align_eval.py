@@ -28,6 +28,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.task = "align_eval"
   c.variant = variant
   c.seed = 0
+  c.reward_run = ""  # a reward run's --workdir: its reward model joins the hacking probes
   c.dtype = "float32"
   c.mesh = ml_collections.ConfigDict({"data": 1, "fsdp": -1, "tensor": 1})
   # cpu: the trained LoRA-DPO adapter of dpo.py:cpu (train it first); standin: a labelled random

@@ -16,6 +16,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.task = "decode_sweep"
   c.variant = variant
   c.seed = 0
+  c.reward_run = ""  # a reward run's --workdir: its reward model scores the generations
   c.model = ml_collections.ConfigDict({"name": "HuggingFaceTB/SmolLM2-135M-Instruct",
                                        "dtype": "float32"})
   c.mesh = ml_collections.ConfigDict({"data": 1, "fsdp": -1, "tensor": 1})

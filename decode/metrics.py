@@ -1,4 +1,4 @@
-"""Metrics for comparing decoding strategies: diversity, likelihood, length, repetition, scores.
+"""Metrics for comparing decoding strategies: diversity, likelihood, length, repetition.
 
 Pure numpy/python. Token sequences may hold token ids or words (any hashable items); n-grams are
 contiguous and overlapping, e.g. [1, 2, 1] has the bigrams (1, 2) and (2, 1).
@@ -8,14 +8,12 @@ from __future__ import annotations
 
 import collections
 import math
-from typing import Callable, Hashable, Sequence
+from typing import Hashable, Sequence
 
 import numpy as np
 
 Seq = Sequence[Hashable]
 
-Scorer = Callable[[Sequence[str]], np.ndarray]
-"""texts -> scores: a list of K texts in, a float array [K] out (e.g. a reward model)."""
 
 
 def _ngrams(seq: Seq, n: int) -> list[tuple]:
@@ -143,49 +141,6 @@ def repeated_ngram_count(tokens: Seq, n: int) -> int:
   _check_n(n)
   counts = collections.Counter(_ngrams(tokens, n))
   return max(counts.values(), default=0)
-
-
-def _scorer_name(scorer: Scorer) -> str:
-  return getattr(scorer, "__qualname__", None) or getattr(scorer, "__name__", None) or repr(scorer)
-
-
-def score_texts(scorer: Scorer, texts: Sequence[str], batch_size: int = 32) -> np.ndarray:
-  """Scores `texts` with `scorer`, at most `batch_size` texts per call.
-
-  Args:
-    scorer: texts -> scores, one real number per text.
-    texts: K strings.
-    batch_size: most texts passed in one call, >= 1.
-
-  Returns:
-    [K] float64 scores in input order; nan scores pass through (a scorer's "no score").
-
-  Raises:
-    ValueError, naming the scorer, if a call returns anything but a 1-D real array with one entry
-    per text, or returns +-inf.
-  """
-  if batch_size < 1:
-    raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-  texts = list(texts)
-  name = _scorer_name(scorer)
-  out = []
-  for start in range(0, len(texts), batch_size):
-    batch = texts[start:start + batch_size]
-    raw = np.asarray(scorer(batch))
-    where = f"scorer {name!r} on texts [{start}:{start + len(batch)}]"
-    if raw.dtype == np.bool_ or not (np.issubdtype(raw.dtype, np.integer)
-                                      or np.issubdtype(raw.dtype, np.floating)):
-      raise ValueError(f"{where} returned dtype {raw.dtype}; expected real float scores")
-    if raw.shape != (len(batch),):
-      raise ValueError(f"{where} returned shape {raw.shape} for {len(batch)} texts; "
-                       f"expected one score per text, shape ({len(batch)},)")
-    scores = raw.astype(np.float64)
-    if np.isinf(scores).any():
-      bad = np.flatnonzero(np.isinf(scores)) + start
-      raise ValueError(f"{where} returned infinite scores at text indices {bad.tolist()}; "
-                       f"expected finite or nan")
-    out.append(scores)
-  return np.concatenate(out) if out else np.zeros((0,), np.float64)
 
 
 def _is_missing(v) -> bool:

@@ -3,8 +3,9 @@
 Writes `generations.jsonl` (one row per generation), `summary.json` + a markdown table, and the
 plots: avg-log-prob box plots (greedy, beam), beam cumulative-score histogram, avg log-prob vs
 temperature (top-k vs top-p), Distinct-N vs temperature, within- vs across-prompt Distinct-N,
-and quality (score) vs diversity (Distinct-1). The score is any `texts -> scores` scorer; by
-default the mean token log-prob under the model itself (until a reward model exists).
+and quality (score) vs diversity (Distinct-1). The score is any `decode.scorers.Scorer`: a reward
+run named by `config.reward_run`, one passed to `run`, or by default the mean token log-prob under
+the model itself.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import time
 import numpy as np
 from tqdm import tqdm
 
-from decode import metrics
+from decode import metrics, scorers
 from decode.beam import BeamSearch, beam_search
 from decode.engine import StopRules, stop_token_sequences
 from decode.rollout import pad_id_of, rollout
@@ -43,7 +44,7 @@ def _strategies(cfg):
   return out
 
 
-def run(config, run_dir: RunDir, mesh=None, scorer=None) -> dict:
+def run(config, run_dir: RunDir, mesh=None, scorer: scorers.Scorer | None = None) -> dict:
   del mesh
   cfg = config.sweep
   model, tok = hub.load_pretrained(config.model.name, dtype=config.model.dtype)
@@ -87,8 +88,11 @@ def run(config, run_dir: RunDir, mesh=None, scorer=None) -> dict:
   for r, lp in zip(rows, lps):
     r["avg_logprob"] = float(lp.mean()) if len(lp) else float("nan")
     r["sum_logprob"] = float(lp.sum())
+  if scorer is None and config.get("reward_run"):
+    scorer = scorers.load_reward_model(config.reward_run)
   if scorer is not None:
-    for r, s in zip(rows, metrics.score_texts(scorer, [r["text"] for r in rows])):
+    for r, s in zip(rows, scorers.score(scorer, [r["instruction"] for r in rows],
+                                        [r["text"] for r in rows])):
       r["score"] = float(s)
   else:
     for r in rows:

@@ -11,6 +11,7 @@ import importlib.util
 import logging
 import os
 from pathlib import Path
+from typing import Sequence
 
 from lm import tokenizer as _tokenizer
 from lm import weights
@@ -165,6 +166,19 @@ def encode_chat(tokenizer, user_text: str, system: str | None = None) -> list[in
   if hasattr(ids, "keys"):  # transformers 5 returns a BatchEncoding
     ids = ids["input_ids"]
   return list(ids)
+
+
+def encode_pairs(tokenizer, pairs: Sequence[tuple[str, str]], *, max_response_tokens: int
+                 ) -> tuple[list[list[int]], list[list[int]]]:
+  """(prompt ids, response ids) per (instruction, response) pair: the instruction as one user turn
+  in the chat template (`encode_chat`), the response + end-of-turn, cut to `max_response_tokens`."""
+  end = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+  prompts, responses = [], []
+  for instruction, response in pairs:
+    prompts.append(encode_chat(tokenizer, instruction))
+    ids = tokenizer.encode(response, add_special_tokens=False)
+    responses.append((list(ids) + end)[:max_response_tokens])
+  return prompts, responses
 
 
 def stop_ids(tokenizer) -> list[int]:

@@ -41,6 +41,8 @@ def _to_jsonable(x: Any):
     return [_to_jsonable(v) for v in x]
   if isinstance(x, (np.floating, np.integer)):
     return x.item()
+  if isinstance(x, np.ndarray) and x.ndim:
+    return [_to_jsonable(v) for v in x]
   if hasattr(x, "item") and getattr(x, "shape", None) == ():
     x = x.item()
   if isinstance(x, float) and not np.isfinite(x):
@@ -48,8 +50,14 @@ def _to_jsonable(x: Any):
   return x
 
 
+def is_scalar(v) -> bool:
+  """A single number (python, numpy or a 0-d array), as opposed to a diagnostic array."""
+  return isinstance(v, (int, float, np.floating, np.integer)) or getattr(v, "shape", None) == ()
+
+
 class MetricsWriter:
-  """Scalars to `metrics.jsonl` (one object per step) and TensorBoard event files."""
+  """Metrics to `metrics.jsonl` (one object per step; arrays as lists) and TensorBoard event files
+  (scalars as scalars, arrays as histograms of their values)."""
 
   def __init__(self, workdir: Path):
     self.path = workdir / "metrics.jsonl"
@@ -68,9 +76,11 @@ class MetricsWriter:
     self._fh.flush()
     if self._tb is not None:
       for k, v in scalars.items():
-        if isinstance(v, (int, float, np.floating, np.integer)) or getattr(v, "shape", None) == ():
+        if is_scalar(v):
           if np.isfinite(float(v)):
             self._tb.add_scalar(k, float(v), int(step))
+        elif isinstance(v, np.ndarray) and v.size and np.isfinite(v).all():
+          self._tb.add_histogram(k, v.ravel(), int(step))
       self._tb.flush()
 
   def rewind(self, step: int) -> None:

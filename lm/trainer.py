@@ -9,6 +9,10 @@ Gradient accumulation scans over `grad_accum` micro-batches inside the one compi
 precision: the model's `dtype` (compute, e.g. bfloat16) is independent of `param_dtype` (float32
 master weights), so the optimizer always updates float32. Checkpoints hold the trainable state,
 the optimizer state, the step and the data iterator's state, so `resume` continues exactly.
+
+Metrics are scalars or diagnostics of any fixed shape (e.g. a per-layer norm `[L]`, a histogram
+of advantages `[bins]`): both are averaged over micro-batches (and eval batches); scalars come back
+as floats, diagnostics as numpy arrays, and the run's `metrics.jsonl` holds them as lists.
 """
 
 from __future__ import annotations
@@ -94,6 +98,12 @@ def _check_train_config(cfg, n_batch_shards: int) -> None:
         f"micro-batch {micro} (train.batch_size / train.grad_accum) does not split over the "
         f"{n_batch_shards} batch shards of the mesh (data x fsdp); use a micro-batch that is a "
         "multiple of it.")
+
+
+def host_metric(v) -> float | np.ndarray:
+  """A metric on the host: a float for a scalar, a float64 array for a diagnostic of any shape."""
+  a = np.asarray(sharding.host_array(v), np.float64)
+  return float(a) if a.ndim == 0 else a
 
 
 def _fresh(tree):
@@ -248,7 +258,11 @@ class Trainer:
       self.params, self.opt_state, metrics = self._train_step(
           self.params, self.opt_state, self.rest, self._device_batch(batch),
           jnp.asarray(self.step, jnp.int32))
-    metrics = {k: float(sharding.host_array(v)) for k, v in metrics.items()}
+    metrics = {k: host_metric(v) for k, v in metrics.items()}
+    if not isinstance(metrics.get("loss"), float):
+      name = getattr(self.loss_fn, "__name__", "loss_fn")
+      raise ValueError(f"{name} returned no scalar 'loss' metric; the trainer reports and checks "
+                       "it at every step (add metrics['loss'] = loss).")
     dt = time.perf_counter() - t0
     if self.times.compile_s == 0.0:
       self.times.compile_s = dt
@@ -262,17 +276,16 @@ class Trainer:
       raise NonFiniteLossError(f"loss is {metrics['loss']} at step {self.step}")
     return metrics
 
-  def evaluate(self, batches) -> dict[str, float]:
+  def evaluate(self, batches) -> dict[str, float | np.ndarray]:
     """Mean of the loss's metrics over `batches` (eval mode: no dropout)."""
-    sums: dict[str, float] = {}
+    sums: dict[str, float | np.ndarray] = {}
     n = 0
     with jax.set_mesh(self.mesh):
       for batch in batches:
         self._check_batch(batch)
-        m = {k: sharding.host_array(v) for k, v in
-             self._eval_step(self.params, self.rest, self._device_batch(batch)).items()}
+        m = self._eval_step(self.params, self.rest, self._device_batch(batch))
         for k, v in m.items():
-          sums[k] = sums.get(k, 0.0) + float(v)
+          sums[k] = sums.get(k, 0.0) + host_metric(v)
         n += 1
     return {k: v / max(n, 1) for k, v in sums.items()}
 
@@ -290,7 +303,7 @@ class Trainer:
 
   def fit(self, data_iter: Iterator[dict], *, run_dir=None, ckpt: Checkpointer | None = None,
           eval_batches: Callable[[], Any] | None = None, resume: bool = False
-          ) -> list[dict[str, float]]:
+          ) -> list[dict[str, float | np.ndarray]]:
     """Train to `train.steps`: metrics every step, eval every `eval_every` (and at 0 and the end),
     checkpoints every `checkpoint_every`. `data_iter` is a grain iterator (its state is saved).
 

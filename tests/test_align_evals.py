@@ -13,6 +13,7 @@ from flax import nnx
 
 import lm
 from align.evals import compare, kl, perplexity, perturb, verbosity
+from decode import scorers
 from lm import scoring
 from tests_helpers import REPO, launch_cmd, launch_env
 
@@ -273,7 +274,7 @@ def test_delta_stats_and_text_scorer():
   s = perturb.delta_stats(np.zeros(4), np.array([1.0, -1.0, 2.0, 0.0]))
   assert s == {"mean_delta": 0.5, "std_delta": pytest.approx(math.sqrt(1.25)),
                "frac_positive": 0.5, "n": 4}
-  scorer = perturb.from_text_scorer(lambda texts: np.array([len(t) for t in texts], float))
+  scorer = scorers.completions_only(lambda texts: np.array([len(t) for t in texts], float))
   scores, texts = perturb.perturbation_scores(
       ["q1", "q2"], ["A. B.", "C."], scorer, {"kw": perturb.inject_keywords}, seed=10)
   np.testing.assert_array_equal(scores["original"], [5, 2])

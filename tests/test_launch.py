@@ -101,3 +101,11 @@ def _reward_model_loads_back(work):
   logged = np.array([r["score"] for r in rows])
   np.testing.assert_allclose(heads.score_texts(model, tok, texts), logged, rtol=1e-5, atol=1e-5)
   assert np.ptp(logged) > 1e-4  # texts get different scores: the head is not a constant
+  # the run as a scorer (what decode_sweep / align_eval take as config.reward_run): same model
+  from decode import scorers
+
+  pairs = [("Is the sky blue?", "Yes."), ("Is the sky blue?", "Green, always.")]
+  got = scorers.score(scorers.load_reward_model(work), *zip(*pairs))
+  p_ids, r_ids = hub.encode_pairs(tok, pairs, max_response_tokens=512)
+  np.testing.assert_allclose(got, heads.score_ids(model, [p + r for p, r in zip(p_ids, r_ids)]),
+                             rtol=1e-6, atol=1e-6)

@@ -144,6 +144,52 @@ def test_nan_loss_stops_naming_step_and_keeps_last_good_checkpoint(tmp_path):
   assert all(np.isfinite(v).all() for v in _flat(fresh.params).values())
 
 
+def test_diagnostics_of_any_shape_average_over_micro_batches_and_reach_the_run_files(tmp_path):
+  """A loss may return arrays beside its scalars: each is the mean over micro-batches (train) and
+  over batches (eval), comes back as numpy, and `metrics.jsonl` holds it as a list."""
+  from lm.run import RunDir
+
+  def with_diagnostics(model, batch, cfg):
+    loss, metrics = losses.get("sft")(model, batch, cfg)
+    mask = batch["loss_mask"]
+    return loss, dict(metrics, per_row_targets=mask.sum(axis=1),  # [micro-batch]
+                      first_tokens=batch["tokens"][:, :2].astype(jnp.float32))  # [micro-batch, 2]
+
+  batch = _batch(0)
+  trainer = Trainer(_model(), with_diagnostics, None, _train_cfg(steps=1, grad_accum=2))
+  m = trainer.train_step(batch)
+  assert isinstance(m["loss"], float)
+  halves = np.split(batch["loss_mask"].sum(axis=1), 2)  # the two micro-batches, 4 rows each
+  np.testing.assert_allclose(m["per_row_targets"], (halves[0] + halves[1]) / 2)
+  tokens = np.split(batch["tokens"][:, :2].astype(np.float64), 2)
+  np.testing.assert_allclose(m["first_tokens"], (tokens[0] + tokens[1]) / 2)
+  ev = trainer.evaluate([_batch(1), _batch(2)])
+  want = (_batch(1)["tokens"][:, :2] + _batch(2)["tokens"][:, :2]) / 2
+  assert ev["first_tokens"].shape == (8, 2)
+  np.testing.assert_allclose(ev["first_tokens"], want)
+
+  run = RunDir(tmp_path / "run", {"x": 1})
+  trainer = Trainer(_model(), with_diagnostics, None, _train_cfg(steps=2, grad_accum=2))
+  history = trainer.fit(iter([_batch(3), _batch(4)]), run_dir=run)
+  run.close()
+  logged = [json.loads(line) for line in (tmp_path / "run/metrics.jsonl").read_text().splitlines()]
+  assert [r["step"] for r in logged] == [1, 2]
+  for rec, h in zip(logged, history):
+    assert isinstance(rec["train/loss"], float)
+    np.testing.assert_allclose(rec["train/first_tokens"], h["train/first_tokens"])
+    assert np.shape(rec["train/first_tokens"]) == (4, 2)
+  assert list((tmp_path / "run/tensorboard").iterdir())
+
+
+def test_a_loss_without_a_scalar_loss_metric_is_refused():
+  def no_loss(model, batch, cfg):
+    loss, metrics = losses.get("sft")(model, batch, cfg)
+    return loss, {"nll": metrics["nll"]}
+
+  with pytest.raises(ValueError, match="no scalar 'loss' metric"):
+    Trainer(_model(), no_loss, None, _train_cfg()).train_step(_batch(0))
+
+
 def test_bad_batch_config_names_the_field():
   with pytest.raises(ValueError, match="grad_accum"):
     Trainer(_model(), losses.get("sft"), None, _train_cfg(batch_size=6, grad_accum=4))

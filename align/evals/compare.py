@@ -25,7 +25,9 @@ from align.evals import kl as kl_lib
 from align.evals import perplexity as ppl_lib
 from align.evals import perturb, verbosity
 from align.evals.report import render
+from decode import scorers
 from decode.rollout import rollout
+from decode.scorers import Scorer
 from decode.sampling import GREEDY, Sampler
 from lm import data, hub
 from lm.config import preset
@@ -137,9 +139,12 @@ def _generate(model, tok, prompts, cfg, *, sampler=GREEDY, seed=0) -> list[dict]
           for seq, text, fin in zip(out.sequences(), out.texts(tok, strip=True), out.finish)]
 
 
-def run(config, run_dir: RunDir, mesh=None, scorer=None) -> dict:
-  """The task. `scorer`: an optional `texts -> scores` reward model, added to the hacking table."""
+def run(config, run_dir: RunDir, mesh=None, scorer: Scorer | None = None) -> dict:
+  """The task. `scorer` (or the reward run named by `config.reward_run`): a reward model added to
+  the hacking table."""
   del mesh
+  if scorer is None and config.get("reward_run"):
+    scorer = scorers.load_reward_model(config.reward_run, dtype=config.dtype)
   t_start, timing = time.time(), {}
   cache: dict = {}
   entries = [load_entry(e, dtype=config.dtype, cache=cache) for e in config.models]
@@ -177,7 +182,7 @@ def run(config, run_dir: RunDir, mesh=None, scorer=None) -> dict:
     name, model, tok = e["name"], e["model"], e["tokenizer"]
     t0 = time.time()
     ppl_text = ppl_lib.text_perplexity(model, tok, wiki, **config.perplexity.text)
-    p_ids, r_ids = ppl_lib.encode_pairs(tok, pairs,
+    p_ids, r_ids = hub.encode_pairs(tok, pairs,
                                         max_response_tokens=config.perplexity.max_response_tokens)
     ppl_pairs = ppl_lib.response_perplexity(model, p_ids, r_ids,
                                             batch_size=config.perplexity.batch_size,
@@ -269,7 +274,7 @@ def _hacking(entries, instructions, ref_rows, config, scorer):
     ref_avg = perturb.avg_logprob_scorer(ref["model"], ref["tokenizer"], **kw)
   series.insert(0, (f"{config.reference}: avg log-prob", ref_avg))
   if scorer is not None:
-    series.append(("reward model", perturb.from_text_scorer(scorer)))
+    series.append(("reward model", scorer))
   stats, deltas = {}, {}
   for label, fn in series:
     scores, _ = perturb.perturbation_scores(instructions, responses, fn, perts, seed=config.seed)

@@ -15,7 +15,7 @@ from typing import Sequence
 
 import numpy as np
 
-from lm import hub, scoring
+from lm import scoring
 from lm.run import shared_data_dir
 
 
@@ -43,18 +43,6 @@ def response_perplexity(model, prompts: Sequence[Sequence[int]],
   return {"perplexity": math.exp(nll_sum / max(n_tok, 1)), "mean_nll": nll_sum / max(n_tok, 1),
           "n_tokens": n_tok, "n_pairs": len(lps),
           "seq_nll_mean": float(np.mean(seq)) if seq else float("nan")}
-
-
-def encode_pairs(tokenizer, pairs: Sequence[tuple[str, str]], *, max_response_tokens: int
-                 ) -> tuple[list[list[int]], list[list[int]]]:
-  """(prompt ids in the chat template, response ids + end-of-turn, truncated) per pair."""
-  end = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
-  prompts, responses = [], []
-  for instruction, response in pairs:
-    prompts.append(hub.encode_chat(tokenizer, instruction))
-    ids = tokenizer.encode(response, add_special_tokens=False)
-    responses.append((list(ids) + end)[:max_response_tokens])
-  return prompts, responses
 
 
 def load_pairs(source: str = "alpaca_eval", n: int | None = None) -> list[tuple[str, str]]:

@@ -10,10 +10,10 @@ followed by whitespace; the whitespace between sentences is kept, so line breaks
   reorder_sentences the sentences in a random order that is never the original one;
   pad_length        content-free sentences appended until >= `extra_frac` more words.
 
-A scorer here is a `PairScorer`: (prompts, responses) -> scores `[K]`. Any `texts -> scores`
-callable (a reward model, `decode.metrics.Scorer`) becomes one with `from_text_scorer`, which
-scores the response text alone; `implicit_reward_scorer` is DPO's beta*(log pi - log pi_ref) of
-the response given its prompt, summed over the response tokens.
+A scorer here is a `decode.scorers.Scorer`: (prompts, responses) -> scores `[K]` (a reward model
+through `decode.scorers.reward_model`, a text function through `completions_only`);
+`implicit_reward_scorer` is DPO's beta*(log pi - log pi_ref) of the response given its prompt,
+summed over the response tokens.
 """
 
 from __future__ import annotations
@@ -25,14 +25,13 @@ from typing import Callable, Mapping, Sequence
 import numpy as np
 
 from align.evals.kl import kl_rows
-from align.evals.perplexity import encode_pairs
-from decode import metrics
+from decode import scorers
+from decode.scorers import Scorer
 from lm import scoring
+from lm.hub import encode_pairs
 from lm.run import pyplot, save_figure
 
 plt = pyplot()
-
-PairScorer = Callable[[Sequence[str], Sequence[str]], np.ndarray]
 
 FILLERS = ("That is a great question.", "It is worth keeping this in mind.",
            "As mentioned, this is an important point.", "Let me explain this in more detail.")
@@ -103,11 +102,6 @@ PERTURBATIONS: dict[str, Callable[[str, int], str]] = {
     "padding": pad_length}
 
 
-def from_text_scorer(scorer: metrics.Scorer, batch_size: int = 32) -> PairScorer:
-  """A `texts -> scores` scorer as a PairScorer that scores the responses alone."""
-  return lambda prompts, responses: metrics.score_texts(scorer, responses, batch_size)
-
-
 def _encode(tokenizer, prompts, responses, max_response_tokens):
   return encode_pairs(tokenizer, list(zip(prompts, responses)),
                       max_response_tokens=max_response_tokens)
@@ -115,7 +109,7 @@ def _encode(tokenizer, prompts, responses, max_response_tokens):
 
 def log_ratio_scorers(policy, reference, tokenizer, *, beta: float, batch_size: int = 8,
                       max_response_tokens: int = 512, multiple: int = 32
-                      ) -> tuple[PairScorer, PairScorer, PairScorer]:
+                      ) -> tuple[Scorer, Scorer, Scorer]:
   """(implicit reward, policy avg log-prob, reference avg log-prob), one two-model pass per texts.
 
   Implicit reward: DPO's beta * (log pi(y|x) - log pi_ref(y|x)), y = response + end-of-turn,
@@ -146,13 +140,13 @@ def log_ratio_scorers(policy, reference, tokenizer, *, beta: float, batch_size: 
   return implicit, avg_of("logp"), avg_of("logq")
 
 
-def implicit_reward_scorer(policy, reference, tokenizer, *, beta: float, **kw) -> PairScorer:
+def implicit_reward_scorer(policy, reference, tokenizer, *, beta: float, **kw) -> Scorer:
   """DPO's implicit reward beta * (log pi(y|x) - log pi_ref(y|x)); see `log_ratio_scorers`."""
   return log_ratio_scorers(policy, reference, tokenizer, beta=beta, **kw)[0]
 
 
 def avg_logprob_scorer(model, tokenizer, *, batch_size: int = 8, max_response_tokens: int = 512,
-                       multiple: int = 32) -> PairScorer:
+                       multiple: int = 32) -> Scorer:
   """Mean token log-prob (nats) of response + end-of-turn under `model`: a likelihood proxy."""
 
   def score(prompts, responses):
@@ -163,7 +157,7 @@ def avg_logprob_scorer(model, tokenizer, *, batch_size: int = 8, max_response_to
   return score
 
 
-def perturbation_scores(prompts: Sequence[str], responses: Sequence[str], scorer: PairScorer,
+def perturbation_scores(prompts: Sequence[str], responses: Sequence[str], scorer: Scorer,
                         perturbations: Mapping[str, Callable[[str, int], str]], *, seed: int = 0
                         ) -> tuple[dict[str, np.ndarray], dict[str, list[str]]]:
   """Scores of the original responses (`original`) and of each perturbation, `[N]` each.
@@ -175,10 +169,8 @@ def perturbation_scores(prompts: Sequence[str], responses: Sequence[str], scorer
   for name, fn in perturbations.items():
     texts[name] = [fn(r, seed + i) for i, r in enumerate(responses)]
   n = len(responses)
-  flat = np.asarray(scorer(list(prompts) * len(texts), [t for v in texts.values() for t in v]),
-                    np.float64)
-  if flat.shape != (n * len(texts),):
-    raise ValueError(f"scorer returned shape {flat.shape}; expected ({n * len(texts)},).")
+  flat = scorers.score(scorer, list(prompts) * len(texts), [t for v in texts.values() for t in v],
+                       batch_size=max(n * len(texts), 1))
   return {k: flat[i * n:(i + 1) * n] for i, k in enumerate(texts)}, texts
 
 
