@@ -198,11 +198,8 @@ def beam_search(model, prompts: Sequence[Sequence[int]], *, max_new_tokens: int,
                      f"{num_return_sequences}.")
   prompts = check_decode_inputs(model.cfg, prompts, max_new_tokens=max_new_tokens, eos_ids=eos_ids,
                                 pad_id=pad_id)
-  tokens, mask = left_pad(prompts, pad_id)
-  if tokens.shape[1] + max_new_tokens > model.cfg.max_seq_len:
-    raise ValueError(
-        f"prompt ({tokens.shape[1]} padded tokens) + max_new_tokens ({max_new_tokens}) exceeds the "
-        f"model's max_seq_len {model.cfg.max_seq_len}; shorten the prompt or max_new_tokens.")
+  tokens, mask = left_pad(prompts, pad_id, max_new_tokens=max_new_tokens,
+                         max_seq_len=model.cfg.max_seq_len)
   if max(2, 1 + len(eos_ids)) > model.cfg.vocab_size:
     raise ValueError(f"{len(eos_ids)} EOS ids leave too few candidates in a vocabulary of "
                      f"{model.cfg.vocab_size}.")

@@ -56,22 +56,28 @@ class GenerateOutput:
   def finish_reasons(self) -> list[str]:
     return [FINISH_REASONS[i] for i in self.finish_b]
 
-  def texts(self, tokenizer, stop_strings: Sequence[str] = ()) -> list[str]:
-    """Decoded texts without special tokens, cut at the first stop string."""
+  def texts(self, tokenizer, stop_strings: Sequence[str] = (), *, strip: bool = False
+            ) -> list[str]:
+    """Decoded texts without special tokens, cut at the first stop string (and stripped)."""
     out = []
     for seq in self.sequences():
       text = tokenizer.decode(seq, skip_special_tokens=True)
       cuts = [text.find(s) for s in stop_strings if s and s in text]
-      out.append(text[:min(cuts)] if cuts else text)
+      text = text[:min(cuts)] if cuts else text
+      out.append(text.strip() if strip else text)
     return out
 
 
-def left_pad(prompts: Sequence[Sequence[int]], pad_id: int, multiple: int = 16
+def left_pad(prompts: Sequence[Sequence[int]], pad_id: int, multiple: int = 16, *,
+             max_new_tokens: int = 0, max_seq_len: int | None = None
              ) -> tuple[np.ndarray, np.ndarray]:
-  """`[B, P]` tokens and mask, left-padded; P rounded up to `multiple` to reuse compilations."""
-  if not prompts or any(len(p) == 0 for p in prompts):
-    raise ValueError("every prompt needs at least one token.")
-  tokens, mask, _ = left_pad_rows(prompts, len(prompts), multiple, pad_id)
+  """`[B, P]` tokens and mask, left-padded; P rounded up to `multiple` to reuse compilations.
+  With `max_seq_len`, the padded prompt plus `max_new_tokens` must fit in it."""
+  tokens, mask, width = left_pad_rows(prompts, len(prompts), multiple, pad_id)
+  if max_seq_len is not None and width + max_new_tokens > max_seq_len:
+    raise inputs.InputError(
+        f"prompt ({width} padded tokens) + max_new_tokens ({max_new_tokens}) exceeds the model's "
+        f"max_seq_len {max_seq_len}; shorten the prompt or max_new_tokens.")
   return tokens, mask
 
 
@@ -201,11 +207,8 @@ def generate(model, prompts: Sequence[Sequence[int]], *, max_new_tokens: int,
   prompts = check_decode_inputs(model.cfg, prompts, max_new_tokens=max_new_tokens, eos_ids=eos_ids,
                                 pad_id=pad_id)
   prompts = [x for x in prompts for _ in range(num_samples)]
-  tokens, mask = left_pad(prompts, pad_id)
-  if tokens.shape[1] + max_new_tokens > model.cfg.max_seq_len:
-    raise ValueError(
-        f"prompt ({tokens.shape[1]} padded tokens) + max_new_tokens ({max_new_tokens}) exceeds the "
-        f"model's max_seq_len {model.cfg.max_seq_len}; shorten the prompt or max_new_tokens.")
+  tokens, mask = left_pad(prompts, pad_id, max_new_tokens=max_new_tokens,
+                         max_seq_len=model.cfg.max_seq_len)
   sampler = sampler.with_overrides(row_params)
   params = sampler.params(len(prompts), row_params)
   eos = jnp.asarray(list(eos_ids) or [-1], jnp.int32)

@@ -14,38 +14,27 @@ from typing import Sequence
 import numpy as np
 from flax import nnx
 
-from decode.engine import FINISH_REASONS, StopRules, generate
+from decode.engine import GenerateOutput, StopRules, generate
 from decode.sampling import GREEDY, Sampler
 from lm import hub
 
 
 @dataclasses.dataclass
-class Rollout:
+class Rollout(GenerateOutput):
   """Completions of `prompts`, prompt-major: prompt i's samples are rows i*n .. i*n + n - 1.
 
-  prompt_index_b: `[N]` the prompt each row answers.
-  tokens_bt: `[N, T]` generated ids (pad after a row ends); lengths_b `[N]` counts them, the
-    end-of-turn token included when one was emitted (its log-prob is in the rows too).
-  logprobs_bt: log p(token) under the model's raw distribution (temperature 1, no filters).
-  sample_logprobs_bt: log p(token) under the distribution sampled from (temperature, filters).
-  finish: per row, one of `decode.engine.FINISH_REASONS`.
+  Beside `GenerateOutput`'s rows (ids, lengths that count the end-of-turn token when one was
+  emitted, raw and sampled log-probs, finish reasons):
+  prompts: the prompts' ids; prompt_index_b: `[N]` the prompt each row answers.
   """
 
   prompts: list[list[int]]
   prompt_index_b: np.ndarray
-  tokens_bt: np.ndarray
-  lengths_b: np.ndarray
-  logprobs_bt: np.ndarray
-  sample_logprobs_bt: np.ndarray
-  finish: list[str]
 
-  def sequences(self) -> list[list[int]]:
-    return [row[:n].tolist() for row, n in zip(self.tokens_bt, self.lengths_b)]
-
-  def texts(self, tokenizer, *, strip: bool = False) -> list[str]:
-    """Decoded completions without special tokens."""
-    out = [tokenizer.decode(s, skip_special_tokens=True) for s in self.sequences()]
-    return [t.strip() for t in out] if strip else out
+  @property
+  def finish(self) -> list[str]:
+    """Per row, one of `decode.engine.FINISH_REASONS`."""
+    return self.finish_reasons()
 
 
 def pad_id_of(tokenizer) -> int:
@@ -88,5 +77,6 @@ def rollout(model, prompts: Sequence[Sequence[int]], *, max_new_tokens: int, tok
                                      out.sample_logprobs_bt, out.finish_b)])
     index.append(np.repeat(np.arange(i, i + len(chunk)), num_samples))
   tokens, lengths, lps, slps, finish = (np.concatenate(x) for x in zip(*parts))
-  return Rollout(prompts, np.concatenate(index), tokens, lengths.astype(np.int32), lps, slps,
-                 [FINISH_REASONS[f] for f in finish])
+  return Rollout(tokens_bt=tokens, logprobs_bt=lps, sample_logprobs_bt=slps,
+                 lengths_b=lengths.astype(np.int32), finish_b=finish, prompts=prompts,
+                 prompt_index_b=np.concatenate(index))

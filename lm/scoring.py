@@ -83,11 +83,19 @@ def token_kl(logits_p_bsv: jax.Array, logits_q_bsv: jax.Array) -> jax.Array:
   return jnp.sum(jnp.where(p > 0, p * (logp - logq), 0.0), axis=-1)
 
 
-def next_token_logprobs(model, tokens_bs: jax.Array, attn_mask: jax.Array | None = None
-                        ) -> jax.Array:
-  """log p(tokens[:, t+1] | tokens[:, :t+1]) for t < S-1: `[B, S-1]` (one forward)."""
-  logits, _ = model(tokens_bs, attn_mask=attn_mask)
-  return token_logprobs(logits[:, :-1], tokens_bs[:, 1:])
+def next_token_logprobs(model, tokens_bs: jax.Array, attn_mask=None, positions_bs=None,
+                        select_bs: jax.Array | None = None) -> jax.Array:
+  """log p(tokens[:, t+1] | tokens[:, :t+1]) for t < S-1: `[B, S-1]` float32, one forward.
+
+  With `select_bs` (`[B, S]`, e.g. a loss mask) only the targets it marks are scored (0
+  elsewhere): the output head runs on the chunks of positions that hold them
+  (`selected_token_logprobs`), so long prompts cost no `[S, V]` logits.
+  """
+  if select_bs is None:
+    logits, _ = model(tokens_bs, positions_bs=positions_bs, attn_mask=attn_mask)
+    return token_logprobs(logits[:, :-1], tokens_bs[:, 1:])
+  h_bsd, _ = model.hidden_states(tokens_bs, positions_bs, attn_mask)
+  return selected_token_logprobs(model, h_bsd[:, :-1], tokens_bs[:, 1:], select_bs[:, 1:] > 0)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -140,7 +148,7 @@ def perplexity(model, token_ids: Sequence[int], *, window: int, stride: int,
   contexts = [ids[b:f] for (b, _, _), f in zip(spans, firsts)]
   scored = [ids[f:e] for (_, e, _), f in zip(spans, firsts)]
   graphdef, state = nnx.split(model)
-  fn = lambda t, m: {"lp": _next_token_logprobs_jit(graphdef, state, t, m)}
+  fn = lambda t, m, _: {"lp": _next_token_logprobs_jit(graphdef, state, t, m)}
   rows = score_rows(fn, contexts, scored, batch_size=batch_size, multiple=window,
                     desc="perplexity")
   nll_sum = -float(sum(np.sum(r["lp"], dtype=np.float64) for r in rows))
@@ -160,6 +168,15 @@ def left_pad_rows(rows: Sequence[Sequence[int]], batch_size: int, multiple: int,
   return tokens, mask, width
 
 
+def _tail_mask(lengths: Sequence[int], batch_size: int, width: int) -> np.ndarray:
+  """`[batch_size, width]` int32, 1 on the last `lengths[j]` positions of row j."""
+  out = np.zeros((batch_size, width), np.int32)
+  for j, n in enumerate(lengths):
+    if n:
+      out[j, width - n:] = 1
+  return out
+
+
 def score_rows(fn, prompts: Sequence[Sequence[int]], continuations: Sequence[Sequence[int]], *,
                batch_size: int = 8, multiple: int = 32, desc: str = "scoring"
                ) -> list[dict[str, np.ndarray]]:
@@ -167,8 +184,9 @@ def score_rows(fn, prompts: Sequence[Sequence[int]], continuations: Sequence[Seq
 
   Rows are sorted by length (batches share widths: fewer compiles, less padding), left-padded
   into `[batch_size, W]` (W rounded up to `multiple`; a last batch is filled with empty rows),
-  and `fn(tokens_bw, mask_bw) -> {name: [B, W-1]}` scores the next-token positions; each row
-  gets the `len(continuation)` positions that predict its continuation tokens.
+  and `fn(tokens_bw, mask_bw, continuation_bw) -> {name: [B, W-1]}` scores the next-token
+  positions (`continuation_bw` marks the continuation tokens, for `next_token_logprobs`'
+  `select_bs`); each row gets the `len(continuation)` positions that predict its continuation.
   """
   from tqdm import tqdm
 
@@ -182,7 +200,8 @@ def score_rows(fn, prompts: Sequence[Sequence[int]], continuations: Sequence[Seq
     idx = order[start:start + batch_size]
     rows = [list(prompts[i]) + list(continuations[i]) for i in idx]
     tokens, mask, width = left_pad_rows(rows, batch_size, multiple)
-    scored = {k: np.asarray(v) for k, v in fn(tokens, mask).items()}
+    tail = _tail_mask([len(continuations[i]) for i in idx], batch_size, width)
+    scored = {k: np.asarray(v) for k, v in fn(tokens, mask, tail).items()}
     for j, i in enumerate(idx):
       n = len(continuations[i])
       out[i] = {k: v[j, width - 1 - n:] if n else np.zeros((0,), v.dtype) for k, v in scored.items()}
@@ -209,6 +228,6 @@ def response_logprobs(model, prompts: Sequence[Sequence[int]], responses: Sequen
           f"prompts[{i}] has {len(p)} tokens plus {len(r)} response tokens, more than the model's "
           f"max_seq_len {cfg.max_seq_len}. Shorten it (keep its last tokens) or the response.")
   graphdef, state = nnx.split(model)
-  fn = lambda t, m: {"lp": _next_token_logprobs_jit(graphdef, state, t, m)}
+  fn = lambda t, m, _: {"lp": _next_token_logprobs_jit(graphdef, state, t, m)}
   return [r["lp"] for r in score_rows(fn, prompts, responses, batch_size=batch_size,
                                       multiple=multiple)]

@@ -128,6 +128,32 @@ def test_dpo_loss_on_model_matches_definition_and_precomputed_reference():
   assert float(pre) == pytest.approx(float(loss), rel=1e-5)
 
 
+def test_precomputed_reference_equals_the_reference_the_loss_computes():
+  """`precompute_reference` (the host scoring loop, left-padded rows, eval mode) gives the sums the
+  DPO loss computes with adapters off on right-padded pairs, also with dropout on in the model,
+  uneven lengths, a weighted loss mask and a last batch that is not full."""
+  from align.losses.dpo import pair_logprobs, precompute_reference
+
+  model = _tiny()
+  lora.apply_lora(model, lora.LoraConfig(rank=4, alpha=8.0, dropout=0.5), rngs=nnx.Rngs(1))
+  for path, v in nnx.state(model, nnx.LoRAParam).flat_state():
+    if path[-1] == "lora_b":
+      v.set_value(0.05 * jax.random.normal(jax.random.key(len(path)), v.get_value().shape))
+  batch = _pair_batch(np.random.default_rng(3), b=5)
+  batch["attn_mask"][2, :, 10:] = 0  # a shorter pair
+  batch["loss_mask"][2, :, 10:] = 0
+  batch["loss_mask"][3, 0, 7] = 0.5  # a weighted target
+  examples = [{k: v[i] for k, v in batch.items()} for i in range(5)]
+  got = np.stack([ex["ref_logps"] for ex in precompute_reference(model, examples, batch_size=4)])
+  model.eval()
+  with lora.disabled(model):
+    want = np.asarray(pair_logprobs(model, batch)[0])
+  np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-4)
+  with lora.disabled(model):
+    policy_free = precompute_reference(_tiny(), examples[:2], batch_size=2)  # a model without LoRA
+  assert all(ex["ref_logps"].shape == (2,) for ex in policy_free)
+
+
 def test_dpo_without_adapters_or_reference_says_how_to_fix():
   cfg = ml_collections.ConfigDict({"beta": BETA, "variant": "sigmoid", "label_smoothing": 0.0})
   with pytest.raises(ValueError, match="precomputed"):

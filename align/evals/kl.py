@@ -71,7 +71,7 @@ def kl_rows(policy, reference, contexts: Sequence[Sequence[int]],
     raise ValueError("every KL row needs at least one context token.")
   gp, sp = nnx.split(policy)
   gq, sq = nnx.split(reference)
-  return scoring.score_rows(lambda t, m: _per_token(gp, sp, gq, sq, t, m), contexts,
+  return scoring.score_rows(lambda t, m, _: _per_token(gp, sp, gq, sq, t, m), contexts,
                             continuations, batch_size=batch_size, multiple=multiple, desc="KL")
 
 

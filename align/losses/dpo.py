@@ -12,15 +12,18 @@ precomputed into the batch as `ref_logps` `[B, 2]`.
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from align.algorithm import Algorithm
 from align.losses import register, shared_prompt
 from align.losses.common import sequence_logprobs
 from lm import lora
-from lm.scoring import selected_token_logprobs
+from lm.scoring import next_token_logprobs, score_rows, selected_token_logprobs
 from lm.sharding import host_array
 
 VARIANTS = ("sigmoid", "robust", "hinge", "ipo")
@@ -130,32 +133,36 @@ def dpo_loss(model, batch: dict, cfg):
   }
 
 
+@functools.partial(jax.jit, static_argnums=0)
+def _reference_logprobs(graphdef, state, tokens_bs, mask_bs, select_bs):
+  """Next-token log-probs of the selected targets under the reference: eval mode, adapters off."""
+  m = nnx.merge(graphdef, state)
+  m.eval()
+  with lora.disabled(m):
+    return next_token_logprobs(m, tokens_bs, mask_bs, select_bs=select_bs)
+
+
 def precompute_reference(model, examples: list[dict], batch_size: int = 8) -> list[dict]:
   """Examples with `ref_logps` `[2]` added: the reference (adapters off, or the model as given
-  when it has none) scored once, so training and eval skip the reference forward."""
-  import numpy as np
-  from tqdm import tqdm
-
+  when it has none) scored once through the one host loop (`lm.scoring.score_rows`), so training
+  and eval skip the reference forward. Each branch is a (prompt, response) row: the response
+  starts at its first loss-mask token, and its log-probs are summed with the loss-mask weights."""
+  prompts, responses, weights = [], [], []
+  for ex in examples:
+    for branch in range(2):
+      n = int(ex["attn_mask"][branch].sum())
+      w = np.asarray(ex["loss_mask"][branch][:n], np.float64)
+      first = int(np.argmax(w > 0)) if (w > 0).any() else n
+      prompts.append(ex["tokens"][branch][:first].tolist())
+      responses.append(ex["tokens"][branch][first:n].tolist())
+      weights.append(w[first:n])
   graphdef, state = nnx.split(model)
-
-  @jax.jit
-  def score(state, batch):
-    m = nnx.merge(graphdef, state)
-    m.eval()
-    if lora.count_params(m, nnx.LoRAParam):
-      with lora.disabled(m):
-        return pair_logprobs(m, batch)[0]
-    return pair_logprobs(m, batch)[0]
-
-  out = []
-  for start in tqdm(range(0, len(examples), batch_size), desc="reference log-probs", unit="batch",
-                    disable=len(examples) <= batch_size):
-    chunk = examples[start:start + batch_size]
-    rows = chunk + [chunk[0]] * (batch_size - len(chunk))  # static shape
-    batch = {k: np.stack([ex[k] for ex in rows]) for k in ("tokens", "attn_mask", "loss_mask")}
-    ref = host_array(score(state, batch))  # under a multi-process mesh the rows are sharded
-    out += [dict(ex, ref_logps=ref[i].astype(np.float32)) for i, ex in enumerate(chunk)]
-  return out
+  # under a multi-process mesh the scored rows come back sharded: gathered onto every process
+  fn = lambda t, m, sel: {"lp": host_array(_reference_logprobs(graphdef, state, t, m, sel))}
+  rows = score_rows(fn, prompts, responses, batch_size=batch_size, desc="reference log-probs")
+  sums = np.array([np.dot(r["lp"].astype(np.float64), w) for r, w in zip(rows, weights)])
+  return [dict(ex, ref_logps=sums[2 * i:2 * i + 2].astype(np.float32))
+          for i, ex in enumerate(examples)]
 
 
 def _transform_train(config, model):

@@ -6,7 +6,8 @@ import jax.numpy as jnp
 
 from align.algorithm import Algorithm, refuse_shared_prompt
 from align.losses import register
-from align.losses.common import attention_inputs, target_logprobs
+from align.losses.common import attention_inputs
+from lm.scoring import next_token_logprobs
 
 
 @register("sft")
@@ -18,7 +19,7 @@ def sft_loss(model, batch: dict, cfg=None):
   """
   del cfg
   attn_mask, positions = attention_inputs(batch)
-  lp_bs = target_logprobs(model, batch["tokens"], attn_mask, positions, batch["loss_mask"])
+  lp_bs = next_token_logprobs(model, batch["tokens"], attn_mask, positions, batch["loss_mask"])
   w_bs = batch["loss_mask"][:, 1:].astype(jnp.float32)
   n_tokens = jnp.maximum(w_bs.sum(), 1.0)
   nll = -(lp_bs * w_bs).sum() / n_tokens
