@@ -173,9 +173,8 @@ class Trainer:
     multi-process run every process must call it (sharded arrays are gathered across them)."""
     if jax.process_count() == 1:
       return self.model
-    local = lambda x: (jnp.asarray(sharding.host_array(x))
-                       if isinstance(x, jax.Array) and not x.is_fully_addressable else x)
-    return nnx.merge(self.graphdef, jax.tree.map(local, self.params), jax.tree.map(local, self.rest))
+    whole = lambda tree: jax.tree.map(lambda x: jnp.asarray(sharding.host_array(x)), tree)
+    return nnx.merge(self.graphdef, whole(self.params), whole(self.rest))
 
   def _merged(self, params, rest, train: bool = True):
     """The model at this trace level (fresh Variables: nnx forbids mutating, e.g. dropout rng
