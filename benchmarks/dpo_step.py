@@ -1,18 +1,21 @@
 """LoRA-DPO training step, ours vs TRL `DPOTrainer` + PEFT, SmolLM2-135M-Instruct float32, this CPU.
 
 Batch 4 pairs x 256 tokens (hh-rlhf pairs whose longer reply fills 256, prompt <= 192 tokens),
-LoRA r=8 alpha=16 on all linear layers, beta 0.1, AdamW. Each side runs in its own subprocess so
-its peak memory (max RSS) is its own: TRL first, which also writes the exact batches its
-collator built; ours then trains on those same token arrays (by default in the shared-prompt
-layout of configs/dpo.py: each pair's prompt scored once, same loss). Tokens/s counts real
-(unpadded) tokens of the chosen + rejected rows per step, the same count for both sides, steady
-state (median step after `warmup` steps); the first step (ours: compile) is reported apart. Ours
+LoRA r=8 alpha=16 on all linear layers, beta 0.1, AdamW. Each side runs in its own live
+subprocess, so its peak memory (max RSS) is its own. TRL's process first writes the exact batches
+its collator builds (sequential order); ours trains on those same token arrays (by default in the
+shared-prompt layout of configs/dpo.py: each pair's prompt scored once, same loss). Both then
+wait at each step for the driver's go, so the sides' steps alternate (A B, B A, ...) over
+`--rounds` after `--warmup` untimed steps (ours: the compile), and drift hits both alike.
+Tokens/s counts real (unpadded) tokens of the chosen + rejected rows, the same for both sides:
+median tokens per step / median step time; steps are reported as min / median / max. The
+machine is probed before and after (`benchmarks.harness.Monitor`). Ours
 runs with postlab's glibc allocator settings (`lm.runtime`, as launch.py starts); TRL in its
 default environment, or with the same settings with --trl_same_allocator. TRL runs in float32
 without gradient checkpointing (its DPOConfig defaults are bf16 autocast and checkpointing; both
 make its step slower here, --trl_gradient_checkpointing restores the latter).
 
-  python -m benchmarks.dpo_step [--steps 4 --warmup 1]
+  python -m benchmarks.dpo_step [--rounds 5 --warmup 1] [--quick] [--strict]
 """
 
 from __future__ import annotations
@@ -29,10 +32,13 @@ from pathlib import Path
 
 from absl import app, flags, logging
 
+from benchmarks import harness
 from lm import runtime
 
-flags.DEFINE_integer("steps", 4, "Steps per side (the first `warmup` are not timed).")
-flags.DEFINE_integer("warmup", 1, "Untimed steps (ours: compile is the first).")
+flags.DEFINE_integer("rounds", 5, "Timed steps per side, alternating the sides.")
+flags.DEFINE_integer("warmup", 1, "Untimed steps per side before the rounds (ours: the compile).")
+flags.DEFINE_bool("quick", False, "Iteration mode: 2 rounds of 2 pairs x 128 tokens (never quote).")
+flags.DEFINE_bool("strict", False, "Exit 1 when the machine was not quiet during the run.")
 flags.DEFINE_integer("batch", 4, "Preference pairs per step.")
 flags.DEFINE_integer("seq", 256, "Tokens per sequence.")
 flags.DEFINE_bool("trl_same_allocator", False,
@@ -82,7 +88,24 @@ def _pairs(tokenizer, n: int, seq: int) -> list[dict]:
   raise RuntimeError(f"only {len(out)} hh-rlhf pairs reach {seq} tokens; lower --seq")
 
 
-def _trl_side(batches_path: str) -> dict:
+PROTOCOL = "@@bench "  # prefix of the lines a side and the driver exchange
+
+
+def _say(**event) -> None:
+  print(PROTOCOL + json.dumps(event), flush=True)
+
+
+def _wait_go() -> None:
+  line = sys.stdin.readline()
+  if line.strip() != "go":
+    raise SystemExit(f"driver sent {line!r}, expected 'go'")
+
+
+def _steps() -> int:
+  return FLAGS.warmup + FLAGS.rounds
+
+
+def _trl_side(batches_path: str) -> None:
   import numpy as np
   import peft
   import torch
@@ -90,25 +113,24 @@ def _trl_side(batches_path: str) -> dict:
   from datasets import Dataset
   from trl import DPOConfig, DPOTrainer
 
-
   # transformers marks GGUF-loaded models quantized (untrainable): both sides load the same
   # float32 weights from an HF directory exported from the GGUF.
   tok = transformers.AutoTokenizer.from_pretrained(FLAGS.weights)
   model = transformers.AutoModelForCausalLM.from_pretrained(
       FLAGS.weights, dtype=torch.float32, attn_implementation="sdpa")
-  n = FLAGS.batch * FLAGS.steps
-  ds = Dataset.from_list(_pairs(tok, n, FLAGS.seq))
-  step_times, batches = [], []
+  ds = Dataset.from_list(_pairs(tok, FLAGS.batch * _steps(), FLAGS.seq))
+  tokens: list[int] = []
 
-  class Timer(transformers.TrainerCallback):
+  class Gate(transformers.TrainerCallback):
     def on_step_begin(self, args, state, control, **kw):
+      _wait_go()
       self.t0 = time.perf_counter()
 
     def on_step_end(self, args, state, control, **kw):
-      step_times.append(time.perf_counter() - self.t0)
+      _say(event="step", s=time.perf_counter() - self.t0, tokens=tokens[state.global_step - 1])
 
   with tempfile.TemporaryDirectory() as out:
-    cfg = DPOConfig(output_dir=out, per_device_train_batch_size=FLAGS.batch, max_steps=FLAGS.steps,
+    cfg = DPOConfig(output_dir=out, per_device_train_batch_size=FLAGS.batch, max_steps=_steps(),
                     max_length=FLAGS.seq, learning_rate=LR, beta=BETA, use_cpu=True,
                     report_to=[], save_strategy="no", logging_steps=1, seed=0,
                     dataloader_num_workers=0, disable_tqdm=True,
@@ -120,27 +142,21 @@ def _trl_side(batches_path: str) -> dict:
                            lora_dropout=LORA["dropout"], target_modules="all-linear",
                            task_type="CAUSAL_LM")
     trainer = DPOTrainer(model=model, args=cfg, train_dataset=ds, processing_class=tok,
-                         peft_config=lcfg, callbacks=[Timer()])
-    collate = trainer.data_collator
-
-    def recording(examples):
-      batch = collate(examples)
-      batches.append({k: v.numpy() for k, v in batch.items() if hasattr(v, "numpy")})
-      return batch
-
-    trainer.data_collator = recording
+                         peft_config=lcfg, callbacks=[Gate()])
+    # pairs in order, so the batches written here are the ones training sees
+    trainer._get_train_sampler = lambda dataset=None: torch.utils.data.SequentialSampler(
+        trainer.train_dataset if dataset is None else dataset)
+    batches = [{k: v.numpy() for k, v in b.items() if hasattr(v, "numpy")}
+               for b in trainer.get_train_dataloader()][:_steps()]
+    tokens.extend(int(b["attention_mask"].sum()) for b in batches)
+    np.savez(batches_path, **{f"{i}/{k}": v for i, b in enumerate(batches) for k, v in b.items()})
+    _say(event="ready")
     trainer.train()
-  np.savez(batches_path, **{f"{i}/{k}": v for i, b in enumerate(batches) for k, v in b.items()})
-  tokens = [int(b["attention_mask"].sum()) for b in batches]
-  steady = step_times[FLAGS.warmup:]
-  return dict(first_step_s=step_times[0], step_s=statistics.median(steady),
-              tokens_per_step=tokens[0], tokens_per_s=statistics.median(tokens) /
-              statistics.median(steady), peak_rss_mb=_max_rss_mb(),
-              threads=torch.get_num_threads(), bf16=cfg.bf16,
-              gradient_checkpointing=cfg.gradient_checkpointing)
+  _say(event="done", peak_rss_mb=_max_rss_mb(), threads=torch.get_num_threads(), bf16=cfg.bf16,
+       gradient_checkpointing=cfg.gradient_checkpointing)
 
 
-def _ours_side(batches_path: str) -> dict:
+def _ours_side(batches_path: str) -> None:
   import ml_collections
   import numpy as np
   from flax import nnx
@@ -155,7 +171,7 @@ def _ours_side(batches_path: str) -> dict:
 
   z = np.load(batches_path)
   batches = []
-  for i in range(FLAGS.steps):
+  for i in range(_steps()):
     ids, mask = z[f"{i}/input_ids"], z[f"{i}/attention_mask"]
     comp = z[f"{i}/completion_mask"]
     b = ids.shape[0] // 2  # TRL stacks [chosen..., rejected...]
@@ -172,40 +188,72 @@ def _ours_side(batches_path: str) -> dict:
               "unshared_positions": int(ids.size)}
   model, _ = hub.load_pretrained(FLAGS.weights, tokenizer=False)
   lora.apply_lora(model, lora.LoraConfig(**LORA), rngs=nnx.Rngs(params=0, lora_dropout=0))
-  train_cfg = ml_collections.ConfigDict(dict(steps=FLAGS.steps, batch_size=FLAGS.batch, lr=LR,
+  train_cfg = ml_collections.ConfigDict(dict(steps=_steps(), batch_size=FLAGS.batch, lr=LR,
                                              warmup_steps=0, schedule="linear", grad_clip=1.0,
                                              weight_decay=0.0, seed=0))
   loss_cfg = ml_collections.ConfigDict(dict(beta=BETA, variant="sigmoid", label_smoothing=0.0))
   trainer = Trainer(model, losses.get("dpo"), loss_cfg, train_cfg,
                     trainable=lora.trainable_filter("lora"))
-  times = [trainer.train_step(b)["step_s"] for b in batches]
-  steady = times[FLAGS.warmup:]
-  return dict(first_step_s=times[0], step_s=statistics.median(steady), tokens_per_step=tokens[0],
-              tokens_per_s=statistics.median(tokens) / statistics.median(steady),
-              peak_rss_mb=_max_rss_mb(), shared_prompt_layout=layout)
+  _say(event="ready")
+  for batch, n in zip(batches, tokens):
+    _wait_go()
+    _say(event="step", s=trainer.train_step(batch)["step_s"], tokens=n)
+  _say(event="done", peak_rss_mb=_max_rss_mb(), shared_prompt_layout=layout)
 
 
-def _run_side(side: str, batches: str) -> dict:
-  cmd = [sys.executable, "-m", "benchmarks.dpo_step", f"--side={side}", f"--batches={batches}",
-         f"--weights={FLAGS.weights}",
-         f"--steps={FLAGS.steps}", f"--warmup={FLAGS.warmup}", f"--batch={FLAGS.batch}",
-         f"--seq={FLAGS.seq}", f"--share_prompt={FLAGS.share_prompt}",
-         f"--trl_gradient_checkpointing={FLAGS.trl_gradient_checkpointing}"]
-  logging.info("running %s side", side)
-  env = dict(os.environ, JAX_PLATFORMS="cpu")
-  if side == "ours" or FLAGS.trl_same_allocator:  # ours as launch.py runs it
-    env = runtime.cpu_allocator_env(env)
-  out = subprocess.run(cmd, capture_output=True, text=True, env=env)
-  if out.returncode:
-    raise RuntimeError(f"{side} side failed:\n{out.stderr[-4000:]}")
-  return json.loads(out.stdout.strip().splitlines()[-1])
+class _Side:
+  """A side's live subprocess: started, then stepped on `go`, one step per call."""
+
+  def __init__(self, side: str, batches: str):
+    cmd = [sys.executable, "-m", "benchmarks.dpo_step", f"--side={side}", f"--batches={batches}",
+           f"--weights={FLAGS.weights}", f"--rounds={FLAGS.rounds}", f"--warmup={FLAGS.warmup}",
+           f"--batch={FLAGS.batch}", f"--seq={FLAGS.seq}", f"--share_prompt={FLAGS.share_prompt}",
+           f"--trl_gradient_checkpointing={FLAGS.trl_gradient_checkpointing}"]
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    if side == "ours" or FLAGS.trl_same_allocator:  # ours as launch.py runs it
+      env = runtime.cpu_allocator_env(env)
+    self.name = side
+    self._err = tempfile.TemporaryFile("w+")
+    self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                 stderr=self._err, text=True, env=env)
+    self.steps: list[dict] = []
+
+  def read(self, want: str) -> dict:
+    for line in self.proc.stdout:
+      if line.startswith(PROTOCOL):
+        event = json.loads(line[len(PROTOCOL):])
+        if event["event"] != want:
+          raise RuntimeError(f"{self.name} side sent {event}, expected {want!r}")
+        return event
+    self._err.seek(0)
+    raise RuntimeError(f"{self.name} side ended before {want!r}:\n{self._err.read()[-4000:]}")
+
+  def step(self) -> float:
+    self.proc.stdin.write("go\n")
+    self.proc.stdin.flush()
+    self.steps.append(self.read("step"))
+    return self.steps[-1]["s"]
+
+  def finish(self) -> dict:
+    done = self.read("done")
+    self.proc.wait()
+    return done
+
+
+def _summary(side: _Side, done: dict) -> dict:
+  timed = side.steps[FLAGS.warmup:]
+  step = harness.spread([s["s"] for s in timed])
+  tokens = statistics.median(s["tokens"] for s in timed)
+  return dict(first_step_s=side.steps[0]["s"], step_s=step, tokens_per_step=tokens,
+              tokens_per_s=tokens / step["median"], **{k: v for k, v in done.items() if k != "event"})
 
 
 def main(argv):
   del argv
+  if FLAGS.quick:
+    FLAGS.rounds, FLAGS.batch, FLAGS.seq = 2, 2, 128
   if FLAGS.side:
-    res = _trl_side(FLAGS.batches) if FLAGS.side == "trl" else _ours_side(FLAGS.batches)
-    print(json.dumps(res))
+    _trl_side(FLAGS.batches) if FLAGS.side == "trl" else _ours_side(FLAGS.batches)
     return
   from lm import hub, weights
 
@@ -214,19 +262,32 @@ def main(argv):
     FLAGS.weights = str(weights.save_hf_dir(model, Path(tmp) / "hf", tok))
     del model
     batches = str(Path(tmp) / "batches.npz")
-    trl = _run_side("trl", batches)
-    ours = _run_side("ours", batches)
-  logging.info("TRL %s", trl)
-  logging.info("ours %s", ours)
+    logging.info("starting TRL's side (it writes the batches), then ours")
+    trl = _Side("trl", batches)
+    trl.read("ready")
+    ours = _Side("ours", batches)
+    ours.read("ready")
+    with harness.Monitor() as monitor:
+      for _ in range(FLAGS.warmup):
+        trl.step()
+        ours.step()
+      harness.alternate({"trl": trl.step, "ours": ours.step}, FLAGS.rounds)
+      # waited for inside the monitor: their CPU time counts as this run's, not as other work
+      results = {"trl": _summary(trl, trl.finish()), "ours": _summary(ours, ours.finish())}
+  logging.info("TRL %s", results["trl"])
+  logging.info("ours %s", results["ours"])
+  machine = monitor.report()
   print(json.dumps({
       "benchmark": "dpo_step", "model": "SmolLM2-135M-Instruct (GGUF Q4_1 -> float32)",
       "dtype": "float32", "device": "cpu", "batch_pairs": FLAGS.batch, "seq": FLAGS.seq,
-      "lora": LORA, "ours": ours, "trl": trl, "share_prompt": FLAGS.share_prompt,
-      "trl_same_allocator": FLAGS.trl_same_allocator,
-      "trl_gradient_checkpointing": FLAGS.trl_gradient_checkpointing,
-      "ratio": ours["tokens_per_s"] / trl["tokens_per_s"],
+      "rounds": FLAGS.rounds, "quick": FLAGS.quick, "lora": LORA, **results,
+      "share_prompt": FLAGS.share_prompt, "trl_same_allocator": FLAGS.trl_same_allocator,
+      "trl_gradient_checkpointing": FLAGS.trl_gradient_checkpointing, "machine": machine,
+      "ratio": results["ours"]["tokens_per_s"] / results["trl"]["tokens_per_s"],
       "target_ratio": 1.5,
   }))
+  if FLAGS.strict and machine["verdict"] != "quiet":
+    sys.exit(f"not quiet: {machine['verdict']}")
 
 
 if __name__ == "__main__":

@@ -2,7 +2,8 @@
 
 Real SmolLM2-135M-Instruct (the offline GGUF, dequantized to float32 by both loaders), the same
 random tokens for both, no padding. Timed calls alternate ours/transformers so that noise from a
-shared host hits both alike; the step time is the median.
+shared host hits both alike; the step time is the median, with min / max beside it, and the
+machine's state (`benchmarks.harness.Monitor`) is in the JSON.
 
   python -m benchmarks.forward [--batch 4 --seq 256 --iters 5 --warmup 2] [--breakdown]
 
@@ -13,11 +14,11 @@ from __future__ import annotations
 
 import json
 import os
-import resource
-import statistics
 import time
 
 from absl import app, flags, logging
+
+from benchmarks import harness
 
 flags.DEFINE_integer("batch", 4, "Batch size B.")
 flags.DEFINE_integer("seq", 256, "Sequence length S (no padding).")
@@ -31,56 +32,13 @@ FLAGS = flags.FLAGS
 _ALIAS = "smollm2-135m-instruct"
 
 
-def _cpu_s() -> float:
-  """User + system CPU seconds of this process, all threads."""
-  r = resource.getrusage(resource.RUSAGE_SELF)
-  return r.ru_utime + r.ru_stime
-
-
-def _host_busy_s() -> float:
-  """Busy CPU seconds of the whole machine (all processes, all cores), from /proc/stat."""
-  try:
-    with open("/proc/stat") as f:
-      jiffies = [int(v) for v in f.readline().split()[1:]]
-  except OSError:
-    return float("nan")
-  idle = jiffies[3] + jiffies[4]  # idle + iowait
-  return (sum(jiffies[:8]) - idle) / os.sysconf("SC_CLK_TCK")
-
-
-def _timed(fn):
-  """`(out, wall_s, cpu_s)` of one call."""
-  c0, t0 = _cpu_s(), time.perf_counter()
-  out = fn()
-  return out, time.perf_counter() - t0, _cpu_s() - c0
-
-
-def _interleaved(fns: dict, iters: int, warmup: int) -> dict:
-  """Per name: median wall seconds and busy threads (cpu/wall) over alternating calls.
-
-  Also `other_cores_busy`: cores kept busy by other processes meanwhile (0 on a quiet machine).
-  """
+def _interleaved(fns: dict, iters: int, warmup: int) -> dict[str, dict]:
+  """Per name: min / median / max wall seconds over alternating calls, after `warmup` each."""
   for _ in range(warmup):
     for fn in fns.values():
       fn()
-  walls = {k: [] for k in fns}
-  cpus = {k: [] for k in fns}
-  host0, t0 = _host_busy_s(), time.perf_counter()
-  for _ in range(iters):
-    for name, fn in fns.items():
-      _, wall_s, cpu_s = _timed(fn)
-      walls[name].append(wall_s)
-      cpus[name].append(cpu_s)
-  other = (_host_busy_s() - host0 - sum(map(sum, cpus.values()))) / (time.perf_counter() - t0)
-  if other > 0.2:
-    logging.warning("other processes kept %.1f cores busy while timing: numbers are contended "
-                    "(torch's OpenMP suffers far more than XLA from a shared core).", other)
-  return {"other_cores_busy": other} | {
-      k: dict(step_s=statistics.median(walls[k]), min_s=min(walls[k]),
-              threads=sum(cpus[k]) / sum(walls[k]),
-              all_s=[round(w, 4) for w in walls[k]])
-      for k in fns
-  }
+  times = harness.alternate({k: harness.timed(fn) for k, fn in fns.items()}, iters)
+  return {k: harness.spread(v) | {"all_s": [round(t, 4) for t in v]} for k, v in times.items()}
 
 
 def _ours(path, tokens_bs):
@@ -173,9 +131,13 @@ def main(argv):
   ours = _ours(path, tokens_bs)
   hf, torch_version = _hf(path, tokens_bs)
 
-  ours_bsv, ours_compile_s, _ = _timed(ours["forward"])
+  t0 = time.perf_counter()
+  ours_bsv = ours["forward"]()
+  ours_compile_s = time.perf_counter() - t0
   logging.info("ours: first call (trace + compile + run) %.2fs", ours_compile_s)
-  hf_bsv, hf_first_s, _ = _timed(hf["forward"])
+  t0 = time.perf_counter()
+  hf_bsv = hf["forward"]()
+  hf_first_s = time.perf_counter() - t0
   logging.info("hf: first call %.2fs", hf_first_s)
   ours_bsv, hf_bsv = np.asarray(ours_bsv), hf_bsv.float().numpy()
   if ours_bsv.shape != hf_bsv.shape or ours_bsv.shape != (b, s, vocab):
@@ -184,22 +146,21 @@ def main(argv):
   del ours_bsv, hf_bsv
   logging.info("max |logit diff| %.3g", max_diff)
 
+  monitor = harness.Monitor().start()
   timed = _interleaved({"ours": ours["forward"], "hf": hf["forward"]}, FLAGS.iters, FLAGS.warmup)
-  other_busy = timed.pop("other_cores_busy")
   for name, r in timed.items():
-    logging.info("%s: step %.4fs (threads busy %.2f) all %s", name, r["step_s"], r["threads"],
-                 r["all_s"])
+    logging.info("%s: step %.4fs all %s", name, r["median"], r["all_s"])
   extra = {}
   if FLAGS.breakdown:
     parts = _interleaved({f"{who}_{part}": fns[part] for part in ("trunk", "head")
                           for who, fns in (("ours", ours), ("hf", hf))}, FLAGS.iters, FLAGS.warmup)
-    parts.pop("other_cores_busy")
     for name, r in parts.items():
-      logging.info("%s: %.4fs (threads busy %.2f)", name, r["step_s"], r["threads"])
-      extra[f"{name}_step_s"] = round(r["step_s"], 4)
+      logging.info("%s: %.4fs", name, r["median"])
+      extra[f"{name}_step_s"] = round(r["median"], 4)
+  monitor.stop()
 
   n_tokens = b * s
-  ours_step_s, hf_step_s = timed["ours"]["step_s"], timed["hf"]["step_s"]
+  ours_step_s, hf_step_s = timed["ours"]["median"], timed["hf"]["median"]
   result = {
       "benchmark": "forward",
       "model": "SmolLM2-135M-Instruct",
@@ -216,13 +177,11 @@ def main(argv):
       "ours_step_s": round(ours_step_s, 4),
       "hf_step_s": round(hf_step_s, 4),
       "hf_first_call_s": round(hf_first_s, 3),
-      "ours_min_step_s": round(timed["ours"]["min_s"], 4),
-      "hf_min_step_s": round(timed["hf"]["min_s"], 4),
+      "ours_min_step_s": round(timed["ours"]["min"], 4),
+      "hf_min_step_s": round(timed["hf"]["min"], 4),
       "ours_all_step_s": timed["ours"]["all_s"],
       "hf_all_step_s": timed["hf"]["all_s"],
-      "ours_threads_busy": round(timed["ours"]["threads"], 2),
-      "hf_threads_busy": round(timed["hf"]["threads"], 2),
-      "other_cores_busy": round(other_busy, 2),
+      "machine": monitor.report(),
       "max_abs_logit_diff": max_diff,
       **extra,
       "device": jax.devices()[0].platform,
