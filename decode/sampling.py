@@ -90,6 +90,17 @@ class Sampler:
           kw[name] = row[0]
     return dataclasses.replace(self, **kw)
 
+  def structure(self) -> "Sampler":
+    """What the compiled program depends on: which filters are on, and the static top-k bound.
+    The values travel as `params` arrays, so strategies that differ only in values (a sweep over
+    temperatures or top-p) share one compilation. Sampling always divides by its temperature
+    (dividing by 1.0 is exact), so temperature 1 needs no program of its own."""
+    on = lambda value, off, mark: off if value == off else mark
+    return dataclasses.replace(
+        self, temperature=1.0 if self.greedy else 0.5, top_p=on(self.top_p, 1.0, 0.5),
+        min_p=on(self.min_p, 0.0, 0.5),
+        repetition_penalty=on(self.repetition_penalty, 1.0, 2.0))
+
   @property
   def _k_bound(self) -> int:
     return max(self.top_k, self.max_top_k)

@@ -149,6 +149,19 @@ def test_whole_loop_is_one_compiled_program(tiny_pair, monkeypatch):
   assert engine.compile_count() == before
   generate(ours, PROMPTS, max_new_tokens=64, **kw)
   assert engine.compile_count() == before + 1
+  # filter values are traced: a sweep over temperatures and top-p compiles once, and each value
+  # samples as a fresh call of its own would
+  outs = {}
+  for t, p in [(0.7, 0.9), (1.0, 0.5), (0.2, 0.95)]:
+    outs[t, p] = generate(ours, PROMPTS, max_new_tokens=16, sampler=Sampler(temperature=t, top_p=p),
+                          seed=3, **kw).tokens_bt
+  assert engine.compile_count() == before + 2
+  engine._generate.clear_cache()
+  for (t, p), tokens in outs.items():
+    np.testing.assert_array_equal(generate(ours, PROMPTS, max_new_tokens=16, seed=3, **kw,
+                                           sampler=Sampler(temperature=t, top_p=p)).tokens_bt,
+                                  tokens)
+  assert len({o.tobytes() for o in outs.values()}) == 3
 
   programs = []
   compiled = engine._generate

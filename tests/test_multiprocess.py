@@ -53,7 +53,7 @@ def _metrics(workdir):
 
 def test_two_processes_equal_one_and_resume_after_both_are_killed(tmp_path):
   one = tmp_path / "one"
-  _wait([_start(one, "--cpu_devices=8")])
+  single = _start(one, "--cpu_devices=8")  # runs beside the two processes: independent runs
   two = tmp_path / "two"
   procs = _two_processes(two)
   deadline = time.time() + 600
@@ -65,6 +65,7 @@ def test_two_processes_equal_one_and_resume_after_both_are_killed(tmp_path):
     p.send_signal(signal.SIGKILL)
     p.wait()
   assert not (two / "checkpoints/6").exists()  # killed mid-run: what follows is a real resume
+  _wait([single])
   _wait(_two_processes(two, "--resume"))
   a, b = _metrics(one), _metrics(two)
   assert sorted(a) == sorted(b) == list(range(7))
