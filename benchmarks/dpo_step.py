@@ -245,7 +245,8 @@ def _summary(side: _Side, done: dict) -> dict:
   step = harness.spread([s["s"] for s in timed])
   tokens = statistics.median(s["tokens"] for s in timed)
   return dict(first_step_s=side.steps[0]["s"], step_s=step, tokens_per_step=tokens,
-              tokens_per_s=tokens / step["median"], **{k: v for k, v in done.items() if k != "event"})
+              tokens_per_s=tokens / step["median"],
+              **{k: v for k, v in done.items() if k != "event"})
 
 
 def main(argv):

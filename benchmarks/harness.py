@@ -108,7 +108,8 @@ class Monitor:
       out.append(f"other processes used {100 * self.other_cpu_frac:.0f}% of the CPUs during the "
                  "run: measure on a quiet machine")
     if self.other_cpu_frac is None and self.before["loadavg_1m"] > 0.5:
-      out.append(f"load average {self.before['loadavg_1m']:.2f} at the start: other work is running")
+      out.append(f"load average {self.before['loadavg_1m']:.2f} at the start: other work is "
+                 "running")
     return out
 
   def report(self) -> dict:

@@ -214,7 +214,7 @@ def generate(model, prompts: Sequence[Sequence[int]], *, max_new_tokens: int,
   eos = jnp.asarray(list(eos_ids) or [-1], jnp.int32)
   graphdef, state = nnx.split(model)
   out = _generate(graphdef, state, jnp.asarray(tokens), jnp.asarray(mask), eos, params,
-                  jax.random.key(seed), max_new_tokens=max_new_tokens, sampler=sampler.structure(), stop=stop,
-                  pad_id=pad_id)
+                  jax.random.key(seed), max_new_tokens=max_new_tokens,
+                  sampler=sampler.structure(), stop=stop, pad_id=pad_id)
   toks, lp, slp, lengths, finish = (np.asarray(x) for x in out)
   return GenerateOutput(toks, lp, slp, lengths.astype(np.int32), finish)

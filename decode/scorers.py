@@ -104,8 +104,9 @@ def load_reward_model(run_dir: str | Path, *, dtype: str = "float32", **kw) -> S
                  if (run_dir / sub / heads.HEAD_FILE).is_file()), None)
   cfg_file = run_dir / "config.json"
   if export is None or not cfg_file.is_file():
-    raise FileNotFoundError(f"{run_dir}: not a reward run's directory (config.json and adapter/ or "
-                            f"model/ holding {heads.HEAD_FILE}); name the --workdir of a reward run.")
+    raise FileNotFoundError(f"{run_dir}: not a reward run's directory (config.json and adapter/ "
+                            f"or model/ holding {heads.HEAD_FILE}); name the --workdir of a reward "
+                            "run.")
   model_cfg = json.loads(cfg_file.read_text())["model"]
   if export.name == "model":
     rm, tok = hub.load(str(export), reward_head=export, dtype=dtype)
