@@ -6,7 +6,7 @@ traces); every op event of the trace is an instruction of the optimised HLO, and
 instruction's operand shapes say what it does:
 
   q/k/v/o projections, MLP gate/up/down, LM head   GEMMs against a weight of that shape
-  attention over the cache                          ops on the [B, T, kv, hd] cache or scores
+  attention over the cache                          ops on the [B, kv, T, hd] cache or scores
   cache writes                                      dynamic-update-slice
   layout copies                                     copy / transpose
   sampling                                          ops on [B, V] logits (filters, log-probs)

@@ -129,10 +129,24 @@ class Sampler:
   def choose(self, processed_bv: jax.Array, key: jax.Array) -> jax.Array:
     if self.greedy:
       return jnp.argmax(processed_bv, axis=-1).astype(jnp.int32)
-    return jax.random.categorical(key, processed_bv, axis=-1).astype(jnp.int32)
+    return sample_inverse_cdf(processed_bv, key)
 
 
 GREEDY = Sampler(greedy=True)
+
+
+def sample_inverse_cdf(logits_bv, key):
+  """One draw per row from softmax(logits): the first token whose cumulative probability exceeds
+  a uniform fraction of the row's mass. One uniform per row instead of Gumbel noise over the
+  vocabulary; XLA's blocked cumsum keeps the CDF within ~2e-7 of float64. Filtered (-inf)
+  tokens add no mass, so they are never drawn."""
+  probs = jax.nn.softmax(logits_bv, axis=-1)
+  cdf = jnp.cumsum(probs, axis=-1)
+  u = jax.random.uniform(key, (logits_bv.shape[0], 1), jnp.float32)
+  idx = jnp.sum(cdf <= u * cdf[:, -1:], axis=-1)
+  # u * mass can round up to the mass itself; then the draw is the last token with mass.
+  last = logits_bv.shape[-1] - 1 - jnp.argmax(probs[:, ::-1] > 0, axis=-1)
+  return jnp.minimum(idx, last).astype(jnp.int32)
 
 
 def repetition_penalty(logits_bv, seen_bv, penalty_b):
@@ -177,29 +191,41 @@ def top_k(logits_bv, k_b, k_bound: int, min_keep: int = 1):
   return jnp.where(keep, logits_bv, FILTERED)
 
 
-NUCLEUS_CANDIDATES = 1024
-
-
 def top_p(logits_bv, p_b, min_keep: int = 1):
   """Nucleus (HF): drop the ascending-sorted tokens whose cumulative prob is <= 1 - p.
 
-  A full-vocabulary sort dominates a CPU decode step at SmolLM2's 49k vocabulary, so the nucleus
-  is first sought among the top `NUCLEUS_CANDIDATES` tokens; the full sort runs only when some
-  row's nucleus is larger than that.
+  Without a sort: every token below one probability per row is dropped and every token above it
+  kept. That probability is found by bisection on the float bits of the probabilities (31 masked
+  sums of the tail mass over the vocabulary; exact, each row on its own). Tokens tied at it are
+  dropped in HF's stable ascending order, lowest index first, while the tail mass stays <= 1 - p.
+  `min_keep > 1` takes the sorted path.
   """
-  v = logits_bv.shape[-1]
-  if v <= NUCLEUS_CANDIDATES:
+  if min_keep > 1:
     return _top_p_sorted(logits_bv, p_b, min_keep)
-  top_vals, _ = jax.lax.top_k(logits_bv, NUCLEUS_CANDIDATES)  # descending
-  probs = jnp.exp(top_vals - jax.nn.logsumexp(logits_bv, axis=-1, keepdims=True))
-  excl = jnp.cumsum(probs, axis=-1) - probs  # mass of strictly more likely candidates
-  # Ascending cumsum at a token is 1 - excl, so HF keeps it iff excl < p.
-  keep = (excl < p_b[:, None]) | (jnp.arange(NUCLEUS_CANDIDATES) < min_keep)[None]
-  n_keep = keep.sum(axis=-1)
-  fits = jnp.all(n_keep < NUCLEUS_CANDIDATES)
-  threshold = jnp.take_along_axis(top_vals, (n_keep - 1)[:, None], axis=-1)
-  fast = lambda: jnp.where(logits_bv >= threshold, logits_bv, FILTERED)
-  return jax.lax.cond(fits, fast, lambda: _top_p_sorted(logits_bv, p_b, min_keep))
+  probs = jax.nn.softmax(logits_bv, axis=-1)
+  bits = jax.lax.bitcast_convert_type(probs, jnp.int32)  # monotone in probs >= 0
+  tail = 1.0 - p_b
+
+  def mass_upto(b_b):  # reads the bits alone: one [B, V] array per step
+    return jnp.sum(jnp.where(bits <= b_b[:, None], jax.lax.bitcast_convert_type(bits, jnp.float32),
+                             0.0), axis=-1)
+
+  def halve(_, bounds):  # invariant: mass up to lo <= 1 - p < mass up to hi
+    lo, hi = bounds
+    mid = lo + (hi - lo) // 2
+    dropped = mass_upto(mid) <= tail
+    return jnp.where(dropped, mid, lo), jnp.where(dropped, hi, mid)
+
+  hi = bits.max(axis=-1)
+  lo, hi = jax.lax.fori_loop(0, 31, halve, (jnp.full_like(hi, -1), hi))
+  below = mass_upto(lo)[:, None]
+  tied = bits == hi[:, None]
+  value = jax.lax.bitcast_convert_type(hi, jnp.float32)[:, None]
+  # Position among the ties, by index (1-based); the cumsum runs only when some row has ties.
+  rank = jax.lax.cond(jnp.any(tied.sum(axis=-1) > 1), lambda: jnp.cumsum(tied, axis=-1),
+                      lambda: tied.astype(jnp.int32))
+  drop = (bits < hi[:, None]) | (tied & (below + rank * value <= tail[:, None]))
+  return jnp.where(drop, FILTERED, logits_bv)
 
 
 def _top_p_sorted(logits_bv, p_b, min_keep: int):

@@ -33,7 +33,8 @@ _NEG = float(np.finfo(np.float32).min)
 class KVCache:
   """Static-shape KV cache.
 
-  k, v: one `[B, S_max, kv_heads, head_dim]` array per layer.
+  k, v: one `[B, kv_heads, S_max, head_dim]` array per layer: the layout the attention GEMMs
+    read, so a decode step writes one slot and never transposes the cache.
   mask_bt: `[B, S_max]` bool, slot holds a real (non-pad) token.
   index: int32 scalar, next slot to write (shared by the batch: prompts are left-padded).
   lengths_b: int32 `[B]`, real tokens written so far per row (= the next RoPE position).
@@ -47,7 +48,7 @@ class KVCache:
 
   @classmethod
   def init(cls, cfg: ModelConfig, batch: int, max_len: int, dtype: str | None = None) -> "KVCache":
-    shape = (batch, max_len, cfg.n_kv_heads, cfg.head_dim)
+    shape = (batch, cfg.n_kv_heads, max_len, cfg.head_dim)
     dt = jnp.dtype(dtype or cfg.dtype)
     zeros = tuple(jnp.zeros(shape, dt) for _ in range(cfg.n_layers))
     return cls(
@@ -124,19 +125,19 @@ class Attention(nnx.Module):
     g = cfg.n_heads // cfg.n_kv_heads
     q = apply_rope(self.q_proj(x_bsd), cos_bsh, sin_bsh)
     k = apply_rope(self.k_proj(x_bsd), cos_bsh, sin_bsh)
-    v = self.v_proj(x_bsd)
+    # K/V as [B, K, T, H] and queries grouped by their kv head, [B, K, G*S, H]: one GEMM per
+    # (row, kv head) against the un-repeated K/V (no [B, T, N, H] copies of the cache when
+    # decoding); XLA:CPU runs these plain GEMMs far faster than a 5-D "bskgh,btkh" contraction.
+    k_t = k.transpose(0, 2, 1, 3)
+    v_t = self.v_proj(x_bsd).transpose(0, 2, 1, 3)
     if kv is not None:
-      k = jax.lax.dynamic_update_slice(kv[0], k.astype(kv[0].dtype), (0, index, 0, 0))
-      v = jax.lax.dynamic_update_slice(kv[1], v.astype(kv[1].dtype), (0, index, 0, 0))
-      kv = (k, v)
+      k_t = jax.lax.dynamic_update_slice(kv[0], k_t.astype(kv[0].dtype), (0, 0, index, 0))
+      v_t = jax.lax.dynamic_update_slice(kv[1], v_t.astype(kv[1].dtype), (0, 0, index, 0))
+      kv = (k_t, v_t)
     kh, hd = cfg.n_kv_heads, cfg.head_dim
-    t = k.shape[1]
-    # Queries grouped by their kv head, [B, K, G*S, H]: one GEMM per (row, kv head) against the
-    # un-repeated K/V (no [B, T, N, H] copies of the cache when decoding); XLA:CPU runs these
-    # plain GEMMs far faster than a 5-D "bskgh,btkh" contraction.
+    t = k_t.shape[2]
     q = q.reshape(b, s, kh, g, hd).transpose(0, 2, 3, 1, 4).reshape(b, kh, g * s, hd)
-    k_t = k.astype(q.dtype).transpose(0, 2, 1, 3)
-    v_t = v.transpose(0, 2, 1, 3)
+    k_t = k_t.astype(q.dtype)
     scores = jnp.einsum("bkqh,bkth->bkqt", q, k_t, preferred_element_type=jnp.float32)
     scores = scores.reshape(b, kh, g, s, t) * (hd**-0.5)
     scores = jnp.where(mask_bst[:, None, None], scores, _NEG)
@@ -146,7 +147,7 @@ class Attention(nnx.Module):
       probs = jax.nn.softmax(jnp.concatenate([scores, sink], axis=-1), axis=-1)[..., :-1]
     else:
       probs = jax.nn.softmax(scores, axis=-1)
-    out = jnp.einsum("bkqt,bkth->bkqh", probs.reshape(b, kh, g * s, t).astype(v.dtype), v_t)
+    out = jnp.einsum("bkqt,bkth->bkqh", probs.reshape(b, kh, g * s, t).astype(v_t.dtype), v_t)
     out = out.reshape(b, kh, g, s, hd).transpose(0, 3, 1, 2, 4).reshape(b, s, cfg.n_heads, hd)
     return self.o_proj(out), kv
 

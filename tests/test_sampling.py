@@ -58,11 +58,30 @@ def test_top_p(p):
 @pytest.mark.parametrize("scale", [0.5, 3.0])
 @pytest.mark.parametrize("p", [0.05, 0.5, 0.9, 0.999])
 def test_top_p_large_vocab(p, scale):
-  """Vocab > NUCLEUS_CANDIDATES: the top-k fast path, or the full-sort fallback when the
-  nucleus is wider (small `scale` = flat logits), still equals HF."""
-  x = np.random.default_rng(7).normal(size=(3, 5000)).astype(np.float32) * scale
+  """SmolLM2's 49152-token vocabulary: a flat row (small `scale`, a nucleus of tens of thousands
+  of tokens) and a peaked one in the same batch each equal HF."""
+  rng = np.random.default_rng(7)
+  x = rng.normal(size=(2, 49152)).astype(np.float32) * np.array([[scale], [3 * scale]], np.float32)
   s = Sampler(top_p=p)
-  _same(s.process(jnp.asarray(x), s.params(3)), lp.TopPLogitsWarper(p)(None, torch.tensor(x)))
+  _same(s.process(jnp.asarray(x), s.params(2)), lp.TopPLogitsWarper(p)(None, torch.tensor(x)))
+
+
+def _stable_top_p(x, p):
+  """HF's top-p formula with a stable sort: ties at the boundary dropped lowest index first."""
+  t = torch.tensor(x)
+  sorted_logits, idx = torch.sort(t, descending=False, stable=True)
+  remove = sorted_logits.softmax(-1).cumsum(-1) <= 1 - p
+  remove[..., -1:] = False
+  return t.masked_fill(remove.scatter(1, idx, remove), -float("inf"))
+
+
+@pytest.mark.parametrize("p", [0.3, 0.9])
+def test_top_p_large_vocab_with_ties(p):
+  """Logits rounded to a coarse grid (as bf16 logits are): thousands of tokens tie at the
+  nucleus boundary and are dropped in the stable order."""
+  x = np.round(np.random.default_rng(8).normal(size=(3, 49152)) * 4).astype(np.float32) / 2
+  s = Sampler(top_p=p)
+  _same(s.process(jnp.asarray(x), s.params(3)), _stable_top_p(x, p))
 
 
 @pytest.mark.parametrize("p", [0.05, 0.5, 0.9, 0.999])
@@ -72,13 +91,8 @@ def test_top_p_with_ties(p):
   stable sort, and keep as many tokens and the same probability mass as HF's own warper."""
   x = _logits(ties=True)
   ours = np.asarray(Sampler(top_p=p).process(jnp.asarray(x), Sampler(top_p=p).params(4)))
-  t = torch.tensor(x)
-  sorted_logits, idx = torch.sort(t, descending=False, stable=True)
-  remove = sorted_logits.softmax(-1).cumsum(-1) <= 1 - p
-  remove[..., -1:] = False
-  stable_ref = t.masked_fill(remove.scatter(1, idx, remove), -float("inf"))
-  _same(ours, stable_ref)
-  hf = lp.TopPLogitsWarper(p)(None, t).numpy()
+  _same(ours, _stable_top_p(x, p))
+  hf = lp.TopPLogitsWarper(p)(None, torch.tensor(x)).numpy()
   np.testing.assert_array_equal(np.isfinite(ours).sum(-1), np.isfinite(hf).sum(-1))
   probs = jax.nn.softmax(jnp.asarray(x), -1)
   np.testing.assert_allclose(np.where(np.isfinite(ours), probs, 0).sum(-1),
@@ -149,3 +163,11 @@ def test_bad_sampler_values_name_the_field():
     Sampler(top_p=0.0)
   with pytest.raises(ValueError, match="temperature must be > 0"):
     Sampler(temperature=0.0)
+
+
+@pytest.mark.parametrize("p", [0.05, 0.5])
+def test_top_p_min_tokens_to_keep(p):
+  x = _logits(seed=9)
+  s = Sampler(top_p=p, min_tokens_to_keep=3)
+  ref = lp.TopPLogitsWarper(p, min_tokens_to_keep=3)(None, torch.tensor(x))
+  _same(s.process(jnp.asarray(x), s.params(4)), ref)
