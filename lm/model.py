@@ -138,7 +138,10 @@ class Attention(nnx.Module):
     t = k_t.shape[2]
     q = q.reshape(b, s, kh, g, hd).transpose(0, 2, 3, 1, 4).reshape(b, kh, g * s, hd)
     k_t = k_t.astype(q.dtype)
-    scores = jnp.einsum("bkqh,bkth->bkqt", q, k_t, preferred_element_type=jnp.float32)
+    if s == 1:  # a decode step: XLA:CPU fuses this multiply-reduce; it beats M=G tiny GEMMs
+      scores = jnp.sum(q.astype(jnp.float32)[:, :, :, None, :] * k_t[:, :, None, :, :], axis=-1)
+    else:
+      scores = jnp.einsum("bkqh,bkth->bkqt", q, k_t, preferred_element_type=jnp.float32)
     scores = scores.reshape(b, kh, g, s, t) * (hd**-0.5)
     scores = jnp.where(mask_bst[:, None, None], scores, _NEG)
     if self.sinks is not None:
