@@ -42,11 +42,14 @@ class GenerateOutput:
 
   logprobs_bt: log p(token) under the model's raw distribution (temperature 1, no filters).
   sample_logprobs_bt: log p(token) under the distribution actually sampled from.
+  policy_logprobs_bt: log p(token) under softmax(logits / T) over the full vocabulary, before
+    top-k / top-p / min-p: what RL trainers (TRL, tunix) score as the policy's log-prob.
   """
 
   tokens_bt: np.ndarray
   logprobs_bt: np.ndarray
   sample_logprobs_bt: np.ndarray
+  policy_logprobs_bt: np.ndarray
   lengths_b: np.ndarray
   finish_b: np.ndarray  # index into FINISH_REASONS
 
@@ -144,17 +147,20 @@ def _generate(graphdef, state, tokens_bp, mask_bp, eos_ids, params: SamplingPara
     seen_bv = jnp.zeros((b, vocab), bool).at[rows, tokens_bp].max(mask_bp.astype(bool))
 
   def body(carry):
-    step, last_bv, cache, done_b, finish_b, hist, hvalid, seen, lp_bt, slp_bt, key = carry
+    step, last_bv, cache, done_b, finish_b, hist, hvalid, seen, lp_bt, slp_bt, plp_bt, key = carry
     key, sub = jax.random.split(key)
     processed = sampler.process(last_bv, params, seen, hist, hvalid, p + step)
     tok_b = sampler.choose(processed, sub)
     lp_b = token_logprobs(last_bv[:, None], tok_b[:, None])[:, 0]
     slp_b = token_logprobs(processed[:, None], tok_b[:, None])[:, 0]
+    plp_b = lp_b if sampler.greedy else token_logprobs(
+        last_bv[:, None] / params.temperature[:, None, None], tok_b[:, None])[:, 0]
     tok_b = jnp.where(done_b, pad_id, tok_b)
     hist = hist.at[:, p + step].set(tok_b)
     hvalid = hvalid.at[:, p + step].set(~done_b)
     lp_bt = lp_bt.at[:, step].set(jnp.where(done_b, 0.0, lp_b))
     slp_bt = slp_bt.at[:, step].set(jnp.where(done_b, 0.0, slp_b))
+    plp_bt = plp_bt.at[:, step].set(jnp.where(done_b, 0.0, plp_b))
     if seen is not None:
       seen = seen.at[jnp.arange(b), tok_b].max(~done_b)
     gen = jax.lax.dynamic_slice_in_dim(hist, p, max_new_tokens, axis=1)
@@ -172,7 +178,7 @@ def _generate(graphdef, state, tokens_bp, mask_bp, eos_ids, params: SamplingPara
     new_done = done_b | newly
     logits, cache = model(tok_b[:, None], attn_mask=(~done_b)[:, None], cache=cache)
     return (step + 1, logits[:, -1], cache, new_done, finish_b, hist, hvalid, seen, lp_bt, slp_bt,
-            key)
+            plp_bt, key)
 
   def cond(carry):
     step, done_b = carry[0], carry[3]
@@ -181,11 +187,12 @@ def _generate(graphdef, state, tokens_bp, mask_bp, eos_ids, params: SamplingPara
   init = (jnp.zeros((), jnp.int32), logits[:, -1], cache, jnp.zeros((b,), bool),
           jnp.zeros((b,), jnp.int32), history_bt, hvalid_bt, seen_bv,
           jnp.zeros((b, max_new_tokens), jnp.float32),
+          jnp.zeros((b, max_new_tokens), jnp.float32),
           jnp.zeros((b, max_new_tokens), jnp.float32), key)
   out = jax.lax.while_loop(cond, body, init)
-  _, _, _, _, finish_b, hist, hvalid, _, lp_bt, slp_bt, _ = out
+  _, _, _, _, finish_b, hist, hvalid, _, lp_bt, slp_bt, plp_bt, _ = out
   gen_valid = hvalid[:, p:]
-  return hist[:, p:], lp_bt, slp_bt, gen_valid.sum(axis=1), finish_b
+  return hist[:, p:], lp_bt, slp_bt, plp_bt, gen_valid.sum(axis=1), finish_b
 
 
 def compile_count() -> int:
@@ -216,5 +223,5 @@ def generate(model, prompts: Sequence[Sequence[int]], *, max_new_tokens: int,
   out = _generate(graphdef, state, jnp.asarray(tokens), jnp.asarray(mask), eos, params,
                   jax.random.key(seed), max_new_tokens=max_new_tokens,
                   sampler=sampler.structure(), stop=stop, pad_id=pad_id)
-  toks, lp, slp, lengths, finish = (np.asarray(x) for x in out)
-  return GenerateOutput(toks, lp, slp, lengths.astype(np.int32), finish)
+  toks, lp, slp, plp, lengths, finish = (np.asarray(x) for x in out)
+  return GenerateOutput(toks, lp, slp, plp, lengths.astype(np.int32), finish)

@@ -74,9 +74,9 @@ def rollout(model, prompts: Sequence[Sequence[int]], *, max_new_tokens: int, tok
                    sampler=sampler, seed=seed + i, num_samples=num_samples, stop=stop)
     keep = len(chunk) * num_samples
     parts.append([x[:keep] for x in (out.tokens_bt, out.lengths_b, out.logprobs_bt,
-                                     out.sample_logprobs_bt, out.finish_b)])
+                                     out.sample_logprobs_bt, out.policy_logprobs_bt, out.finish_b)])
     index.append(np.repeat(np.arange(i, i + len(chunk)), num_samples))
-  tokens, lengths, lps, slps, finish = (np.concatenate(x) for x in zip(*parts))
-  return Rollout(tokens_bt=tokens, logprobs_bt=lps, sample_logprobs_bt=slps,
+  tokens, lengths, lps, slps, plps, finish = (np.concatenate(x) for x in zip(*parts))
+  return Rollout(tokens_bt=tokens, logprobs_bt=lps, sample_logprobs_bt=slps, policy_logprobs_bt=plps,
                  lengths_b=lengths.astype(np.int32), finish_b=finish, prompts=prompts,
                  prompt_index_b=np.concatenate(index))

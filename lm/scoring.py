@@ -29,7 +29,7 @@ def token_logprobs(logits_bsv: jax.Array, targets_bs: jax.Array, temperature: fl
 
 
 def selected_token_logprobs(model, h_bsd: jax.Array, targets_bs: jax.Array, select_bs: jax.Array,
-                            *, chunk: int = 64) -> jax.Array:
+                            *, chunk: int = 64, temperature: float = 1.0) -> jax.Array:
   """`token_logprobs` of `targets_bs` at the `select_bs` positions (0 elsewhere), `[B, S]` float32,
   from final hidden states `h_bsd` through `model.logits`, never materialising `[B, S, V]`.
 
@@ -54,7 +54,7 @@ def selected_token_logprobs(model, h_bsd: jax.Array, targets_bs: jax.Array, sele
 
   @jax.checkpoint
   def scored(h_bcd, t_bc, sel_bc):
-    return jnp.where(sel_bc, token_logprobs(model.logits(h_bcd), t_bc), 0.0)
+    return jnp.where(sel_bc, token_logprobs(model.logits(h_bcd), t_bc, temperature), 0.0)
 
   def skipped(h_bcd, t_bc, sel_bc):
     del h_bcd, sel_bc
@@ -83,9 +83,22 @@ def token_kl(logits_p_bsv: jax.Array, logits_q_bsv: jax.Array) -> jax.Array:
   return jnp.sum(jnp.where(p > 0, p * (logp - logq), 0.0), axis=-1)
 
 
+def sample_kl_estimators(logp: jax.Array, logq: jax.Array, clamp: float | None = None
+                         ) -> dict[str, jax.Array]:
+  """Schulman's estimators of KL(p || q) at tokens sampled from p, from their log-probs under p
+  (policy) and q (reference): k1 = -log r, k2 = (log r)^2 / 2, k3 = r - 1 - log r with
+  r = q/p. k1 is unbiased but can be negative, k3 unbiased and >= 0, k2 biased with low
+  variance. `clamp` bounds log r to [-clamp, clamp] first (k3's exp overflows on rare tokens)."""
+  log_r = logq - logp
+  if clamp is not None:
+    log_r = jnp.clip(log_r, -clamp, clamp)
+  return {"k1": -log_r, "k2": 0.5 * log_r**2, "k3": jnp.expm1(log_r) - log_r}
+
+
 def next_token_logprobs(model, tokens_bs: jax.Array, attn_mask=None, positions_bs=None,
-                        select_bs: jax.Array | None = None) -> jax.Array:
-  """log p(tokens[:, t+1] | tokens[:, :t+1]) for t < S-1: `[B, S-1]` float32, one forward.
+                        select_bs: jax.Array | None = None, temperature: float = 1.0) -> jax.Array:
+  """log p(tokens[:, t+1] | tokens[:, :t+1]) for t < S-1: `[B, S-1]` float32, one forward, under
+  softmax(logits / temperature) (RL scores a rollout at its sampling temperature).
 
   With `select_bs` (`[B, S]`, e.g. a loss mask) only the targets it marks are scored (0
   elsewhere): the output head runs on the chunks of positions that hold them
@@ -93,9 +106,10 @@ def next_token_logprobs(model, tokens_bs: jax.Array, attn_mask=None, positions_b
   """
   if select_bs is None:
     logits, _ = model(tokens_bs, positions_bs=positions_bs, attn_mask=attn_mask)
-    return token_logprobs(logits[:, :-1], tokens_bs[:, 1:])
+    return token_logprobs(logits[:, :-1], tokens_bs[:, 1:], temperature)
   h_bsd, _ = model.hidden_states(tokens_bs, positions_bs, attn_mask)
-  return selected_token_logprobs(model, h_bsd[:, :-1], tokens_bs[:, 1:], select_bs[:, 1:] > 0)
+  return selected_token_logprobs(model, h_bsd[:, :-1], tokens_bs[:, 1:], select_bs[:, 1:] > 0,
+                                 temperature=temperature)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -34,7 +34,7 @@ def test_kl_of_known_distributions_closed_form():
   targets = jnp.arange(3)[None]
   lp = scoring.token_logprobs(jnp.broadcast_to(logits_p, (1, 3, 3)), targets)
   lq = scoring.token_logprobs(jnp.broadcast_to(logits_q, (1, 3, 3)), targets)
-  est = {k: np.asarray(v)[0] for k, v in kl.sample_kl_estimators(lp, lq).items()}
+  est = {k: np.asarray(v)[0] for k, v in scoring.sample_kl_estimators(lp, lq).items()}
   np.testing.assert_allclose(est["k1"], [LN2, 0.0, -LN2], atol=1e-6)
   # k3 at x=0: r = 1/2 -> -1/2 + ln 2; x=2: r = 2 -> 1 - ln 2.
   np.testing.assert_allclose(est["k3"], [LN2 - 0.5, 0.0, 1 - LN2], atol=1e-6)

@@ -75,3 +75,37 @@ def test_pad_and_eos_come_from_the_tokenizer():
   assert pad_id_of(Tok()) == 7
   with pytest.raises(ValueError, match="pass a tokenizer, or eos_ids and pad_id"):
     rollout(lm.Transformer(lm.preset("tiny"), rngs=nnx.Rngs(0)), PROMPTS, max_new_tokens=2)
+
+
+@pytest.mark.parametrize("sampler", [Sampler(temperature=0.7), Sampler(temperature=1.3, top_p=0.8)],
+                         ids=["T0.7", "T1.3+top_p"])
+def test_policy_logprobs_equal_the_trainers_scoring_at_the_temperature(model, sampler):
+  """What RL scores: log softmax(logits / T) over the full vocabulary at each sampled token, the
+  EOS included, equal to `lm.scoring.next_token_logprobs(..., temperature=T)` on the same rows."""
+  import jax.numpy as jnp
+
+  from lm.scoring import next_token_logprobs
+
+  kw = dict(max_new_tokens=6, sampler=sampler, num_samples=3, seed=4)
+  first = rollout(model, PROMPTS, eos_ids=[], pad_id=0, **kw)
+  eos = int(first.tokens_bt[0, 3])  # same seed: row 0 now stops at its 4th token
+  out = rollout(model, PROMPTS, eos_ids=[eos], pad_id=eos, **kw)
+  rows, select = [], []
+  width = max(len(PROMPTS[i]) for i in out.prompt_index_b) + 6
+  for seq, i in zip(out.sequences(), out.prompt_index_b):
+    p = PROMPTS[i]
+    rows.append(p + seq + [0] * (width - len(p) - len(seq)))
+    select.append([0] * len(p) + [1] * len(seq) + [0] * (width - len(p) - len(seq)))
+  tokens, select = jnp.asarray(rows, jnp.int32), jnp.asarray(select, jnp.int32)
+  attn = jnp.asarray([[1] * (len(PROMPTS[i]) + n) + [0] * (width - len(PROMPTS[i]) - n)
+                      for i, n in zip(out.prompt_index_b, out.lengths_b)], jnp.int32)
+  scored = np.asarray(next_token_logprobs(model, tokens, attn, select_bs=select,
+                                          temperature=sampler.temperature))
+  assert (out.finish_b == 1).any(), "some row should end on the EOS (which is also the pad id)"
+  for r, (i, n) in enumerate(zip(out.prompt_index_b, out.lengths_b)):
+    p = len(PROMPTS[i])
+    np.testing.assert_allclose(out.policy_logprobs_bt[r, :n], scored[r, p - 1:p - 1 + n],
+                               rtol=1e-5, atol=1e-5)
+    assert np.all(out.policy_logprobs_bt[r, n:] == 0)
+  if sampler.top_p < 1:  # the filtered distribution is a different one
+    assert not np.allclose(out.policy_logprobs_bt, out.sample_logprobs_bt, atol=1e-4)

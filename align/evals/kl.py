@@ -20,20 +20,13 @@ import functools
 from typing import Sequence
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
 from lm import scoring
-from lm.scoring import sliding_windows, token_kl, token_logprobs
+from lm.scoring import sample_kl_estimators, sliding_windows, token_kl, token_logprobs
 
 ESTIMATORS = ("exact", "k1", "k2", "k3")
-
-
-def sample_kl_estimators(logp: jax.Array, logq: jax.Array) -> dict[str, jax.Array]:
-  """k1, k2, k3 at sampled tokens from their log-probs under p (policy) and q (reference)."""
-  log_r = logq - logp
-  return {"k1": -log_r, "k2": 0.5 * log_r**2, "k3": jnp.expm1(log_r) - log_r}
 
 
 @functools.partial(jax.jit, static_argnames=("gp", "gq"))

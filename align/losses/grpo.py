@@ -1,0 +1,141 @@
+"""Group Relative Policy Optimisation: advantages, the clipped surrogate, KL and aggregation.
+
+For completion i of a prompt's group of G, with per-token ratio ρ_t = π(y_t) / π_old(y_t) and
+advantage A_i, the per-token loss is
+
+  ℓ_t = -min(ρ_t A_i, clip(ρ_t, 1 - ε_low, 1 + ε_high) A_i)   (+ β KL_t when the KL is in the loss)
+
+with, for A_i < 0 and a dual clip c > 1, ℓ_t = min(ℓ_t, -c A_i) (Ye et al. 2020). The
+advantage estimators (`advantages`) and the aggregations over tokens (`aggregate`) are the ones
+TRL and tunix name; the functions here are pure and take log-probs, so the same code scores a
+whole model batch (`grpo_loss`) and the hand-computed golden cases in the tests.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from lm.scoring import sample_kl_estimators
+
+ESTIMATORS = ("grpo", "dr_grpo", "rloo", "batch_std")
+AGGREGATIONS = ("seq_mean_token_mean", "token_mean", "seq_mean_token_sum_norm")
+KL_ESTIMATORS = ("k1", "k2", "k3")
+
+
+def advantages(rewards_n: jax.Array, group_size: int, estimator: str = "grpo", *,
+               eps: float = 1e-6, ddof: int = 1) -> jax.Array:
+  """Per-completion advantages `[N]` from rewards `[N]` in prompt-major groups of `group_size`.
+
+  grpo       (r - mean_g) / (std_g + eps), std with `ddof` (1 = Bessel, as tunix/TRL/OpenRLHF)
+  dr_grpo    r - mean_g (Dr. GRPO: no std, which up-weights easy and hard groups)
+  rloo       r - mean of the other G - 1 rewards = G/(G-1) (r - mean_g)
+  batch_std  (r - mean_g) / (std over the whole batch + eps) (TRL's scale_rewards="batch")
+  A group whose rewards are all equal gets exactly 0 under every estimator.
+  """
+  if estimator not in ESTIMATORS:
+    raise ValueError(f"advantage estimator {estimator!r} is unknown; choose one of {ESTIMATORS}.")
+  n = rewards_n.shape[0]
+  if group_size < 1 or n % group_size:
+    raise ValueError(f"{n} rewards do not split into groups of {group_size}.")
+  if estimator == "rloo" and group_size < 2:
+    raise ValueError("rloo needs a group of at least 2 completions per prompt.")
+  r_gk = rewards_n.astype(jnp.float32).reshape(-1, group_size)
+  centred = r_gk - r_gk.mean(axis=1, keepdims=True)
+  if estimator == "dr_grpo":
+    out = centred
+  elif estimator == "rloo":
+    out = centred * (group_size / (group_size - 1))
+  elif estimator == "grpo":
+    std = jnp.std(r_gk, axis=1, keepdims=True, ddof=ddof) if group_size > ddof else 0.0
+    out = centred / (std + eps)
+  else:
+    out = centred / (jnp.std(rewards_n.astype(jnp.float32), ddof=ddof) + eps)
+  # Exact zeros for constant groups: their centred rewards can round to ±1 ulp, not 0.
+  constant = jnp.all(r_gk == r_gk[:, :1], axis=1, keepdims=True)
+  return jnp.where(constant, 0.0, out).reshape(n)
+
+
+def zero_std_share(rewards_n: jax.Array, group_size: int) -> jax.Array:
+  """Share of groups whose rewards are all equal (they carry no policy gradient)."""
+  r_gk = rewards_n.reshape(-1, group_size)
+  return jnp.mean(jnp.all(r_gk == r_gk[:, :1], axis=1).astype(jnp.float32))
+
+
+def kl_per_token(logp_bt: jax.Array, ref_logp_bt: jax.Array, estimator: str = "k3",
+                 clamp: float | None = None) -> jax.Array:
+  """KL(π || π_ref) estimated at the sampled tokens, `[B, T]` (`lm.scoring.sample_kl_estimators`)."""
+  if estimator not in KL_ESTIMATORS:
+    raise ValueError(f"kl estimator {estimator!r} is unknown; choose one of {KL_ESTIMATORS}.")
+  return sample_kl_estimators(logp_bt, ref_logp_bt, clamp)[estimator]
+
+
+def aggregate(loss_bt: jax.Array, mask_bt: jax.Array, how: str, *,
+              max_completion_length: int | None = None) -> jax.Array:
+  """One scalar from per-token losses over the `mask_bt` tokens.
+
+  seq_mean_token_mean      mean over sequences of each sequence's token mean (GRPO paper; TRL
+                           "grpo"; tunix default)
+  token_mean               sum over all tokens / their count (DAPO; TRL "bnpo", and "dapo" when
+                           the batch is the whole generation batch)
+  seq_mean_token_sum_norm  sum over all tokens / (B x max_completion_length) (Dr. GRPO's
+                           constant normaliser; TRL "dr_grpo")
+  """
+  m = mask_bt.astype(jnp.float32)
+  total = (loss_bt * m).sum()
+  if how == "seq_mean_token_mean":
+    return ((loss_bt * m).sum(-1) / jnp.maximum(m.sum(-1), 1.0)).mean()
+  if how == "token_mean":
+    return total / jnp.maximum(m.sum(), 1.0)
+  if how == "seq_mean_token_sum_norm":
+    if not max_completion_length:
+      raise ValueError("seq_mean_token_sum_norm needs max_completion_length (the constant "
+                       "normaliser).")
+    return total / (loss_bt.shape[0] * max_completion_length)
+  raise ValueError(f"loss aggregation {how!r} is unknown; choose one of {AGGREGATIONS}.")
+
+
+def clipped_surrogate(logp_bt, old_logp_bt, adv_b, *, eps_low: float = 0.2,
+                      eps_high: float | None = None, dual_clip: float | None = None):
+  """(per-token loss `[B, T]`, ratio `[B, T]`, low-clipped `[B, T]`, high-clipped `[B, T]`).
+
+  Low-clipped: ρ < 1 - ε_low with A < 0; high-clipped: ρ > 1 + ε_high with A > 0 (where the clip
+  removes the gradient; TRL's clip_ratio/low and /high)."""
+  eps_high = eps_low if eps_high is None else eps_high
+  adv = adv_b[:, None]
+  ratio = jnp.exp(logp_bt - old_logp_bt)
+  clipped = jnp.clip(ratio, 1 - eps_low, 1 + eps_high)
+  loss = -jnp.minimum(ratio * adv, clipped * adv)
+  if dual_clip is not None:
+    if not dual_clip > 1:
+      raise ValueError(f"dual_clip={dual_clip} must be > 1 (Ye et al. use 3).")
+    loss = jnp.where(adv < 0, jnp.minimum(loss, -dual_clip * adv), loss)
+  low = (ratio < 1 - eps_low) & (adv < 0)
+  high = (ratio > 1 + eps_high) & (adv > 0)
+  return loss, ratio, low, high
+
+
+def policy_loss(logp_bt, old_logp_bt, adv_b, mask_bt, *, eps_low: float = 0.2,
+                eps_high: float | None = None, dual_clip: float | None = None,
+                aggregation: str = "seq_mean_token_mean", max_completion_length: int | None = None,
+                ref_logp_bt=None, beta: float = 0.0, kl_estimator: str = "k3",
+                kl_clamp: float | None = None):
+  """(loss, metrics) of the clipped surrogate plus β·KL in the loss, aggregated over `mask_bt`.
+
+  `ref_logp_bt` is needed when β > 0 (and only then read). Metrics are masked token means:
+  clip fractions low / high / region, the KL estimate, and the ratio's mean and max.
+  """
+  m = mask_bt.astype(jnp.float32)
+  per_token, ratio, low, high = clipped_surrogate(
+      logp_bt, old_logp_bt, adv_b, eps_low=eps_low, eps_high=eps_high, dual_clip=dual_clip)
+  mean = lambda x: (x.astype(jnp.float32) * m).sum() / jnp.maximum(m.sum(), 1.0)
+  metrics = {"clip_low": mean(low), "clip_high": mean(high), "clip_region": mean(low | high),
+             "ratio_mean": mean(ratio),
+             "ratio_max": jnp.max(jnp.where(m > 0, ratio, -jnp.inf), initial=0.0)}
+  if beta:
+    kl = kl_per_token(logp_bt, ref_logp_bt, kl_estimator, kl_clamp)
+    per_token = per_token + beta * kl
+    metrics["kl"] = mean(kl)
+  loss = aggregate(per_token, m, aggregation, max_completion_length=max_completion_length)
+  metrics["loss"] = loss
+  return loss, metrics

@@ -1,0 +1,160 @@
+"""GRPO's pieces on hand-computed cases, and its loss and gradients against TRL's GRPOTrainer."""
+
+import collections
+import math
+import types
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from align.losses import grpo
+
+
+def test_grpo_advantages_golden():
+  """[1, 0, 0, 1]: mean 0.5, Bessel std sqrt(1/3) = 0.577350, so ±0.5 / (0.577350 + 1e-6)."""
+  adv = np.asarray(grpo.advantages(jnp.array([1.0, 0, 0, 1]), 4, "grpo", eps=1e-6, ddof=1))
+  np.testing.assert_allclose(adv, [0.866024, -0.866024, -0.866024, 0.866024], atol=2e-6)
+  pop = np.asarray(grpo.advantages(jnp.array([1.0, 0, 0, 1]), 4, "grpo", eps=0.0, ddof=0))
+  np.testing.assert_allclose(pop, [1, -1, -1, 1], atol=1e-6)
+
+
+@pytest.mark.parametrize("estimator", grpo.ESTIMATORS)
+def test_constant_group_gets_exact_zero(estimator):
+  r = jnp.array([0.3, 0.3, 0.3, 0.3, 1.0, 0.0, 0.5, 0.5])
+  adv = np.asarray(grpo.advantages(r, 4, estimator))
+  assert np.all(adv[:4] == 0.0) and np.all(np.isfinite(adv))
+  assert np.abs(adv[4:]).sum() > 0
+
+
+def test_other_estimators_golden():
+  r = jnp.array([3.0, 1.0, 2.0, 6.0])  # one group: mean 3
+  np.testing.assert_allclose(grpo.advantages(r, 4, "dr_grpo"), [0, -2, -1, 3], atol=1e-6)
+  # RLOO: r_i minus the mean of the other three: 3 - 3, 1 - 11/3, 2 - 10/3, 6 - 2.
+  np.testing.assert_allclose(grpo.advantages(r, 4, "rloo"), [0, -8 / 3, -4 / 3, 4], atol=1e-6)
+  two = jnp.array([1.0, 3.0, 10.0, 10.0])  # groups of 2: centred [-1, 1, 0, 0]
+  std = np.std([1.0, 3.0, 10.0, 10.0], ddof=1)
+  np.testing.assert_allclose(grpo.advantages(two, 2, "batch_std", eps=0.0),
+                             [-1 / std, 1 / std, 0, 0], atol=1e-6)
+
+
+def test_bad_groups_are_refused():
+  with pytest.raises(ValueError, match="groups of 3"):
+    grpo.advantages(jnp.zeros(8), 3)
+  with pytest.raises(ValueError, match="unknown"):
+    grpo.advantages(jnp.zeros(8), 4, "ppo")
+
+
+def test_zero_std_share():
+  r = jnp.array([1.0, 1, 1, 1, 0, 1, 0, 0, 0, 0, 0, 0])
+  assert float(grpo.zero_std_share(r, 4)) == pytest.approx(2 / 3)
+
+
+def test_kl_estimators_golden():
+  """log π = -1, log π_ref = -2: log r = -1, so k1 = 1, k2 = 0.5, k3 = e^-1 - 1 + 1."""
+  lp, ref = jnp.array([[-1.0]]), jnp.array([[-2.0]])
+  assert float(grpo.kl_per_token(lp, ref, "k1")[0, 0]) == pytest.approx(1.0)
+  assert float(grpo.kl_per_token(lp, ref, "k2")[0, 0]) == pytest.approx(0.5)
+  assert float(grpo.kl_per_token(lp, ref, "k3")[0, 0]) == pytest.approx(math.exp(-1), rel=1e-6)
+  # A token the reference finds far likelier: k3 = e^100 overflows unless log r is clamped.
+  far = grpo.kl_per_token(jnp.array([[-101.0]]), jnp.array([[-1.0]]), "k3", clamp=10.0)
+  assert float(far[0, 0]) == pytest.approx(math.exp(10) - 1 - 10, rel=1e-5)
+  assert not np.isfinite(float(grpo.kl_per_token(jnp.array([[-101.0]]), jnp.array([[-1.0]]),
+                                                 "k3")[0, 0]))
+
+
+def test_clipped_surrogate_golden():
+  """ε 0.2: A=+1, ρ=1.5 -> -min(1.5, 1.2) = -1.2 (high-clipped); A=-1, ρ=0.5 -> -min(-0.5,
+  -0.8) = 0.8 (low-clipped); A=+1, ρ=0.5 -> -0.5 (not clipped: the gradient flows); A=-1,
+  ρ=5 -> 5, and 3 under a dual clip c=3."""
+  adv = jnp.array([1.0, -1.0, 1.0, -1.0])
+  ratio = jnp.array([1.5, 0.5, 0.5, 5.0])[:, None]
+  lp, old = jnp.log(ratio), jnp.zeros_like(ratio)
+  loss, _, low, high = grpo.clipped_surrogate(lp, old, adv, eps_low=0.2)
+  np.testing.assert_allclose(loss[:, 0], [-1.2, 0.8, -0.5, 5.0], rtol=1e-6)
+  assert low[:, 0].tolist() == [False, True, False, False]
+  assert high[:, 0].tolist() == [True, False, False, False]
+  dual, *_ = grpo.clipped_surrogate(lp, old, adv, eps_low=0.2, dual_clip=3.0)
+  np.testing.assert_allclose(dual[:, 0], [-1.2, 0.8, -0.5, 3.0], rtol=1e-6)
+  asym, *_ = grpo.clipped_surrogate(lp, old, adv, eps_low=0.2, eps_high=0.28)
+  np.testing.assert_allclose(asym[0, 0], -1.28, rtol=1e-6)
+
+
+def test_aggregations_golden():
+  loss = jnp.array([[1.0, 2.0, 3.0, 0.0], [4.0, 0.0, 0.0, 0.0]])
+  mask = jnp.array([[1, 1, 1, 0], [1, 0, 0, 0]])
+  assert float(grpo.aggregate(loss, mask, "seq_mean_token_mean")) == pytest.approx((2 + 4) / 2)
+  assert float(grpo.aggregate(loss, mask, "token_mean")) == pytest.approx(10 / 4)
+  assert float(grpo.aggregate(loss, mask, "seq_mean_token_sum_norm",
+                              max_completion_length=5)) == pytest.approx(10 / (2 * 5))
+
+
+def test_first_inner_iteration_has_ratio_one_and_no_clipping():
+  rng = np.random.default_rng(0)
+  lp = jnp.asarray(rng.normal(size=(6, 5)) - 2, jnp.float32)
+  adv = jnp.asarray(rng.normal(size=6), jnp.float32)
+  _, m = grpo.policy_loss(lp, jax.lax.stop_gradient(lp), adv, jnp.ones((6, 5)))
+  assert float(m["ratio_mean"]) == 1.0 and float(m["clip_region"]) == 0.0
+
+
+# --- TRL parity -------------------------------------------------------------------------------
+
+def _trl_loss(loss_type, logp, old, ref, adv, mask, *, beta, eps_low, eps_high, max_len):
+  """TRL's `GRPOTrainer._compute_loss` on given per-token log-probs (its model call replaced)."""
+  torch = pytest.importorskip("torch")
+  trl = pytest.importorskip("trl")
+  logp_t = torch.tensor(logp, requires_grad=True)
+  acc = types.SimpleNamespace(num_processes=1, sync_gradients=True, gather=lambda x: x,
+                              gather_for_metrics=lambda x: x, reduce=lambda x, reduction: x)
+  fake = types.SimpleNamespace(
+      top_entropy_quantile=1.0, off_policy_mask_threshold=None, importance_sampling_level="token",
+      beta=beta, loss_type=loss_type, epsilon_low=eps_low, epsilon_high=eps_high, use_vllm=False,
+      args=types.SimpleNamespace(use_bias_correction_kl=False, delta=None, steps_per_generation=1),
+      model=types.SimpleNamespace(training=True), current_gradient_accumulation_steps=1,
+      max_completion_length=max_len, accelerator=acc, _entropy_bonus_enabled=False,
+      aux_loss_enabled=False, _metrics=collections.defaultdict(lambda: collections.defaultdict(list)),
+      _get_per_token_logps_and_entropies=lambda *a, **k: (logp_t, torch.zeros_like(logp_t), None))
+  b, t = logp.shape
+  inputs = {"prompt_ids": torch.zeros((b, 1), dtype=torch.long),
+            "prompt_mask": torch.ones((b, 1), dtype=torch.long),
+            "completion_ids": torch.zeros((b, t), dtype=torch.long),
+            "completion_mask": torch.tensor(mask), "advantages": torch.tensor(adv),
+            "old_per_token_logps": torch.tensor(old), "ref_per_token_logps": torch.tensor(ref),
+            "num_items_in_batch": torch.tensor(float(mask.sum()))}
+  loss = trl.GRPOTrainer._compute_loss(fake, None, inputs)
+  loss.backward()
+  return float(loss.detach()), logp_t.grad.numpy(), fake._metrics["train"]
+
+
+OURS = {"grpo": "seq_mean_token_mean", "bnpo": "token_mean", "dapo": "token_mean",
+        "dr_grpo": "seq_mean_token_sum_norm"}
+
+
+@pytest.mark.parametrize("beta", [0.0, 0.04])
+@pytest.mark.parametrize("loss_type", sorted(OURS))
+def test_loss_and_gradients_equal_trl(loss_type, beta):
+  rng = np.random.default_rng(1)
+  b, t, max_len = 6, 7, 9
+  logp = (rng.normal(size=(b, t)) * 0.5 - 2).astype(np.float32)
+  old = (logp + rng.normal(size=(b, t)) * 0.3).astype(np.float32)  # ratios well past 1 ± ε
+  ref = (logp + rng.normal(size=(b, t)) * 0.2).astype(np.float32)
+  adv = rng.normal(size=b).astype(np.float32)
+  mask = (np.arange(t)[None] < rng.integers(1, t + 1, size=b)[:, None]).astype(np.int64)
+  ref_loss, ref_grad, ref_metrics = _trl_loss(loss_type, logp, old, ref, adv, mask, beta=beta,
+                                              eps_low=0.2, eps_high=0.28, max_len=max_len)
+
+  def ours(lp):
+    return grpo.policy_loss(lp, jnp.asarray(old), jnp.asarray(adv), jnp.asarray(mask),
+                            eps_low=0.2, eps_high=0.28, aggregation=OURS[loss_type],
+                            max_completion_length=max_len, ref_logp_bt=jnp.asarray(ref),
+                            beta=beta, kl_estimator="k3")
+
+  (loss, metrics), grad = jax.value_and_grad(ours, has_aux=True)(jnp.asarray(logp))
+  np.testing.assert_allclose(float(loss), ref_loss, rtol=1e-5, atol=1e-7)
+  np.testing.assert_allclose(np.asarray(grad), ref_grad, rtol=1e-5, atol=1e-7)
+  assert float(metrics["clip_low"]) == pytest.approx(ref_metrics["clip_ratio/low_mean"][0])
+  assert float(metrics["clip_high"]) == pytest.approx(ref_metrics["clip_ratio/high_mean"][0])
+  assert float(metrics["clip_high"]) > 0 and float(metrics["clip_low"]) > 0
+  if beta:
+    assert float(metrics["kl"]) == pytest.approx(ref_metrics["kl"][0], rel=1e-5)
