@@ -135,13 +135,13 @@ def _profile(model, prompts, rows: int, n: int):
   sampler = Sampler(top_p=0.9) if samples > 1 else GREEDY
   kw = dict(max_new_tokens=n, eos_ids=[], pad_id=2, sampler=sampler, num_samples=samples)
   engine.generate(model, batch, **kw)  # compile
-  expanded = [p for p in batch for _ in range(samples)]
-  tokens, mask = engine.left_pad(expanded, 2)
+  tokens, mask = engine.left_pad(batch, 2)
   graphdef, state = nnx.split(model)
   hlo = engine._generate.lower(
       graphdef, state, jnp.asarray(tokens), jnp.asarray(mask), jnp.asarray([-1], jnp.int32),
-      sampler.params(len(expanded)), jax.random.key(0), max_new_tokens=n,
-      sampler=sampler.structure(), stop=engine.StopRules(), pad_id=2).compile().as_text()
+      sampler.params(len(batch) * samples), jax.random.key(0), max_new_tokens=n,
+      sampler=sampler.structure(), stop=engine.StopRules(), pad_id=2,
+      num_samples=samples).compile().as_text()
   best = None
   for _ in range(FLAGS.repeats):
     with tempfile.TemporaryDirectory() as tmp:

@@ -22,7 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from decode.engine import check_decode_inputs, left_pad
+from decode.engine import check_decode_inputs, left_pad, prefill
 from lm.model import KVCache
 
 _NEG = -1.0e9  # HF's finite "never pick" score; its float32 rounding decides ties as HF's does
@@ -96,14 +96,6 @@ class _Pool(NamedTuple):
   fin_bw: jax.Array
 
 
-def _take_rows(cache: KVCache, rows_n: jax.Array) -> KVCache:
-  """The cache with row n replaced by row rows_n[n] (every layer's k/v, mask and lengths)."""
-  # "clip": rows are always in range, and the default "fill" mode adds a masked copy per step.
-  take = functools.partial(jnp.take, indices=rows_n, axis=0, mode="clip")
-  return KVCache(k=tuple(map(take, cache.k)), v=tuple(map(take, cache.v)),
-                 mask_bt=take(cache.mask_bt), index=cache.index, lengths_b=take(cache.lengths_b))
-
-
 @functools.partial(jax.jit, static_argnames=("graphdef", "num_beams", "max_new_tokens", "pad_id"))
 def _beam_search(graphdef, state, tokens_bp, mask_bp, eos_e, penalty_t, never_b, stop_full_b, *,
                  num_beams: int, max_new_tokens: int, pad_id: int):
@@ -115,11 +107,7 @@ def _beam_search(graphdef, state, tokens_bp, mask_bp, eos_e, penalty_t, never_b,
   k = max(2, 1 + eos_e.shape[0]) * w
   f32 = jnp.float32
 
-  # The W beams of a prompt share its prefix: prefill B rows once, then repeat them.
-  cache = KVCache.init(model.cfg, b, p + t_max)
-  logits, cache = model(tokens_bp, attn_mask=mask_bp, cache=cache)
-  cache = _take_rows(cache, jnp.repeat(jnp.arange(b), w))
-  logits_nv = jnp.repeat(logits[:, -1], w, axis=0)
+  logits_nv, cache = prefill(model, tokens_bp, mask_bp, p + t_max, w)
   v = logits_nv.shape[-1]
   top_w_k = jnp.arange(k) < w
 
@@ -152,7 +140,7 @@ def _beam_search(graphdef, state, tokens_bp, mask_bp, eos_e, penalty_t, never_b,
     pool = jax.tree.map(lambda x: _gather_beams(x, pick_bw), merged)
 
     rows_n = (jnp.arange(b)[:, None] * w + parent_bw).reshape(b * w)
-    cache = _take_rows(cache, rows_n)
+    cache = cache.take_rows(rows_n)
     tok_n1 = run_tok_bwt[:, :, step].reshape(b * w, 1)
     logits, cache = model(tok_n1, attn_mask=jnp.ones((b * w, 1), bool), cache=cache)
 

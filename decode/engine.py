@@ -129,18 +129,35 @@ def _ends_with(gen_bt, n_gen, seq: tuple[int, ...]):
   return (n_gen >= len(seq)) & jnp.all(tail == jnp.asarray(seq)[None, :], axis=1)
 
 
+def prefill(model, tokens_bp, mask_bp, max_len: int, repeats: int = 1):
+  """(last-position logits `[B*repeats, V]`, cache) after one forward over the left-padded
+  prompts. Rows that continue the same prompt (samples, beams) share it: each prompt is run
+  once and its cache row repeated, prompt-major. The output head runs on the last position
+  alone."""
+  b = tokens_bp.shape[0]
+  cache = KVCache.init(model.cfg, b, max_len)
+  h_bpd, cache = model.hidden_states(tokens_bp, attn_mask=mask_bp, cache=cache)
+  logits_bv = model.logits(h_bpd[:, -1:])[:, 0]
+  if repeats == 1:
+    return logits_bv, cache
+  return jnp.repeat(logits_bv, repeats, axis=0), cache.take_rows(jnp.repeat(jnp.arange(b), repeats))
+
+
 @functools.partial(jax.jit, static_argnames=("graphdef", "max_new_tokens", "sampler", "stop",
-                                             "pad_id"))
+                                             "pad_id", "num_samples"))
 def _generate(graphdef, state, tokens_bp, mask_bp, eos_ids, params: SamplingParams, key, *,
-              max_new_tokens: int, sampler: Sampler, stop: StopRules, pad_id: int):
+              max_new_tokens: int, sampler: Sampler, stop: StopRules, pad_id: int,
+              num_samples: int = 1):
   model = nnx.merge(graphdef, state)
-  b, p = tokens_bp.shape
+  p = tokens_bp.shape[1]
   total = p + max_new_tokens
-  cache = KVCache.init(model.cfg, b, total)
-  logits, cache = model(tokens_bp, attn_mask=mask_bp, cache=cache)
+  last_bv, cache = prefill(model, tokens_bp, mask_bp, total, num_samples)
+  tokens_bp = jnp.repeat(tokens_bp, num_samples, axis=0)
+  mask_bp = jnp.repeat(mask_bp, num_samples, axis=0)
+  b = tokens_bp.shape[0]
   history_bt = jnp.full((b, total), pad_id, jnp.int32).at[:, :p].set(tokens_bp)
   hvalid_bt = jnp.zeros((b, total), bool).at[:, :p].set(mask_bp.astype(bool))
-  vocab = logits.shape[-1]
+  vocab = last_bv.shape[-1]
   seen_bv = None
   if sampler.repetition_penalty != 1.0:
     rows = jnp.broadcast_to(jnp.arange(b)[:, None], (b, p))
@@ -184,7 +201,7 @@ def _generate(graphdef, state, tokens_bp, mask_bp, eos_ids, params: SamplingPara
     step, done_b = carry[0], carry[3]
     return (step < max_new_tokens) & ~jnp.all(done_b)
 
-  init = (jnp.zeros((), jnp.int32), logits[:, -1], cache, jnp.zeros((b,), bool),
+  init = (jnp.zeros((), jnp.int32), last_bv, cache, jnp.zeros((b,), bool),
           jnp.zeros((b,), jnp.int32), history_bt, hvalid_bt, seen_bv,
           jnp.zeros((b, max_new_tokens), jnp.float32),
           jnp.zeros((b, max_new_tokens), jnp.float32),
@@ -213,15 +230,14 @@ def generate(model, prompts: Sequence[Sequence[int]], *, max_new_tokens: int,
     raise ValueError(f"max_new_tokens must be >= 1; got {max_new_tokens}.")
   prompts = check_decode_inputs(model.cfg, prompts, max_new_tokens=max_new_tokens, eos_ids=eos_ids,
                                 pad_id=pad_id)
-  prompts = [x for x in prompts for _ in range(num_samples)]
   tokens, mask = left_pad(prompts, pad_id, max_new_tokens=max_new_tokens,
                          max_seq_len=model.cfg.max_seq_len)
   sampler = sampler.with_overrides(row_params)
-  params = sampler.params(len(prompts), row_params)
+  params = sampler.params(len(prompts) * num_samples, row_params)
   eos = jnp.asarray(list(eos_ids) or [-1], jnp.int32)
   graphdef, state = nnx.split(model)
   out = _generate(graphdef, state, jnp.asarray(tokens), jnp.asarray(mask), eos, params,
                   jax.random.key(seed), max_new_tokens=max_new_tokens,
-                  sampler=sampler.structure(), stop=stop, pad_id=pad_id)
+                  sampler=sampler.structure(), stop=stop, pad_id=pad_id, num_samples=num_samples)
   toks, lp, slp, plp, lengths, finish = (np.asarray(x) for x in out)
   return GenerateOutput(toks, lp, slp, plp, lengths.astype(np.int32), finish)

@@ -14,6 +14,7 @@ slot written so far.
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -62,6 +63,13 @@ class KVCache:
   @property
   def max_len(self) -> int:
     return self.mask_bt.shape[1]
+
+  def take_rows(self, rows_n: jax.Array) -> "KVCache":
+    """The cache with row n replaced by row rows_n[n] (every layer's k/v, mask and lengths)."""
+    # "clip": rows are always in range, and the default "fill" mode adds a masked copy per step.
+    take = functools.partial(jnp.take, indices=rows_n, axis=0, mode="clip")
+    return KVCache(k=tuple(map(take, self.k)), v=tuple(map(take, self.v)),
+                   mask_bt=take(self.mask_bt), index=self.index, lengths_b=take(self.lengths_b))
 
 
 @jax.tree_util.register_dataclass

@@ -116,6 +116,12 @@ def test_num_samples_rows_are_prompt_major(tiny_pair):
   assert out.tokens_bt.shape == (12, 6)
   greedy = generate(ours, PROMPTS, max_new_tokens=6, eos_ids=[], pad_id=0, num_samples=2)
   assert greedy.sequences()[0] == greedy.sequences()[1]
+  # Samples share their prompt's one prefill: the same rows as the prompts listed 4 times each.
+  listed = generate(ours, [x for x in PROMPTS for _ in range(4)], max_new_tokens=6, eos_ids=[],
+                    pad_id=0, sampler=Sampler(temperature=1.5), seed=0)
+  np.testing.assert_array_equal(out.tokens_bt, listed.tokens_bt)
+  np.testing.assert_allclose(out.policy_logprobs_bt, listed.policy_logprobs_bt, rtol=1e-5,
+                             atol=1e-6)
 
 
 @pytest.mark.parametrize("sampler", [
