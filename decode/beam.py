@@ -23,7 +23,6 @@ import numpy as np
 from flax import nnx
 
 from decode.engine import check_decode_inputs, left_pad, prefill
-from lm.model import KVCache
 
 _NEG = -1.0e9  # HF's finite "never pick" score; its float32 rounding decides ties as HF's does
 
