@@ -16,14 +16,15 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Callable, Mapping, Sequence
 
 import numpy as np
 
 from lm import heads, hub
 
-Scorer = Callable[[Sequence[str], Sequence[str]], np.ndarray]
-"""(prompts, completions) -> scores: K prompts and K completions in, a real array [K] out."""
+Scorer = Callable[..., np.ndarray]
+"""(prompts, completions, **columns) -> scores: K prompts and K completions in, a real array [K]
+out; rule-based rewards read dataset columns (`decode.rewards`)."""
 
 
 def _name(scorer) -> str:
@@ -31,9 +32,10 @@ def _name(scorer) -> str:
 
 
 def score(scorer: Scorer, prompts: Sequence[str], completions: Sequence[str], *,
-          batch_size: int = 32) -> np.ndarray:
+          batch_size: int = 32, columns: Mapping[str, Sequence] | None = None) -> np.ndarray:
   """Scores of `completions` (each answering the prompt at its index), at most `batch_size` per
-  call.
+  call. `columns` (e.g. {"answer": [...]}, one entry per completion) reach the scorer as keyword
+  arguments, sliced with each batch, as TRL passes dataset columns to reward functions.
 
   Returns:
     [K] float64 scores in input order; nan scores pass through (a scorer's "no score").
@@ -49,10 +51,16 @@ def score(scorer: Scorer, prompts: Sequence[str], completions: Sequence[str], *,
     raise ValueError(f"{len(prompts)} prompts but {len(completions)} completions; pass the prompt "
                      "of every completion (repeat a prompt for its several samples).")
   name = _name(scorer)
+  columns = dict(columns or {})
+  for key, col in columns.items():
+    if len(col) != len(completions):
+      raise ValueError(f"column {key!r} has {len(col)} entries for {len(completions)} completions; "
+                       "give one per completion.")
   out = []
   for start in range(0, len(completions), batch_size):
     batch = completions[start:start + batch_size]
-    raw = np.asarray(scorer(prompts[start:start + batch_size], batch))
+    kw = {key: list(col[start:start + batch_size]) for key, col in columns.items()}
+    raw = np.asarray(scorer(prompts[start:start + batch_size], batch, **kw))
     where = f"scorer {name!r} on completions [{start}:{start + len(batch)}]"
     if raw.dtype == np.bool_ or not (np.issubdtype(raw.dtype, np.integer)
                                       or np.issubdtype(raw.dtype, np.floating)):

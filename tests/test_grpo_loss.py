@@ -158,3 +158,85 @@ def test_loss_and_gradients_equal_trl(loss_type, beta):
   assert float(metrics["clip_high"]) > 0 and float(metrics["clip_low"]) > 0
   if beta:
     assert float(metrics["kl"]) == pytest.approx(ref_metrics["kl"][0], rel=1e-5)
+
+
+# --- the registered loss on a model -------------------------------------------------------------
+
+def _lora_model(b_scale):
+  import lm
+  from flax import nnx
+  from lm import lora
+  from tests_helpers import scrambled
+
+  m = scrambled(lm.Transformer(lm.preset("tiny"), rngs=nnx.Rngs(0)), seed=2)
+  lora.apply_lora(m, lora.LoraConfig(rank=4, alpha=8.0, dropout=0.0), rngs=nnx.Rngs(1))
+  for _, lin in nnx.iter_modules(m):
+    if isinstance(lin, lm.layers.Linear) and lin.lora_rank:
+      lin.lora_b.set_value(b_scale * np.ones(lin.lora_b[...].shape, np.float32))
+  return m
+
+
+def _rl_batch():
+  """Two prompts x G 2, each row [prompt | completion | pad]; the completion's last token is the
+  EOS, which is also the pad id (0 here), and stays in the loss mask."""
+  prompts = [[5, 17, 33], [41, 8, 9, 12]]
+  completions = [[7, 9, 0], [100, 0], [3, 3, 3, 0], [250, 0]]
+  rows, loss, attn = [], [], []
+  for i, c in enumerate(completions):
+    p = prompts[i // 2]
+    pad = 10 - len(p) - len(c)
+    rows.append(p + c + [0] * pad)
+    attn.append([1] * (len(p) + len(c)) + [0] * pad)
+    loss.append([0] * len(p) + [1] * len(c) + [0] * pad)
+  rewards = jnp.array([1.0, 0.0, 0.5, 0.5])
+  return {"tokens": jnp.asarray(rows, jnp.int32), "attn_mask": jnp.asarray(attn, jnp.int32),
+          "loss_mask": jnp.asarray(loss, jnp.int32),
+          "advantages": grpo.advantages(rewards, 2)}
+
+
+def _cfg(**kw):
+  import ml_collections
+  base = dict(temperature=0.7, eps_low=0.2, beta=0.04, kl_estimator="k3",
+              aggregation="seq_mean_token_mean")
+  base.update(kw)
+  return ml_collections.ConfigDict(base)
+
+
+def test_registered_loss_at_mu_1_is_zero_with_a_gradient():
+  """At the first inner iteration ρ = 1, so each sequence's loss is -A_i and their mean is
+  -mean(A) = 0 for group-centred advantages, but the gradient -Σ A_i ∇ log π is not zero (why a
+  GRPO loss of 0 is normal). With LoRA B = 0 the reference equals the policy: KL exactly 0."""
+  from flax import nnx
+
+  from align.losses import get
+  from lm import lora
+
+  model, batch = _lora_model(0.0), _rl_batch()
+  graphdef, params, rest = nnx.split(model, lora.trainable_filter("lora"), ...)
+
+  def loss_of(p):
+    return get("grpo")(nnx.merge(graphdef, p, rest), batch, _cfg())
+
+  (loss, metrics), grads = jax.value_and_grad(loss_of, has_aux=True)(params)
+  assert abs(float(loss)) < 1e-6
+  assert float(metrics["kl"]) == 0.0 and float(metrics["ratio_mean"]) == 1.0
+  assert float(metrics["clip_region"]) == 0.0
+  assert max(float(jnp.abs(g).max()) for g in jax.tree.leaves(grads)) > 1e-4
+  # The mask holds every completion token, the EOS (= pad id 0) included.
+  assert float(metrics["completion_tokens"]) == pytest.approx((3 + 2 + 4 + 2) / 4)
+
+
+def test_registered_loss_scores_at_the_temperature_and_uses_old_logps():
+  """Given old log-probs = the policy's own at T (scored separately), the ratio is 1 again; at
+  the wrong temperature it is not."""
+  from align.losses import get
+  from lm.scoring import next_token_logprobs
+
+  model, batch = _lora_model(0.3), _rl_batch()
+  at = lambda t: next_token_logprobs(model, batch["tokens"], batch["attn_mask"],
+                                     select_bs=batch["loss_mask"], temperature=t)
+  _, same = get("grpo")(model, dict(batch, old_logps=at(0.7)), _cfg())
+  np.testing.assert_allclose(float(same["ratio_mean"]), 1.0, atol=1e-5)
+  assert float(same["kl"]) > 0  # LoRA B != 0: the policy differs from the adapters-off reference
+  _, off = get("grpo")(model, dict(batch, old_logps=at(1.5)), _cfg())
+  assert abs(float(off["ratio_mean"]) - 1.0) > 1e-2

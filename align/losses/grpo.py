@@ -15,8 +15,11 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+from flax import nnx
 
-from lm.scoring import sample_kl_estimators
+from align.losses import register
+from lm import lora
+from lm.scoring import next_token_logprobs, sample_kl_estimators
 
 ESTIMATORS = ("grpo", "dr_grpo", "rloo", "batch_std")
 AGGREGATIONS = ("seq_mean_token_mean", "token_mean", "seq_mean_token_sum_norm")
@@ -138,4 +141,59 @@ def policy_loss(logp_bt, old_logp_bt, adv_b, mask_bt, *, eps_low: float = 0.2,
     metrics["kl"] = mean(kl)
   loss = aggregate(per_token, m, aggregation, max_completion_length=max_completion_length)
   metrics["loss"] = loss
+  return loss, metrics
+
+
+def check_config(cfg) -> None:
+  """Clear errors for bad GRPO settings before anything compiles."""
+  if cfg.get("aggregation", "seq_mean_token_mean") not in AGGREGATIONS:
+    raise ValueError(f"loss.aggregation={cfg.aggregation!r} is unknown; choose one of "
+                     f"{AGGREGATIONS}.")
+  if cfg.get("kl_estimator", "k3") not in KL_ESTIMATORS:
+    raise ValueError(f"loss.kl_estimator={cfg.kl_estimator!r} is unknown; choose one of "
+                     f"{KL_ESTIMATORS}.")
+  if not cfg.get("temperature", 1.0) > 0:
+    raise ValueError(f"loss.temperature={cfg.temperature} must be > 0: the rollout's sampling "
+                     "temperature, at which the policy's log-probs are scored.")
+  if cfg.get("beta", 0.0) < 0:
+    raise ValueError(f"loss.beta={cfg.beta} must be >= 0 (0 skips the reference pass).")
+  if not 0 < cfg.get("eps_low", 0.2) < 1:
+    raise ValueError(f"loss.eps_low={cfg.eps_low} must be in (0, 1) (0.2 is usual).")
+
+
+@register("grpo")
+def grpo_loss(model, batch: dict, cfg):
+  """batch: tokens / attn_mask / loss_mask `[B, S]` (prompt then completion, right-padded; the
+  loss mask marks completion tokens, the EOS included), advantages `[B]`; optional old_logps and
+  ref_logps `[B, S-1]` aligned with `next_token_logprobs` (target t+1 at index t). Without
+  old_logps the ratio is taken against the current log-probs with the gradient stopped (μ = 1).
+  With β > 0 and no ref_logps, the reference is this model with its adapters off.
+  cfg: temperature, eps_low, eps_high, dual_clip, aggregation, max_completion_length, beta,
+  kl_estimator, kl_clamp."""
+  temperature = cfg.get("temperature", 1.0)
+  lp = next_token_logprobs(model, batch["tokens"], batch["attn_mask"], select_bs=batch["loss_mask"],
+                           temperature=temperature)
+  mask = batch["loss_mask"][:, 1:] > 0
+  old = batch["old_logps"] if "old_logps" in batch else jax.lax.stop_gradient(lp)
+  beta = cfg.get("beta", 0.0)
+  ref = None
+  if beta:
+    ref = batch.get("ref_logps")
+    if ref is None:
+      if not lora.count_params(model, nnx.LoRAParam):
+        raise ValueError("GRPO with loss.beta > 0 needs a reference: this model has no LoRA "
+                         "adapters to switch off; pass ref_logps in the batch or set beta=0.")
+      with lora.disabled(model):
+        ref = jax.lax.stop_gradient(next_token_logprobs(
+            model, batch["tokens"], batch["attn_mask"], select_bs=batch["loss_mask"],
+            temperature=temperature))
+  loss, metrics = policy_loss(
+      lp, old, batch["advantages"], mask, eps_low=cfg.get("eps_low", 0.2),
+      eps_high=cfg.get("eps_high"), dual_clip=cfg.get("dual_clip"),
+      aggregation=cfg.get("aggregation", "seq_mean_token_mean"),
+      max_completion_length=cfg.get("max_completion_length"), ref_logp_bt=ref, beta=beta,
+      kl_estimator=cfg.get("kl_estimator", "k3"), kl_clamp=cfg.get("kl_clamp"))
+  m = mask.astype(jnp.float32)
+  metrics["logps"] = (lp * m).sum() / jnp.maximum(m.sum(), 1.0)
+  metrics["completion_tokens"] = m.sum(-1).mean()
   return loss, metrics

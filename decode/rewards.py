@@ -1,0 +1,128 @@
+"""Rule-based rewards for online RL and evaluation, as Scorers with dataset columns.
+
+Each reward is `fn(prompts, completions, **columns) -> [K]` (TRL's reward-function shape; the
+columns are the dataset's, e.g. `answer`), checked by `decode.scorers.score`. `combine` sums
+several with weights and keeps each one's scores for logging.
+
+  gsm8k_correct   1 if the final number of the completion equals the `answer` column, else 0
+                  (`final_number`: "#### n", then "answer is n" / "A: n", then the last number;
+                  commas and signs handled). A completion with no number earns 0: the empty
+                  answer is never correct (a substring match would reward it).
+  arith_correct   1 if the first integer of the completion equals `answer` (the `arith` task).
+  number_only     1 if the completion is one integer and nothing else.
+  length_penalty  -max(0, tokens over `limit`) / limit, on whitespace-split words.
+`arith_task(n, seed)` makes the seeded synthetic task: "What is 37 + 48? Reply with the number
+only." with operands of 1-2 digits and + or -.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Callable, Mapping, Sequence
+
+import numpy as np
+
+from decode import scorers
+
+_NUMBER = r"[-+−]?\d[\d,]*(?:\.\d+)?"
+_MARKED = (re.compile(r"####\s*(" + _NUMBER + ")"),
+           re.compile(r"(?:answer is|A:)\s*\$?\s*(" + _NUMBER + ")", re.IGNORECASE))
+
+
+def normalise_number(text: str) -> str | None:
+  """'1,234' -> '1234', '−5' -> '-5', '+3' -> '3', '12.0' -> '12', '12.50' -> '12.5'."""
+  t = text.replace(",", "").replace("−", "-").lstrip("+").rstrip(".")
+  try:
+    value = float(t)
+  except ValueError:
+    return None
+  return str(int(value)) if value == int(value) else repr(value)
+
+
+def final_number(completion: str) -> str | None:
+  """The completion's answer: after "####", else after "answer is" / "A:" (the last such mark),
+  else its last number; None when it holds no number."""
+  for pattern in _MARKED:
+    found = pattern.findall(completion)
+    if found:
+      return normalise_number(found[-1])
+  found = re.findall(_NUMBER, completion)
+  return normalise_number(found[-1]) if found else None
+
+
+def _answers(answer, k: int) -> list[str | None]:
+  if answer is None or len(answer) != k:
+    raise ValueError(f"this reward needs the dataset's `answer` column, one per completion ({k}); "
+                     "pass columns={'answer': [...]} to decode.scorers.score.")
+  return [normalise_number(str(a).split("####")[-1].strip()) for a in answer]
+
+
+def gsm8k_correct(prompts, completions, answer=None, **columns) -> np.ndarray:
+  del prompts, columns
+  gold = _answers(answer, len(completions))
+  return np.array([float(g is not None and final_number(c) == g)
+                   for c, g in zip(completions, gold)])
+
+
+def arith_correct(prompts, completions, answer=None, **columns) -> np.ndarray:
+  del prompts, columns
+  gold = _answers(answer, len(completions))
+  first = [re.search(r"[-−]?\d+", c) for c in completions]
+  return np.array([float(m is not None and normalise_number(m.group()) == g)
+                   for m, g in zip(first, gold)])
+
+
+def number_only(prompts, completions, **columns) -> np.ndarray:
+  del prompts, columns
+  return np.array([float(re.fullmatch(r"\s*[-−]?\d+\s*\.?\s*", c) is not None)
+                   for c in completions])
+
+
+def length_penalty(limit: int) -> Callable:
+  def length_penalty(prompts, completions, **columns) -> np.ndarray:
+    del prompts, columns
+    return np.array([-max(0, len(c.split()) - limit) / limit for c in completions])
+
+  return length_penalty
+
+
+REWARDS: dict[str, Callable] = {
+    "gsm8k_correct": gsm8k_correct, "arith_correct": arith_correct, "number_only": number_only}
+
+
+def get(name: str, **kw) -> Callable:
+  """A registered reward by name; `length_penalty` takes `limit=`."""
+  if name == "length_penalty":
+    return length_penalty(**kw)
+  if name not in REWARDS:
+    raise ValueError(f"reward {name!r} is unknown; registered: {sorted(REWARDS) + ['length_penalty']}")
+  return REWARDS[name]
+
+
+def combine(rewards: Mapping[str, Callable], weights: Mapping[str, float], prompts: Sequence[str],
+            completions: Sequence[str], columns: Mapping[str, Sequence] | None = None
+            ) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+  """(Σ_name weight · scores `[K]`, each reward's own scores by name). A nan score (a reward's "no
+  score") counts as 0 in the sum and stays nan in its own scores."""
+  missing = set(rewards) - set(weights)
+  if missing:
+    raise ValueError(f"no weight for rewards {sorted(missing)}; give every reward a weight.")
+  each = {name: scorers.score(fn, prompts, completions, columns=columns)
+          for name, fn in rewards.items()}
+  total = sum(weights[n] * np.nan_to_num(s, nan=0.0) for n, s in each.items())
+  return np.asarray(total, np.float64), each
+
+
+def arith_task(n: int, seed: int, *, max_operand: int = 99) -> list[dict]:
+  """`n` seeded problems {prompt, answer}: "What is a + b? Reply with the number only." (a, b in
+  1..max_operand; '-' keeps the result >= 0)."""
+  rng = np.random.default_rng(seed)
+  out = []
+  for _ in range(n):
+    a, b = (int(x) for x in rng.integers(1, max_operand + 1, size=2))
+    if rng.random() < 0.5:
+      out.append({"prompt": f"What is {a} + {b}? Reply with the number only.", "answer": str(a + b)})
+    else:
+      a, b = max(a, b), min(a, b)
+      out.append({"prompt": f"What is {a} - {b}? Reply with the number only.", "answer": str(a - b)})
+  return out

@@ -1,0 +1,60 @@
+"""Rule-based rewards on hand-made cases: answer extraction, the empty answer, columns, weights."""
+
+import numpy as np
+import pytest
+
+from decode import rewards, scorers
+
+
+@pytest.mark.parametrize("text,want", [
+    ("She has 3 + 4 = 7 apples.\n#### 7", "7"), ("#### 1,234", "1234"), ("#### −5", "-5"),
+    ("so the answer is $12.", "12"), ("Work: 2*3=6\nA: 6", "6"), ("A: 12.50", "12.5"),
+    ("first 3 then 10 then 42", "42"), ("no number here", None), ("", None),
+    ("#### 8 but A: 9 and 10", "8"), ("The answer is +3.0", "3")])
+def test_final_number(text, want):
+  assert rewards.final_number(text) == want
+
+
+def test_gsm8k_correct_and_the_empty_answer():
+  comps = ["#### 72", "A: 72", "I think 71", "", "72 apples... no, 70", "<answer></answer>"]
+  gold = ["Natalia sold ... #### 72"] * len(comps)
+  got = scorers.score(rewards.gsm8k_correct, [""] * len(comps), comps, columns={"answer": gold})
+  np.testing.assert_array_equal(got, [1, 1, 0, 0, 0, 0])
+
+
+def test_arith_rewards():
+  comps = ["85", " 85.", "The answer is 85", "58", "-3", "85 or 86"]
+  answers = ["85", "85", "85", "85", "-3", "85"]
+  correct = scorers.score(rewards.arith_correct, [""] * 6, comps, columns={"answer": answers})
+  np.testing.assert_array_equal(correct, [1, 1, 1, 0, 1, 1])
+  np.testing.assert_array_equal(rewards.number_only([""] * 6, comps), [1, 1, 0, 1, 1, 0])
+
+
+def test_combine_weights_each_reward_and_keeps_them_apart():
+  fns = {"correct": rewards.get("arith_correct"), "format": rewards.get("number_only"),
+         "length": rewards.get("length_penalty", limit=2)}
+  comps = ["85", "it is 85 ok then", "12"]
+  total, each = rewards.combine(fns, {"correct": 1.0, "format": 0.2, "length": 0.5},
+                                ["p"] * 3, comps, columns={"answer": ["85"] * 3})
+  np.testing.assert_allclose(each["length"], [0, -1.5, 0])
+  np.testing.assert_allclose(total, [1.2, 1 - 0.75, 0.2])
+  with pytest.raises(ValueError, match="no weight"):
+    rewards.combine(fns, {"correct": 1.0}, ["p"], ["1"], columns={"answer": ["1"]})
+
+
+def test_missing_or_short_columns_are_named():
+  with pytest.raises(ValueError, match="answer"):
+    scorers.score(rewards.gsm8k_correct, ["p"], ["#### 1"])
+  with pytest.raises(ValueError, match="column 'answer' has 2 entries for 1"):
+    scorers.score(rewards.gsm8k_correct, ["p"], ["#### 1"], columns={"answer": ["1", "2"]})
+  with pytest.raises(ValueError, match="unknown"):
+    rewards.get("bleu")
+
+
+def test_arith_task_is_seeded_and_correct():
+  a, b = rewards.arith_task(50, seed=3), rewards.arith_task(50, seed=3)
+  assert a == b and a != rewards.arith_task(50, seed=4)
+  for ex in a:
+    x, op, y = ex["prompt"].split("What is ")[1].split("?")[0].split()
+    assert int(ex["answer"]) == (int(x) + int(y) if op == "+" else int(x) - int(y)) >= 0
+    assert ex["prompt"].endswith("Reply with the number only.")
