@@ -240,3 +240,43 @@ def test_registered_loss_scores_at_the_temperature_and_uses_old_logps():
   assert float(same["kl"]) > 0  # LoRA B != 0: the policy differs from the adapters-off reference
   _, off = get("grpo")(model, dict(batch, old_logps=at(1.5)), _cfg())
   assert abs(float(off["ratio_mean"]) - 1.0) > 1e-2
+
+
+def test_overlong_penalty_golden():
+  """max 20, buffer 5: 0 through 15 tokens, then -1/5 per token, -1 from 20 on."""
+  got = grpo.overlong_penalty([10, 15, 16, 18, 20, 25], max_len=20, buffer=5)
+  np.testing.assert_allclose(got, [0, 0, -0.2, -0.6, -1.0, -1.0])
+  np.testing.assert_allclose(grpo.overlong_penalty([18], 20, 5, factor=0.5), [-0.3])
+
+
+def test_rollout_batch_reproduces_the_rollouts_logprobs():
+  """The batch built from a rollout (T 0.8, EOS = pad id) scores to the rollout's own log-probs:
+  at the first inner iteration the ratio is 1 (max |rollout - trainer| <= 1e-5), the EOS stays in
+  the mask, and truncated / zero-variance rows leave the loss when asked."""
+  from align.losses import get
+  from decode.rollout import rollout
+  from decode.sampling import Sampler
+
+  model = _lora_model(0.2)
+  prompts = [[5, 17, 33], [41, 8, 9, 12]]
+  kw = dict(max_new_tokens=5, sampler=Sampler(temperature=0.8), num_samples=3, seed=1)
+  first = rollout(model, prompts, eos_ids=[], pad_id=0, **kw)
+  eos = int(first.tokens_bt[0, 2])
+  out = rollout(model, prompts, eos_ids=[eos], pad_id=eos, **kw)
+  rewards = np.array([1.0, 0.0, 1.0, 0.5, 0.5, 0.5])
+  adv = grpo.advantages(jnp.asarray(rewards), 3)
+  batch = grpo.rollout_batch(out, adv, pad_id=eos)
+  assert (out.finish_b == 1).any() and (out.finish_b == 0).any()
+  assert batch["loss_mask"].sum() == out.lengths_b.sum()
+  from lm.scoring import next_token_logprobs
+  j = {k: jnp.asarray(v) for k, v in batch.items()}
+  lp = np.asarray(next_token_logprobs(model, j["tokens"], j["attn_mask"], select_bs=j["loss_mask"],
+                                      temperature=0.8))
+  m = batch["loss_mask"][:, 1:] > 0
+  assert np.abs(lp - batch["old_logps"])[m].max() <= 1e-5
+  _, metrics = get("grpo")(model, j, _cfg(temperature=0.8, beta=0.0))
+  assert abs(float(metrics["ratio_mean"]) - 1.0) < 1e-5 and float(metrics["clip_region"]) == 0
+  masked = grpo.rollout_batch(out, adv, pad_id=eos, mask_truncated=True, mask_zero_std=True,
+                              rewards_n=rewards, group_size=3)
+  rows_in = masked["loss_mask"].sum(-1) > 0
+  np.testing.assert_array_equal(rows_in, (out.finish_b != 0) & (np.arange(6) < 3))

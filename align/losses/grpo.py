@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from align.losses import register
@@ -197,3 +198,54 @@ def grpo_loss(model, batch: dict, cfg):
   metrics["logps"] = (lp * m).sum() / jnp.maximum(m.sum(), 1.0)
   metrics["completion_tokens"] = m.sum(-1).mean()
   return loss, metrics
+
+
+def overlong_penalty(lengths_n, max_len: int, buffer: int, factor: float = 1.0) -> np.ndarray:
+  """DAPO's soft overlong punishment `[N]`: 0 up to max_len - buffer tokens, then falling
+  linearly to -factor at max_len (and -factor beyond)."""
+  if not 0 < buffer <= max_len:
+    raise ValueError(f"overlong buffer {buffer} must be in (0, max_len={max_len}].")
+  over = np.asarray(lengths_n, np.float64) - (max_len - buffer)
+  return -factor * np.clip(over / buffer, 0.0, 1.0)
+
+
+def rollout_batch(rollout, advantages_n, *, width: int | None = None, pad_id: int = 0,
+                  mask_truncated: bool = False, mask_zero_std: bool = False,
+                  rewards_n=None, group_size: int | None = None) -> dict[str, np.ndarray]:
+  """The training batch of a `decode.rollout.Rollout`: rows [prompt | completion | pad] `[N, S]`
+  with attn_mask, loss_mask (the completion's tokens through `lengths_b`, so an EOS equal to the
+  pad id stays in), advantages `[N]`, and old_logps `[N, S-1]` = the rollout's
+  `policy_logprobs_bt` placed where `next_token_logprobs` scores each completion token.
+
+  mask_truncated: completions that hit max_new_tokens leave the loss (TRL's
+  mask_truncated_completions). mask_zero_std: groups whose rewards are all equal leave it too
+  (needs rewards_n and group_size); rows keep their place so the batch shape never changes.
+  """
+  lengths = np.asarray(rollout.lengths_b)
+  prompts = [rollout.prompts[i] for i in rollout.prompt_index_b]
+  need = max(len(p) + n for p, n in zip(prompts, lengths))
+  width = need if width is None else width
+  if need > width:
+    raise ValueError(f"rollout rows need {need} positions; width={width} is too small.")
+  n_rows = len(prompts)
+  tokens = np.full((n_rows, width), pad_id, np.int32)
+  attn = np.zeros((n_rows, width), np.int32)
+  loss = np.zeros((n_rows, width), np.int32)
+  old = np.zeros((n_rows, width - 1), np.float32)
+  keep = np.ones(n_rows, bool)
+  if mask_truncated:
+    keep &= np.asarray(rollout.finish_reasons()) != "length"
+  if mask_zero_std:
+    if rewards_n is None or not group_size:
+      raise ValueError("mask_zero_std needs the rewards and the group size.")
+    r = np.asarray(rewards_n).reshape(-1, group_size)
+    keep &= np.repeat(~np.all(r == r[:, :1], axis=1), group_size)
+  for i, (p, n) in enumerate(zip(prompts, lengths)):
+    lp = len(p)
+    tokens[i, :lp] = p
+    tokens[i, lp:lp + n] = rollout.tokens_bt[i, :n]
+    attn[i, :lp + n] = 1
+    loss[i, lp:lp + n] = keep[i]
+    old[i, lp - 1:lp - 1 + n] = rollout.policy_logprobs_bt[i, :n]
+  return {"tokens": tokens, "attn_mask": attn, "loss_mask": loss,
+          "advantages": np.asarray(advantages_n, np.float32), "old_logps": old}
