@@ -170,8 +170,13 @@ def _generate(graphdef, state, tokens_bp, mask_bp, eos_ids, params: SamplingPara
     tok_b = sampler.choose(processed, sub)
     lp_b = token_logprobs(last_bv[:, None], tok_b[:, None])[:, 0]
     slp_b = token_logprobs(processed[:, None], tok_b[:, None])[:, 0]
-    plp_b = lp_b if sampler.greedy else token_logprobs(
-        last_bv[:, None] / params.temperature[:, None, None], tok_b[:, None])[:, 0]
+    if sampler.greedy:
+      plp_b = lp_b
+    elif sampler.temperature_only:  # `processed` is already logits / T
+      plp_b = slp_b
+    else:
+      plp_b = token_logprobs(last_bv[:, None] / params.temperature[:, None, None],
+                             tok_b[:, None])[:, 0]
     tok_b = jnp.where(done_b, pad_id, tok_b)
     hist = hist.at[:, p + step].set(tok_b)
     hvalid = hvalid.at[:, p + step].set(~done_b)

@@ -102,6 +102,13 @@ class Sampler:
         repetition_penalty=on(self.repetition_penalty, 1.0, 2.0))
 
   @property
+  def temperature_only(self) -> bool:
+    """Sampling divides by the temperature and nothing else touches the logits, so the sampled
+    distribution is softmax(logits / T) itself."""
+    return (not self.greedy and not self._k_bound and self.top_p == 1.0 and self.min_p == 0.0
+            and self.repetition_penalty == 1.0 and not self.no_repeat_ngram_size)
+
+  @property
   def _k_bound(self) -> int:
     return max(self.top_k, self.max_top_k)
 

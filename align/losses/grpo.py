@@ -74,6 +74,12 @@ def kl_per_token(logp_bt: jax.Array, ref_logp_bt: jax.Array, estimator: str = "k
   return sample_kl_estimators(logp_bt, ref_logp_bt, clamp)[estimator]
 
 
+def masked_mean(x_bt: jax.Array, mask_bt: jax.Array) -> jax.Array:
+  """Mean of `x_bt` over the tokens `mask_bt` marks (0 when it marks none)."""
+  m = mask_bt.astype(jnp.float32)
+  return (x_bt.astype(jnp.float32) * m).sum() / jnp.maximum(m.sum(), 1.0)
+
+
 def aggregate(loss_bt: jax.Array, mask_bt: jax.Array, how: str, *,
               max_completion_length: int | None = None) -> jax.Array:
   """One scalar from per-token losses over the `mask_bt` tokens.
@@ -86,16 +92,15 @@ def aggregate(loss_bt: jax.Array, mask_bt: jax.Array, how: str, *,
                            constant normaliser; TRL "dr_grpo")
   """
   m = mask_bt.astype(jnp.float32)
-  total = (loss_bt * m).sum()
   if how == "seq_mean_token_mean":
     return ((loss_bt * m).sum(-1) / jnp.maximum(m.sum(-1), 1.0)).mean()
   if how == "token_mean":
-    return total / jnp.maximum(m.sum(), 1.0)
+    return masked_mean(loss_bt, m)
   if how == "seq_mean_token_sum_norm":
     if not max_completion_length:
       raise ValueError("seq_mean_token_sum_norm needs max_completion_length (the constant "
                        "normaliser).")
-    return total / (loss_bt.shape[0] * max_completion_length)
+    return (loss_bt * m).sum() / (loss_bt.shape[0] * max_completion_length)
   raise ValueError(f"loss aggregation {how!r} is unknown; choose one of {AGGREGATIONS}.")
 
 
@@ -132,7 +137,7 @@ def policy_loss(logp_bt, old_logp_bt, adv_b, mask_bt, *, eps_low: float = 0.2,
   m = mask_bt.astype(jnp.float32)
   per_token, ratio, low, high = clipped_surrogate(
       logp_bt, old_logp_bt, adv_b, eps_low=eps_low, eps_high=eps_high, dual_clip=dual_clip)
-  mean = lambda x: (x.astype(jnp.float32) * m).sum() / jnp.maximum(m.sum(), 1.0)
+  mean = lambda x: masked_mean(x, m)
   metrics = {"clip_low": mean(low), "clip_high": mean(high), "clip_region": mean(low | high),
              "ratio_mean": mean(ratio),
              "ratio_max": jnp.max(jnp.where(m > 0, ratio, -jnp.inf), initial=0.0)}
@@ -195,7 +200,7 @@ def grpo_loss(model, batch: dict, cfg):
       max_completion_length=cfg.get("max_completion_length"), ref_logp_bt=ref, beta=beta,
       kl_estimator=cfg.get("kl_estimator", "k3"), kl_clamp=cfg.get("kl_clamp"))
   m = mask.astype(jnp.float32)
-  metrics["logps"] = (lp * m).sum() / jnp.maximum(m.sum(), 1.0)
+  metrics["logps"] = masked_mean(lp, m)
   metrics["completion_tokens"] = m.sum(-1).mean()
   return loss, metrics
 
