@@ -19,7 +19,7 @@ class Algorithm:
 
   name: short name for reports and plots.
   loss: `loss_fn(model, batch, loss_cfg) -> (loss, metrics)`.
-  data_kind: the record kind `align.data.build` makes ("sft" | "preference").
+  data_kind: the record kind `align.data.build` makes ("sft" | "preference"), or "rollouts".
   plotted: metrics plotted per step (train and eval) and reported start vs end.
   check: `check(config)` raises a clear error for settings the algorithm cannot run.
   wrap: `wrap(model, config) -> model`, e.g. a reward head on the decoder.
@@ -33,6 +33,9 @@ class Algorithm:
   finish: `finish(config, model, tokenizer, eval_examples, run_dir) -> dict` after training
     (eval mode): extra outputs of the run, returned into its summary.
   backbone: `backbone(model) -> decoder`, the language model inside a wrapped one.
+  online: `online(config, trainer, tokenizer) -> (data iterator, evaluate, stats)` for online RL:
+    the trainer's batches come from rollouts of the policy it trains (`align.online`), not from
+    `align.data`; `evaluate()` gives the held-out metrics.
   """
 
   name: str
@@ -48,6 +51,7 @@ class Algorithm:
   export: Callable[..., None] | None = None
   finish: Callable[..., dict] | None = None
   backbone: Callable[[Any], Any] = lambda model: model
+  online: Callable[..., tuple] | None = None
 
 
 def load(module: str) -> Algorithm:

@@ -45,9 +45,24 @@ def _trainable(config, algo: algorithm.Algorithm):
   return algo.trainable(filt) if algo.trainable else filt
 
 
+def _expand(history: list[dict], names: list[str]) -> list[str]:
+  """`names` with each `prefix/*` replaced by the logged metrics under that prefix."""
+  out = []
+  for name in names:
+    if name.endswith("/*"):
+      found = {k.split("/", 1)[1] for h in history for k in h
+               if k.split("/", 1)[-1].startswith(name[:-1]) and is_scalar(h[k])}
+      out.extend(sorted(found))
+    else:
+      out.append(name)
+  return out
+
+
 def _plot(history: list[dict], names: list[str], run_dir: RunDir) -> list[str]:
   files = []
-  for name in names:
+  for name in _expand(history, names):
+    if not any(is_scalar(h.get(f"{split}/{name}")) for h in history for split in ("train", "eval")):
+      continue
     fig, ax = plt.subplots(figsize=(6, 3.5))
     for split, style in (("train", "-"), ("eval", "o-")):
       pts = [(h["step"], h[f"{split}/{name}"]) for h in history
@@ -85,16 +100,8 @@ def _export(config, algo: algorithm.Algorithm, model, tokenizer, run_dir: RunDir
   return str(path)
 
 
-def run(config, run_dir: RunDir, mesh=None) -> dict:
-  algo = algorithm.load(config.algorithm)
-  if algo.check:
-    algo.check(config)
-  model, tok = load_model(config.model)
-  if config.lora.rank > 0:
-    lora.apply_lora(model, lora.LoraConfig.from_config(config.lora),
-                    rngs=nnx.Rngs(params=config.train.seed, lora_dropout=config.train.seed))
-  if algo.wrap:
-    model = algo.wrap(model, config)
+def _offline_data(config, algo: algorithm.Algorithm, model, tok, mesh):
+  """(train iterator, eval examples, eval batches, stats) from `align.data`."""
   transform = algo.transform_train(config, model) if algo.transform_train else None
   train_ds, eval_examples, data_stats = data.build(config.data, tok, algo.data_kind,
                                                    transform_train=transform)
@@ -110,15 +117,36 @@ def run(config, run_dir: RunDir, mesh=None) -> dict:
   if algo.arrange:
     train_ds, eval_batches, layout = algo.arrange(config, train_ds, eval_batches, mesh)
     data_stats.update(layout)
+  return iter(train_ds), eval_examples, eval_batches, data_stats
 
+
+def run(config, run_dir: RunDir, mesh=None) -> dict:
+  algo = algorithm.load(config.algorithm)
+  if algo.check:
+    algo.check(config)
+  model, tok = load_model(config.model)
+  if config.lora.rank > 0:
+    lora.apply_lora(model, lora.LoraConfig.from_config(config.lora),
+                    rngs=nnx.Rngs(params=config.train.seed, lora_dropout=config.train.seed))
+  if algo.wrap:
+    model = algo.wrap(model, config)
+  if algo.online:  # batches come from rollouts of the policy being trained
+    trainer = Trainer(model, algo.loss, config.loss, config.train,
+                      trainable=_trainable(config, algo), mesh=mesh)
+    train_iter, evaluate, data_stats = algo.online(config, trainer, tok)
+    eval_examples, eval_batches = [], None
+  else:
+    train_iter, eval_examples, eval_batches, data_stats = _offline_data(config, algo, model, tok,
+                                                                        mesh)
+    evaluate = None
+    trainer = Trainer(model, algo.loss, config.loss, config.train,
+                      trainable=_trainable(config, algo), mesh=mesh)
   run_dir.write_json("data_stats.json", data_stats)
-  trainer = Trainer(model, algo.loss, config.loss, config.train,
-                    trainable=_trainable(config, algo), mesh=mesh)
   ckpt = Checkpointer(run_dir.path / "checkpoints",
                       max_to_keep=config.train.get("keep_checkpoints", 2))
   t0 = time.time()
-  history = trainer.fit(iter(train_ds), run_dir=run_dir, ckpt=ckpt, eval_batches=eval_batches,
-                        resume=getattr(run_dir, "resume", False))
+  history = trainer.fit(train_iter, run_dir=run_dir, ckpt=ckpt, eval_batches=eval_batches,
+                        evaluate=evaluate, resume=getattr(run_dir, "resume", False))
   wall = time.time() - t0
   ckpt.close()
   model = trainer.host_model()  # every process takes part in gathering; process 0 writes
@@ -126,6 +154,7 @@ def run(config, run_dir: RunDir, mesh=None) -> dict:
     return {}
   plots = _plot(history, list(algo.plotted), run_dir)
   finished = algo.finish(config, model, tok, eval_examples, run_dir) if algo.finish else {}
+  finished_md = finished.pop("report_md", "")
   exported = os.path.relpath(_export(config, algo, model, tok, run_dir), run_dir.path)
 
   evals = [h for h in history if any(k.startswith("eval/") for k in h)]
@@ -149,6 +178,7 @@ def run(config, run_dir: RunDir, mesh=None) -> dict:
       f"{trainer.times.tokens_per_s:.0f} tokens/s.\n",
       "## Held-out metrics, start vs end\n",
       markdown_table(rows),
+      finished_md,
       "## Plots\n",
       *[f"![{p}](plots/{p})\n" for p in plots],
       f"\nExported: `{exported}`. Config: `config.json`; every step: `metrics.jsonl`.\n",

@@ -8,7 +8,8 @@ several with weights and keeps each one's scores for logging.
                   (`final_number`: "#### n", then "answer is n" / "A: n", then the last number;
                   commas and signs handled). A completion with no number earns 0: the empty
                   answer is never correct (a substring match would reward it).
-  arith_correct   1 if the first integer of the completion equals `answer` (the `arith` task).
+  arith_correct   the same rule, registered under the `arith` task's name: the final number
+                  counts, so "51 - 47 = 4" is right and "85 or 86" is judged by 86.
   number_only     1 if the completion is one integer and nothing else.
   length_penalty  -max(0, tokens over `limit`) / limit, on whitespace-split words.
 `arith_task(n, seed)` makes the seeded synthetic task: "What is 37 + 48? Reply with the number
@@ -64,14 +65,6 @@ def gsm8k_correct(prompts, completions, answer=None, **columns) -> np.ndarray:
                    for c, g in zip(completions, gold)])
 
 
-def arith_correct(prompts, completions, answer=None, **columns) -> np.ndarray:
-  del prompts, columns
-  gold = _answers(answer, len(completions))
-  first = [re.search(r"[-−]?\d+", c) for c in completions]
-  return np.array([float(m is not None and normalise_number(m.group()) == g)
-                   for m, g in zip(first, gold)])
-
-
 def number_only(prompts, completions, **columns) -> np.ndarray:
   del prompts, columns
   return np.array([float(re.fullmatch(r"\s*[-−]?\d+\s*\.?\s*", c) is not None)
@@ -87,7 +80,7 @@ def length_penalty(limit: int) -> Callable:
 
 
 REWARDS: dict[str, Callable] = {
-    "gsm8k_correct": gsm8k_correct, "arith_correct": arith_correct, "number_only": number_only}
+    "gsm8k_correct": gsm8k_correct, "arith_correct": gsm8k_correct, "number_only": number_only}
 
 
 def get(name: str, **kw) -> Callable:

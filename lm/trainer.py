@@ -301,10 +301,14 @@ class Trainer:
     return json.loads(data_state) if data_state else None
 
   def fit(self, data_iter: Iterator[dict], *, run_dir=None, ckpt: Checkpointer | None = None,
-          eval_batches: Callable[[], Any] | None = None, resume: bool = False
+          eval_batches: Callable[[], Any] | None = None,
+          evaluate: Callable[[], dict] | None = None, resume: bool = False
           ) -> list[dict[str, float | np.ndarray]]:
     """Train to `train.steps`: metrics every step, eval every `eval_every` (and at 0 and the end),
-    checkpoints every `checkpoint_every`. `data_iter` is a grain iterator (its state is saved).
+    checkpoints every `checkpoint_every`. `data_iter` is a grain iterator or any iterator with
+    `get_state`/`set_state` (its state is saved); one with `pop_metrics() -> dict` (an online-RL
+    rollout stream) adds host metrics about the batch it made to the step's. Eval is the loss's
+    metrics over `eval_batches()`, or `evaluate()` (e.g. held-out rollouts) when given.
 
     A NaN/inf loss stops the run with `NonFiniteLossError` naming the step; the last good
     checkpoint is left as it was.
@@ -330,8 +334,10 @@ class Trainer:
         run_dir.metrics.write(self.step, scalars)
       history.append({"step": self.step, **scalars})
 
-    if eval_batches is not None and self.step == 0:
-      record(self.evaluate(eval_batches()), "eval")
+    if evaluate is None and eval_batches is not None:
+      evaluate = lambda: self.evaluate(eval_batches())
+    if evaluate is not None and self.step == 0:
+      record(evaluate(), "eval")
     bar = tqdm(total=steps, initial=self.step, desc="train", unit="step", mininterval=2.0)
     t_log = time.perf_counter()
     while self.step < steps:
@@ -344,6 +350,8 @@ class Trainer:
                  if last is not None else "no checkpoint had been written")
         raise NonFiniteLossError(f"{e}; the run stopped and {where}. Lower train.lr, raise "
                                  "train.warmup_steps or check the data.") from None
+      if hasattr(data_iter, "pop_metrics"):
+        metrics.update(data_iter.pop_metrics())
       record(metrics, "train")
       bar.update(1)
       bar.set_postfix(loss=f"{metrics['loss']:.4f}", tok_s=f"{metrics['tokens_per_s']:.0f}")
@@ -351,9 +359,9 @@ class Trainer:
         log.info("step %d/%d loss %.4f  %.0f tokens/s  lr %.2e", self.step, steps,
                  metrics["loss"], metrics["tokens_per_s"], metrics["lr"])
         t_log = time.perf_counter()
-      if eval_batches is not None and ((eval_every and self.step % eval_every == 0)
-                                       or self.step == steps):
-        record(self.evaluate(eval_batches()), "eval")
+      if evaluate is not None and ((eval_every and self.step % eval_every == 0)
+                                   or self.step == steps):
+        record(evaluate(), "eval")
       if ckpt is not None and ((ckpt_every and self.step % ckpt_every == 0) or self.step == steps):
         self.save(ckpt, data_iter.get_state() if hasattr(data_iter, "get_state") else None)
     bar.close()

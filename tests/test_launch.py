@@ -66,9 +66,10 @@ def test_decode_sweep_smoke_writes_every_output(tmp_path, smollm2_gguf, shared_d
 
 @pytest.mark.parametrize("algo,plots", [("sft", ["loss.png", "perplexity.png"]),
                                         ("reward", ["loss.png", "accuracy.png"]),
-                                        ("dpo", ["loss.png", "rewards_margin.png"])])
+                                        ("dpo", ["loss.png", "rewards_margin.png"]),
+                                        ("grpo", ["reward.png", "kl.png", "entropy.png"])])
 def test_train_smoke_writes_run_directory(tmp_path, shared_data, smollm2_gguf, algo, plots):
-  """SFT, reward-model and DPO smoke runs end to end through launch.py and align/train.py."""
+  """SFT, reward-model, DPO and GRPO smoke runs end to end through launch.py and align/train.py."""
   work = tmp_path / algo
   r = subprocess.run(launch_cmd(f"--config=configs/{algo}.py:smoke", f"--workdir={work}",
                                 "--config.train.steps=2", "--config.train.eval_every=0"),
@@ -81,6 +82,8 @@ def test_train_smoke_writes_run_directory(tmp_path, shared_data, smollm2_gguf, a
   assert list((work / "tensorboard").iterdir())
   steps = [json.loads(line)["step"] for line in (work / "metrics.jsonl").read_text().splitlines()]
   assert max(steps) == 2
+  if algo == "grpo":
+    assert (work / "rl_summary.json").exists()
   if algo == "reward":
     _reward_model_loads_back(work)
 

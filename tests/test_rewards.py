@@ -23,11 +23,12 @@ def test_gsm8k_correct_and_the_empty_answer():
 
 
 def test_arith_rewards():
-  comps = ["85", " 85.", "The answer is 85", "58", "-3", "85 or 86"]
-  answers = ["85", "85", "85", "85", "-3", "85"]
-  correct = scorers.score(rewards.arith_correct, [""] * 6, comps, columns={"answer": answers})
-  np.testing.assert_array_equal(correct, [1, 1, 1, 0, 1, 1])
-  np.testing.assert_array_equal(rewards.number_only([""] * 6, comps), [1, 1, 0, 1, 1, 0])
+  comps = ["85", " 85.", "The answer is 85", "58", "-3", "85 or 86", "51 - 47 = 4", ""]
+  answers = ["85", "85", "85", "85", "-3", "85", "4", "0"]
+  correct = scorers.score(rewards.get("arith_correct"), [""] * 8, comps,
+                          columns={"answer": answers})
+  np.testing.assert_array_equal(correct, [1, 1, 1, 0, 1, 0, 1, 0])
+  np.testing.assert_array_equal(rewards.number_only([""] * 8, comps), [1, 1, 0, 1, 1, 0, 0, 0])
 
 
 def test_combine_weights_each_reward_and_keeps_them_apart():

@@ -198,8 +198,8 @@ def test_bad_batch_config_names_the_field():
             mesh=sharding.make_mesh(data=8, fsdp=1))
 
 
-def _launch(workdir, *extra):
-  cmd = launch_cmd("--config=configs/dpo.py:smoke", f"--workdir={workdir}",
+def _launch(workdir, *extra, algo="dpo"):
+  cmd = launch_cmd(f"--config=configs/{algo}.py:smoke", f"--workdir={workdir}",
                    "--config.train.steps=6", "--config.train.checkpoint_every=2",
                    "--config.lora.dropout=0.1", *extra)
   return subprocess.Popen(cmd, cwd=REPO, env=launch_env(), stdout=subprocess.DEVNULL,
@@ -212,14 +212,17 @@ def _metrics(workdir):
     r = json.loads(line)
     rows.setdefault(r["step"], {}).update(
         {k: v for k, v in r.items() if k.startswith(("train/loss", "train/rewards", "train/grad",
-                                                       "eval/"))})
+                                                       "train/reward", "train/kl", "eval/"))})
   return rows
 
 
 @pytest.mark.slow
-def test_sigkill_and_resume_equals_uninterrupted(tmp_path, shared_data):
-  full = _launch(tmp_path / "full")
-  killed = _launch(tmp_path / "killed")
+@pytest.mark.parametrize("algo", ["dpo", "grpo"])
+def test_sigkill_and_resume_equals_uninterrupted(tmp_path, shared_data, algo):
+  """GRPO: the rollouts after the resume are sampled by the restored policy with the step's seed,
+  so rewards, KL and losses repeat the uninterrupted run's at every step."""
+  full = _launch(tmp_path / "full", algo=algo)
+  killed = _launch(tmp_path / "killed", algo=algo)
   # SIGKILL once the step-2 checkpoint is complete (orbax renames it into place when done)
   deadline = time.time() + 600
   while not (tmp_path / "killed/checkpoints/2").is_dir():
@@ -229,10 +232,13 @@ def test_sigkill_and_resume_equals_uninterrupted(tmp_path, shared_data):
   killed.send_signal(signal.SIGKILL)
   killed.wait()
   assert full.wait() == 0, full.stderr.read()[-3000:]
-  resumed = _launch(tmp_path / "killed", "--resume")
+  resumed = _launch(tmp_path / "killed", "--resume", algo=algo)
   assert resumed.wait() == 0, resumed.stderr.read()[-3000:]
   a, b = _metrics(tmp_path / "full"), _metrics(tmp_path / "killed")
   assert sorted(a) == sorted(b) and max(a) == 6
+  if algo == "grpo":  # the run trained: losses and rewards moved
+    assert len({a[s]["train/loss"] for s in range(1, 7)}) > 1
+    assert len({a[s]["train/reward"] for s in range(1, 7)}) > 1
   for step in a:
     assert a[step] == b[step], step
 

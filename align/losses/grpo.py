@@ -18,6 +18,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from align import online
+from align.algorithm import Algorithm
 from align.losses import register
 from lm import lora
 from lm.scoring import next_token_logprobs, sample_kl_estimators
@@ -200,6 +202,8 @@ def grpo_loss(model, batch: dict, cfg):
       max_completion_length=cfg.get("max_completion_length"), ref_logp_bt=ref, beta=beta,
       kl_estimator=cfg.get("kl_estimator", "k3"), kl_clamp=cfg.get("kl_clamp"))
   m = mask.astype(jnp.float32)
+  if "old_logps" in batch:  # at a rollout's first iteration: rollout vs trainer log-prob
+    metrics["logp_diff_max"] = jnp.max(jnp.where(mask, jnp.abs(lp - old), 0.0), initial=0.0)
   metrics["logps"] = masked_mean(lp, m)
   metrics["completion_tokens"] = m.sum(-1).mean()
   return loss, metrics
@@ -254,3 +258,53 @@ def rollout_batch(rollout, advantages_n, *, width: int | None = None, pad_id: in
     old[i, lp - 1:lp - 1 + n] = rollout.policy_logprobs_bt[i, :n]
   return {"tokens": tokens, "attn_mask": attn, "loss_mask": loss,
           "advantages": np.asarray(advantages_n, np.float32), "old_logps": old}
+
+
+def make_batch_for(config) -> callable:
+  """`make_batch_for(width, pad_id)` for `align.online.setup`: GRPO's batch of a rollout. The
+  overlong penalty (rollout.overlong_buffer > 0) joins the reward before the advantages
+  (rollout.advantage, adv_eps, adv_ddof); rows of truncated completions or zero-variance groups
+  leave the loss when rollout.mask_truncated / mask_zero_std."""
+  r = config.rollout
+  group = int(r.num_generations)
+
+  def for_width(width: int, pad_id: int):
+    def make_batch(ro, total, each):
+      del each
+      rewards_n = np.asarray(total, np.float64)
+      metrics = {}
+      if r.get("overlong_buffer", 0):
+        pen = overlong_penalty(ro.lengths_b, r.max_new_tokens, r.overlong_buffer,
+                               r.get("overlong_factor", 1.0))
+        rewards_n = rewards_n + pen
+        metrics["reward/overlong"] = float(pen.mean())
+      adv = np.asarray(advantages(jnp.asarray(rewards_n, jnp.float32), group,
+                                  r.get("advantage", "grpo"), eps=r.get("adv_eps", 1e-6),
+                                  ddof=r.get("adv_ddof", 1)))
+      batch = rollout_batch(ro, adv, width=width, pad_id=pad_id,
+                            mask_truncated=r.get("mask_truncated", False),
+                            mask_zero_std=r.get("mask_zero_std", False),
+                            rewards_n=rewards_n, group_size=group)
+      metrics.update(zero_std_share=float(zero_std_share(jnp.asarray(rewards_n), group)),
+                     adv_abs_mean=float(np.abs(adv).mean()),
+                     rows_in_loss=float(np.mean(batch["loss_mask"].any(axis=1))))
+      return batch, metrics
+
+    return make_batch
+
+  return for_width
+
+
+def _check(config) -> None:
+  check_config(config.loss)
+  online.check_config(config)
+
+
+ALGORITHM = Algorithm(
+    name="grpo", loss=grpo_loss, data_kind="rollouts",
+    plotted=("reward", "reward/*", "zero_std_share", "length_mean", "length_median", "empty_share",
+             "truncated_share", "entropy", "clip_low", "clip_high", "kl", "logp_diff_max",
+             "time/*", "step_s"),
+    check=_check,
+    online=lambda config, trainer, tok: online.setup(config, trainer, tok, make_batch_for(config)),
+    finish=online.finish)

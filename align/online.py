@@ -1,0 +1,352 @@
+"""Online RL on the one trainer: task prompts, the rollout stream that feeds the trainer, and the
+held-out evaluation by rollouts.
+
+A step of GRPO (or PPO) is: the step's prompts -> `decode.rollout.rollout` with the current policy
+(eval mode, so no LoRA dropout while sampling) -> rewards (`decode.rewards.combine`, each logged
+apart) -> the algorithm's `make_batch` (advantages and the training rows) -> `Trainer.train_step`.
+`RolloutStream` is the trainer's data iterator, so `Trainer.fit` runs online RL as it runs SFT:
+same checkpoints, metrics, evals and `--resume`.
+
+Determinism: the prompts of rollout g and its sampling seed are functions of (seed, g), so a run
+resumed from a checkpoint at step k (which holds the policy that sampled rollout k) repeats the
+uninterrupted run. With μ > 1 inner iterations a rollout is reused for μ steps; checkpoints then
+fall on rollout boundaries (`check_config`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+from typing import Any, Callable
+
+import numpy as np
+
+from decode import rewards as reward_fns
+from decode.rollout import Rollout, pad_id_of, rollout
+from decode.sampling import GREEDY, Sampler
+from lm import hub
+from lm.data import read_rows, shared_file
+
+log = logging.getLogger(__name__)
+
+TASKS = ("arith", "gsm8k")
+_GSM8K = {"train": "gsm8k/train.jsonl.gz", "test": "gsm8k/test.jsonl.gz"}
+
+
+@dataclasses.dataclass
+class Prompts:
+  """A task's prompts: the user turns, their chat-template ids, and dataset columns (e.g. the gold
+  `answer`) that reward functions receive, one entry per prompt."""
+
+  texts: list[str]
+  ids: list[list[int]]
+  columns: dict[str, list]
+
+  def __len__(self) -> int:
+    return len(self.texts)
+
+  def take(self, index) -> "Prompts":
+    index = [int(i) for i in index]
+    return Prompts([self.texts[i] for i in index], [self.ids[i] for i in index],
+                   {k: [v[i] for i in index] for k, v in self.columns.items()})
+
+
+def _gsm8k_rows(split: str) -> list[dict]:
+  path = shared_file(_GSM8K[split])
+  if path is not None:
+    return read_rows(path)
+  import datasets
+
+  return datasets.load_dataset("openai/gsm8k", "main", split=split).to_list()
+
+
+def load_prompts(prompts_cfg, tokenizer) -> tuple[Prompts, Prompts, dict]:
+  """(train prompts, held-out prompts, stats) of `prompts_cfg.name`:
+
+  arith  `decode.rewards.arith_task` problems (seeded by prompts.seed, operands up to
+         prompts.max_operand), de-duplicated; the last n_eval are held out, so no held-out prompt
+         is trained on.
+  gsm8k  the GSM8K train split for training (first n_train), the test split held out (first
+         n_eval); `../shared/data/gsm8k` offline, `openai/gsm8k` by name otherwise.
+  Prompts longer than prompts.max_prompt_tokens are left out and counted.
+  """
+  name = prompts_cfg.name
+  n_train, n_eval = int(prompts_cfg.n_train), int(prompts_cfg.n_eval)
+  if name == "arith":
+    problems = reward_fns.arith_task(2 * (n_train + n_eval), prompts_cfg.seed,
+                                     max_operand=prompts_cfg.get("max_operand", 99))
+    unique = list({p["prompt"]: p for p in problems}.values())
+    if len(unique) < n_train + n_eval:
+      raise ValueError(f"prompts.max_operand={prompts_cfg.max_operand} gives only {len(unique)} "
+                       f"distinct problems for n_train + n_eval = {n_train + n_eval}; raise it.")
+    train_rows, eval_rows = unique[:n_train], unique[len(unique) - n_eval:]
+  elif name == "gsm8k":
+    as_rows = lambda rows: [{"prompt": r["question"], "answer": r["answer"]} for r in rows]
+    train_rows = as_rows(_gsm8k_rows("train")[:n_train])
+    eval_rows = as_rows(_gsm8k_rows("test")[:n_eval])
+  else:
+    raise ValueError(f"prompts.name={name!r} is unknown; choose one of {TASKS}.")
+  limit = int(prompts_cfg.get("max_prompt_tokens", 0)) or None
+  system = prompts_cfg.get("system") or None
+  suffix = prompts_cfg.get("prompt_suffix", "")
+  stats = {"task": name, "max_prompt_tokens": limit}
+
+  def encode(rows, split):
+    texts, ids, answers = [], [], []
+    for r in rows:
+      text = r["prompt"] + suffix
+      x = hub.encode_chat(tokenizer, text, system=system)
+      if limit and len(x) > limit:
+        continue
+      texts.append(text)
+      ids.append(x)
+      answers.append(r["answer"])
+    stats[f"n_{split}"] = len(texts)
+    stats[f"dropped_{split}"] = len(rows) - len(texts)
+    if not texts:
+      raise ValueError(f"task {name!r} left no {split} prompts (prompts.n_{split}={len(rows)}, "
+                       f"prompts.max_prompt_tokens={limit}); raise the limit or the count.")
+    return Prompts(texts, ids, {"answer": answers})
+
+  train, held_out = encode(train_rows, "train"), encode(eval_rows, "eval")
+  stats["longest_prompt"] = max(len(x) for x in train.ids + held_out.ids)
+  return train, held_out, stats
+
+
+def sampler_of(rollout_cfg) -> Sampler:
+  """The rollout's sampler: temperature, top-k, top-p from `config.rollout`."""
+  return Sampler(temperature=rollout_cfg.temperature, top_k=rollout_cfg.get("top_k", 0),
+                 top_p=rollout_cfg.get("top_p", 1.0))
+
+
+def reward_functions(config) -> tuple[dict[str, Callable], dict[str, float]]:
+  """(name -> reward function, name -> weight) from `config.rewards` (name: weight) and
+  `config.reward_args` (name: keyword arguments, e.g. length_penalty's limit)."""
+  if not config.rewards:
+    raise ValueError("config.rewards is empty; name at least one reward with its weight, e.g. "
+                     "--config.rewards.arith_correct=1.0.")
+  args = config.get("reward_args") or {}
+  fns = {name: reward_fns.get(name, **dict(args.get(name, {}))) for name in config.rewards}
+  return fns, {name: float(w) for name, w in config.rewards.items()}
+
+
+def completion_texts(tokenizer, ro: Rollout) -> list[str]:
+  """Each row's completion as text, special tokens (the end-of-turn) left out."""
+  return [tokenizer.decode(ro.tokens_bt[i, :n], skip_special_tokens=True)
+          for i, n in enumerate(ro.lengths_b)]
+
+
+def rollout_stats(ro: Rollout, texts: list[str], total, each: dict) -> dict[str, float]:
+  """Per-rollout diagnostics: reward mean/std (total and per function), response length (tokens,
+  the end-of-turn counted) mean/median, share empty (no text besides the end-of-turn), share
+  truncated (hit max_new_tokens), and the policy's entropy per token estimated from its own samples
+  (mean of -log π_T(y_t) over sampled tokens: unbiased when temperature is the only filter)."""
+  lengths = np.asarray(ro.lengths_b, np.float64)
+  mask = np.arange(ro.policy_logprobs_bt.shape[1])[None] < lengths[:, None]
+  out = {"reward": float(np.mean(total)), "reward_std": float(np.std(total)),
+         "length_mean": float(lengths.mean()), "length_median": float(np.median(lengths)),
+         "empty_share": float(np.mean([not t.strip() for t in texts])),
+         "truncated_share": float(np.mean(np.asarray(ro.finish) == "length")),
+         "entropy": float(-(ro.policy_logprobs_bt * mask).sum() / max(mask.sum(), 1))}
+  for name, s in each.items():
+    out[f"reward/{name}"] = float(np.nanmean(s)) if np.isfinite(s).any() else float("nan")
+    out[f"reward_std/{name}"] = float(np.nanstd(s)) if np.isfinite(s).any() else float("nan")
+  return out
+
+
+class RolloutStream:
+  """The trainer's data iterator for online RL; see the module docstring.
+
+  make_batch(rollout, total_rewards [N], each_reward {name: [N]}) -> (batch, metrics): the
+  algorithm's advantages and training rows (e.g. `align.losses.grpo.make_batch`).
+  State: {"step": k}, saved in every checkpoint by `Trainer.fit`.
+  """
+
+  def __init__(self, trainer, tokenizer, prompts: Prompts, config,
+               make_batch: Callable[..., tuple[dict, dict]]):
+    self.trainer, self.tokenizer, self.prompts = trainer, tokenizer, prompts
+    self.cfg = config.rollout
+    self.fns, self.weights = reward_functions(config)
+    self.make_batch = make_batch
+    self.sampler = sampler_of(self.cfg)
+    self.per_step = int(self.cfg.prompts_per_step)
+    self.group = int(self.cfg.num_generations)
+    self.mu = int(self.cfg.get("num_iterations", 1))
+    self.seed = int(self.cfg.get("seed", 0))
+    self.step = 0
+    self._cache: tuple[int, dict, dict] | None = None
+    self._metrics: dict = {}
+
+  def get_state(self) -> dict:
+    return {"step": self.step}
+
+  def set_state(self, state: dict) -> None:
+    self.step = int(state["step"])
+    self._cache = None
+
+  def __iter__(self):
+    return self
+
+  def prompt_index(self, g: int) -> np.ndarray:
+    """The prompts of rollout g: consecutive slices of a per-epoch seeded permutation."""
+    n = len(self.prompts)
+    start = g * self.per_step
+    out = []
+    while len(out) < self.per_step:
+      epoch, offset = divmod(start + len(out), n)
+      perm = np.random.default_rng([self.seed, epoch]).permutation(n)
+      out.extend(perm[offset:offset + self.per_step - len(out)].tolist())
+    return np.asarray(out)
+
+  def _rollout(self, g: int) -> tuple[dict, dict]:
+    t0 = time.perf_counter()
+    chosen = self.prompts.take(self.prompt_index(g))
+    seed = int(np.random.SeedSequence([self.seed, g]).generate_state(1)[0] >> 1)
+    ro = rollout(self.trainer.host_model(), chosen.ids, max_new_tokens=self.cfg.max_new_tokens,
+                 tokenizer=self.tokenizer, sampler=self.sampler, num_samples=self.group, seed=seed)
+    t1 = time.perf_counter()
+    texts = completion_texts(self.tokenizer, ro)
+    rows = ro.prompt_index_b
+    columns = {k: [v[i] for i in rows] for k, v in chosen.columns.items()}
+    total, each = reward_fns.combine(self.fns, self.weights, [chosen.texts[i] for i in rows],
+                                     texts, columns)
+    batch, metrics = self.make_batch(ro, total, each)
+    t2 = time.perf_counter()
+    metrics.update(rollout_stats(ro, texts, total, each))
+    metrics.update({"time/rollout_s": t1 - t0, "time/scoring_s": t2 - t1,
+                    "rollout_tokens_per_s": float(np.sum(ro.lengths_b)) / (t1 - t0)})
+    return batch, metrics
+
+  def __next__(self) -> dict:
+    g, inner = divmod(self.step, self.mu)
+    if inner == 0 or self._cache is None or self._cache[0] != g:
+      batch, metrics = self._rollout(g)
+      self._cache = (g, batch, metrics)
+      self._metrics = dict(metrics)
+    else:  # an inner iteration on the same rollout: no new samples, nothing re-timed
+      self._metrics = {k: v for k, v in self._cache[2].items() if not k.startswith("time/")}
+    self._metrics["inner_iteration"] = inner
+    self.step += 1
+    return self._cache[1]
+
+  def pop_metrics(self) -> dict:
+    out, self._metrics = self._metrics, {}
+    return out
+
+
+def held_out_eval(trainer, tokenizer, prompts: Prompts, config) -> Callable[[], dict]:
+  """`evaluate()` for `Trainer.fit`: one completion per held-out prompt (greedy unless
+  config.eval.sample, then the rollout's sampler at a fixed seed), scored by the training rewards;
+  reward per function, success share, and length statistics."""
+  fns, weights = reward_functions(config)
+  eval_cfg = config.get("eval") or {}
+  sampler = sampler_of(config.rollout) if eval_cfg.get("sample") else GREEDY
+  batch_size = int(eval_cfg.get("batch_size", 0)) or None
+
+  def evaluate() -> dict:
+    ro = rollout(trainer.host_model(), prompts.ids, max_new_tokens=config.rollout.max_new_tokens,
+                 tokenizer=tokenizer, sampler=sampler, seed=int(eval_cfg.get("seed", 1234)),
+                 batch_size=batch_size)
+    texts = completion_texts(tokenizer, ro)
+    total, each = reward_fns.combine(fns, weights, prompts.texts, texts, prompts.columns)
+    stats = rollout_stats(ro, texts, total, each)
+    if sampler is GREEDY:  # argmax tokens say nothing about the policy's entropy
+      del stats["entropy"]
+    return stats
+
+  return evaluate
+
+
+def check_config(config) -> None:
+  """Clear errors for rollout settings that cannot run, before the model loads."""
+  r, t = config.rollout, config.train
+  rows = int(r.prompts_per_step) * int(r.num_generations)
+  if int(t.batch_size) != rows:
+    raise ValueError(f"train.batch_size={t.batch_size} must equal rollout.prompts_per_step x "
+                     f"rollout.num_generations = {rows} (one training row per completion).")
+  mu = int(r.get("num_iterations", 1))
+  if mu < 1:
+    raise ValueError(f"rollout.num_iterations={mu} must be >= 1.")
+  for field in ("checkpoint_every", "steps"):
+    value = int(t.get(field, 0))
+    if mu > 1 and value % mu:
+      raise ValueError(f"train.{field}={value} must be a multiple of rollout.num_iterations={mu}: "
+                       "a checkpoint inside a rollout's inner iterations could not resume it.")
+  if abs(float(config.loss.get("temperature", 1.0)) - float(r.temperature)) > 0:
+    raise ValueError(f"loss.temperature={config.loss.temperature} differs from "
+                     f"rollout.temperature={r.temperature}: the trainer scores at the sampling "
+                     "temperature. Set both to the same value.")
+  if config.prompts.name not in TASKS:
+    raise ValueError(f"prompts.name={config.prompts.name!r} is unknown; choose one of {TASKS}.")
+
+
+def batch_width(stats: dict, max_new_tokens: int, multiple: int = 16) -> int:
+  """The static row width of every training batch: longest prompt + max_new_tokens, rounded up."""
+  need = int(stats["longest_prompt"]) + int(max_new_tokens)
+  return -(-need // multiple) * multiple
+
+
+def setup(config, trainer, tokenizer, make_batch_for: Callable[[int, int], Callable]
+          ) -> tuple[RolloutStream, Callable[[], dict], dict[str, Any]]:
+  """(stream, evaluate, data stats) for `align.train`: `make_batch_for(width, pad_id)` gives the
+  algorithm's batch builder at the run's static width."""
+  train, held_out, stats = load_prompts(config.prompts, tokenizer)
+  width = batch_width(stats, config.rollout.max_new_tokens)
+  stats.update(source=config.prompts.name, seq_len=width, n_train=len(train), n_eval=len(held_out))
+  stream = RolloutStream(trainer, tokenizer, train, config,
+                         make_batch_for(width, pad_id_of(tokenizer)))
+  return stream, held_out_eval(trainer, tokenizer, held_out, config), stats
+
+
+def _series(records: list[dict], key: str) -> list[tuple[int, float]]:
+  return [(r["step"], float(r[key])) for r in records
+          if isinstance(r.get(key), (int, float)) and np.isfinite(r[key])]
+
+
+def trend(values, window: int = 10) -> dict[str, float]:
+  """First `window` vs last `window` values: means, standard errors (ddof 1) and
+  z = (last - first) / sqrt(se_first² + se_last²)."""
+  v = np.asarray(values, np.float64)
+  w = min(window, len(v) // 2)
+  if w < 2:
+    return {"window": w}
+  a, b = v[:w], v[-w:]
+  se_a, se_b = a.std(ddof=1) / np.sqrt(w), b.std(ddof=1) / np.sqrt(w)
+  spread = np.hypot(se_a, se_b)
+  return {"window": w, "first_mean": float(a.mean()), "first_se": float(se_a),
+          "last_mean": float(b.mean()), "last_se": float(se_b),
+          "diff": float(b.mean() - a.mean()),
+          "z": float((b.mean() - a.mean()) / spread) if spread > 0 else float("nan")}
+
+
+def finish(config, model, tokenizer, eval_examples, run_dir) -> dict:
+  """After an online run: the training-reward trend (first vs last 10 steps, from the whole
+  `metrics.jsonl`, so a resumed run counts every step), held-out start vs end, and the median
+  step time split; into `rl_summary.json` and a report section."""
+  del model, tokenizer, eval_examples
+  import json
+
+  records = [json.loads(line) for line in (run_dir.path / "metrics.jsonl").read_text().splitlines()
+             if line.strip()]
+  t = trend([v for _, v in _series(records, "train/reward")])
+  evals = _series(records, "eval/reward")
+  times = {name: float(np.median([v for _, v in _series(records, key)] or [np.nan]))
+           for name, key in (("rollout_s", "train/time/rollout_s"),
+                             ("scoring_s", "train/time/scoring_s"),
+                             ("update_s", "train/step_s"))}
+  out = {"reward_trend": t, "eval_reward_start": evals[0][1] if evals else float("nan"),
+         "eval_reward_end": evals[-1][1] if evals else float("nan"), "median_step_time": times}
+  run_dir.write_json("rl_summary.json", out)
+  lines = ["## Reward trend\n"]
+  if "z" in t:
+    lines.append(
+        f"Training reward, first {t['window']} steps {t['first_mean']:.3f} ± {t['first_se']:.3f} "
+        f"(SE), last {t['window']} steps {t['last_mean']:.3f} ± {t['last_se']:.3f}: difference "
+        f"{t['diff']:+.3f}, z = {t['z']:.2f}.\n")
+  lines.append(f"Held-out reward (greedy unless eval.sample) {out['eval_reward_start']:.3f} at "
+               f"step 0 → {out['eval_reward_end']:.3f} at the end.\n")
+  lines.append("Median step time: rollout {rollout_s:.2f} s, rewards and batch {scoring_s:.3f} s, "
+               "update {update_s:.2f} s.\n".format(**times))
+  out["report_md"] = "\n".join(lines)
+  return out

@@ -1,0 +1,126 @@
+"""Online RL plumbing: the rollout stream is a function of the step (so resume repeats a run), μ
+reuses a rollout, prompts split without overlap and cycle by epoch, bad settings name the field,
+the reward trend's arithmetic, and the GRPO step sharded over 8 fake devices = one device."""
+
+import jax
+import ml_collections
+import numpy as np
+import pytest
+from flax import nnx
+
+from align import online
+from align.losses import grpo
+from configs import grpo as grpo_config
+from lm import lora, sharding
+from lm.trainer import Trainer
+
+
+def _config(**rollout):
+  c = grpo_config.get_config("smoke")
+  c.rollout.update(**rollout)
+  return c
+
+
+def _trainer_and_tok(config, mesh=None):
+  from align.train import load_model
+
+  model, tok = load_model(config.model)
+  lora.apply_lora(model, lora.LoraConfig.from_config(config.lora), rngs=nnx.Rngs(0))
+  trainer = Trainer(model, grpo.grpo_loss, config.loss, config.train,
+                    trainable=lora.trainable_filter("lora"), mesh=mesh)
+  return trainer, tok
+
+
+@pytest.fixture(scope="module")
+def smoke(smollm2_gguf):
+  config = _config()
+  trainer, tok = _trainer_and_tok(config)
+  return config, trainer, tok
+
+
+def _stream(config, trainer, tok):
+  return online.setup(config, trainer, tok, grpo.make_batch_for(config))
+
+
+def test_stream_batches_are_a_function_of_the_step(smoke):
+  config, trainer, tok = smoke
+  stream, _, stats = _stream(config, trainer, tok)
+  batches = [next(stream) for _ in range(3)]
+  metrics = stream.pop_metrics()
+  for key in ("reward", "reward/arith_correct", "zero_std_share", "length_median", "empty_share",
+              "truncated_share", "entropy", "time/rollout_s", "time/scoring_s"):
+    assert key in metrics, key
+  rows = config.rollout.prompts_per_step * config.rollout.num_generations
+  assert batches[0]["tokens"].shape == (rows, stats["seq_len"])
+  assert stream.get_state() == {"step": 3}
+  again, _, _ = _stream(config, trainer, tok)
+  again.set_state({"step": 2})
+  for k, v in next(again).items():
+    np.testing.assert_array_equal(v, batches[2][k], err_msg=k)
+  assert not np.array_equal(batches[0]["tokens"], batches[1]["tokens"])
+
+
+def test_inner_iterations_reuse_the_rollout(smoke):
+  config, trainer, tok = smoke
+  stream, _, _ = _stream(_config(num_iterations=2), trainer, tok)
+  a, b, c = next(stream), next(stream), next(stream)
+  assert a is b and c is not a
+  assert stream.pop_metrics()["inner_iteration"] == 0
+
+
+def test_prompts_cycle_by_epoch_and_held_out_prompts_are_never_trained_on(smoke):
+  config, trainer, tok = smoke
+  stream, _, _ = _stream(config, trainer, tok)
+  n, k = len(stream.prompts), stream.per_step
+  seen = np.concatenate([stream.prompt_index(g) for g in range(-(-2 * n // k))])
+  np.testing.assert_array_equal(np.sort(seen[:n]), np.arange(n))
+  np.testing.assert_array_equal(np.sort(seen[n:2 * n]), np.arange(n))
+  train, held_out, _ = online.load_prompts(config.prompts, tok)
+  assert not set(train.texts) & set(held_out.texts)
+  assert len(held_out) == config.prompts.n_eval
+
+
+@pytest.mark.parametrize("change,match", [
+    (lambda c: c.train.update(batch_size=3), "prompts_per_step x"),
+    (lambda c: c.loss.update(temperature=0.5), "loss.temperature"),
+    (lambda c: c.rollout.update(num_iterations=3), "multiple of rollout.num_iterations"),
+    (lambda c: c.prompts.update(name="riddles"), "prompts.name"),
+])
+def test_bad_rollout_settings_name_the_field(change, match):
+  config = ml_collections.ConfigDict(_config().to_dict())  # plain values: no shared references
+  change(config)
+  with pytest.raises(ValueError, match=match):
+    grpo.ALGORITHM.check(config)
+
+
+def test_reward_trend_by_hand():
+  t = online.trend([0, 1, 0, 1, 5, 2, 1, 2, 1], window=4)
+  # first [0, 1, 0, 1]: mean .5, sd .57735, se .288675; last [2, 1, 2, 1]: mean 1.5, se .288675
+  assert t["first_mean"] == 0.5 and t["last_mean"] == 1.5
+  np.testing.assert_allclose([t["first_se"], t["z"]], [0.288675, 1 / np.hypot(0.288675, 0.288675)],
+                             rtol=1e-5)
+  assert online.trend([1.0, 2.0]) == {"window": 1}
+
+
+def test_grpo_step_sharded_equals_single_device(smoke):
+  config, _, tok = smoke
+  config = _config()
+  config.loss.beta = 0.04  # the reference pass (adapters off) runs sharded too
+  results = []
+  batch = None
+  for mesh in (None, sharding.make_mesh(data=2, fsdp=4)):
+    trainer, _ = _trainer_and_tok(config, mesh)
+    if batch is None:
+      stream, _, _ = _stream(config, trainer, tok)
+      batch = next(stream)
+      batch["advantages"] = np.linspace(-1, 1, len(batch["advantages"])).astype(np.float32)
+    m = [trainer.train_step(batch) for _ in range(2)]
+    flat = {"/".join(map(str, k)): np.asarray(v.get_value())
+            for k, v in trainer.params.flat_state()}
+    results.append(([x["loss"] for x in m], [x["grad_norm"] for x in m], flat))
+  (l1, g1, p1), (l8, g8, p8) = results
+  assert abs(g1[0]) > 0
+  np.testing.assert_allclose(l1, l8, rtol=2e-5, atol=1e-7)
+  np.testing.assert_allclose(g1, g8, rtol=2e-5)
+  for k in p1:
+    np.testing.assert_allclose(p1[k], p8[k], rtol=1e-4, atol=2e-5, err_msg=k)
