@@ -131,6 +131,11 @@ def reward_functions(config) -> tuple[dict[str, Callable], dict[str, float]]:
   return fns, {name: float(w) for name, w in config.rewards.items()}
 
 
+def policy_of(model):
+  """The decoder that samples: the model itself, or the backbone under a head (PPO's value)."""
+  return getattr(model, "backbone", model)
+
+
 def completion_texts(tokenizer, ro: Rollout) -> list[str]:
   """Each row's completion as text, special tokens (the end-of-turn) left out."""
   return [tokenizer.decode(ro.tokens_bt[i, :n], skip_special_tokens=True)
@@ -158,8 +163,9 @@ def rollout_stats(ro: Rollout, texts: list[str], total, each: dict) -> dict[str,
 class RolloutStream:
   """The trainer's data iterator for online RL; see the module docstring.
 
-  make_batch(rollout, total_rewards [N], each_reward {name: [N]}) -> (batch, metrics): the
-  algorithm's advantages and training rows (e.g. `align.losses.grpo.make_batch`).
+  make_batch(rollout, total_rewards [N], each_reward {name: [N]}, rollout_index=g) ->
+  (batch, metrics): the algorithm's advantages and training rows (`align.losses.grpo` and
+  `align.losses.ppo` `make_batch_for`).
   State: {"step": k}, saved in every checkpoint by `Trainer.fit`.
   """
 
@@ -203,7 +209,8 @@ class RolloutStream:
     t0 = time.perf_counter()
     chosen = self.prompts.take(self.prompt_index(g))
     seed = int(np.random.SeedSequence([self.seed, g]).generate_state(1)[0] >> 1)
-    ro = rollout(self.trainer.host_model(), chosen.ids, max_new_tokens=self.cfg.max_new_tokens,
+    ro = rollout(policy_of(self.trainer.host_model()), chosen.ids,
+                 max_new_tokens=self.cfg.max_new_tokens,
                  tokenizer=self.tokenizer, sampler=self.sampler, num_samples=self.group, seed=seed)
     t1 = time.perf_counter()
     texts = completion_texts(self.tokenizer, ro)
@@ -211,7 +218,7 @@ class RolloutStream:
     columns = {k: [v[i] for i in rows] for k, v in chosen.columns.items()}
     total, each = reward_fns.combine(self.fns, self.weights, [chosen.texts[i] for i in rows],
                                      texts, columns)
-    batch, metrics = self.make_batch(ro, total, each)
+    batch, metrics = self.make_batch(ro, total, each, rollout_index=g)
     t2 = time.perf_counter()
     metrics.update(rollout_stats(ro, texts, total, each))
     metrics.update({"time/rollout_s": t1 - t0, "time/scoring_s": t2 - t1,
@@ -245,7 +252,8 @@ def held_out_eval(trainer, tokenizer, prompts: Prompts, config) -> Callable[[], 
   batch_size = int(eval_cfg.get("batch_size", 0)) or None
 
   def evaluate() -> dict:
-    ro = rollout(trainer.host_model(), prompts.ids, max_new_tokens=config.rollout.max_new_tokens,
+    ro = rollout(policy_of(trainer.host_model()), prompts.ids,
+                 max_new_tokens=config.rollout.max_new_tokens,
                  tokenizer=tokenizer, sampler=sampler, seed=int(eval_cfg.get("seed", 1234)),
                  batch_size=batch_size)
     texts = completion_texts(tokenizer, ro)

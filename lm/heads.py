@@ -99,3 +99,23 @@ def score_ids(rm: RewardModel, rows: Sequence[Sequence[int]], *, batch_size: int
 def score_texts(rm: RewardModel, tokenizer, texts: Sequence[str], **kw) -> np.ndarray:
   """Reward of each text (tokenized as is: chat-formatted texts keep their special tokens)."""
   return score_ids(rm, [tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts], **kw)
+
+
+class PolicyWithValue(nnx.Module):
+  """A decoder with a value head on its trunk (PPO's critic sharing the policy's trunk and its
+  LoRA adapters): `values(h_bsd) -> [B, S]` reads every position's final hidden state. The head
+  starts at zero (V = 0, a neutral baseline) and the critic warm-up fits it."""
+
+  def __init__(self, backbone: Transformer, *, rngs: nnx.Rngs):
+    self.backbone = backbone
+    cfg = backbone.cfg
+    self.value = Linear((cfg.d_model,), (1,), axes=("embed", None), dtype=cfg.dtype,
+                        param_dtype=cfg.param_dtype, rngs=rngs)
+    self.value.kernel.set_value(jnp.zeros_like(self.value.kernel[...]))
+
+  @property
+  def cfg(self):
+    return self.backbone.cfg
+
+  def values(self, h_bsd) -> jax.Array:
+    return self.value(h_bsd)[..., 0].astype(jnp.float32)

@@ -68,19 +68,19 @@ def _assert_trees_close(a, b, tol):
 
 
 @pytest.mark.parametrize("cfg", [lm.preset("tiny"), MIXED], ids=["tiny", "sliding+sinks"])
-@pytest.mark.parametrize("remat", ["none", "full", "dots", "dots_no_batch"])
-def test_scanned_and_rematerialised_stacks_equal_the_plain_one(cfg, remat):
+def test_scanned_and_rematerialised_stacks_equal_the_plain_one(cfg):
   tokens, mask = _batch()
   plain = _model(cfg)
   logits, value, grads = _loss_and_grads(plain, tokens, mask)
-  for scan in (False, True):
-    if not scan and remat == "none":
-      continue
-    other = _copy(plain, scan_layers=scan, remat=remat)
-    o_logits, o_value, o_grads = _loss_and_grads(other, tokens, mask)
-    _assert_close(o_logits, logits)
-    assert abs(o_value - value) <= 1e-5 * abs(value)
-    _assert_trees_close(o_grads, grads, 1e-5)
+  for remat in ("none", "full", "dots", "dots_no_batch"):
+    for scan in (False, True):
+      if not scan and remat == "none":
+        continue
+      other = _copy(plain, scan_layers=scan, remat=remat)
+      o_logits, o_value, o_grads = _loss_and_grads(other, tokens, mask)
+      _assert_close(o_logits, logits)
+      assert abs(o_value - value) <= 1e-5 * abs(value), (remat, scan)
+      _assert_trees_close(o_grads, grads, 1e-5)
 
 
 def test_scan_compiles_one_block():
@@ -169,7 +169,8 @@ def test_smollm2_scanned_equals_unrolled(smollm2):
   tokens = jnp.asarray([[0] * (width - len(r)) + r for r in ids], jnp.int32)
   mask = jnp.asarray([[0] * (width - len(r)) + [1] * len(r) for r in ids], jnp.int32)
   logits, value, grads = _loss_and_grads(_copy(base), tokens, mask)
-  for remat in ("none", "full"):
+  # remat on real weights: test_scanned_and_rematerialised_stacks_equal_the_plain_one (tiny)
+  for remat in ("none",):
     o_logits, o_value, o_grads = _loss_and_grads(_copy(base, scan_layers=True, remat=remat),
                                                  tokens, mask)
     assert float(np.abs(o_logits - logits).max()) <= 1e-5 * float(np.abs(logits).max())

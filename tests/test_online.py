@@ -2,7 +2,6 @@
 reuses a rollout, prompts split without overlap and cycle by epoch, bad settings name the field,
 the reward trend's arithmetic, and the GRPO step sharded over 8 fake devices = one device."""
 
-import jax
 import ml_collections
 import numpy as np
 import pytest

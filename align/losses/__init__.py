@@ -23,7 +23,7 @@ def register(name: str):
 
 
 def get(name: str) -> LossFn:
-  from align.losses import dpo, grpo, reward, sft  # noqa: F401  (registers)
+  from align.losses import dpo, grpo, ppo, reward, sft  # noqa: F401  (registers)
 
   if name not in _LOSSES:
     raise ValueError(f"loss {name!r} is unknown; registered: {sorted(_LOSSES)}")

@@ -113,7 +113,7 @@ def clipped_surrogate(logp_bt, old_logp_bt, adv_b, *, eps_low: float = 0.2,
   Low-clipped: ρ < 1 - ε_low with A < 0; high-clipped: ρ > 1 + ε_high with A > 0 (where the clip
   removes the gradient; TRL's clip_ratio/low and /high)."""
   eps_high = eps_low if eps_high is None else eps_high
-  adv = adv_b[:, None]
+  adv = adv_b[:, None] if adv_b.ndim == 1 else adv_b  # per sequence [B] or per token [B, T] (PPO)
   ratio = jnp.exp(logp_bt - old_logp_bt)
   clipped = jnp.clip(ratio, 1 - eps_low, 1 + eps_high)
   loss = -jnp.minimum(ratio * adv, clipped * adv)
@@ -269,8 +269,8 @@ def make_batch_for(config) -> callable:
   group = int(r.num_generations)
 
   def for_width(width: int, pad_id: int):
-    def make_batch(ro, total, each):
-      del each
+    def make_batch(ro, total, each, rollout_index: int = 0):
+      del each, rollout_index
       rewards_n = np.asarray(total, np.float64)
       metrics = {}
       if r.get("overlong_buffer", 0):

@@ -1,0 +1,212 @@
+"""PPO for language models: per-token KL penalty in the reward with the sequence's score at its
+last real token, GAE(γ, λ), whitened advantages, the clipped policy loss and the clipped value loss.
+
+The formulas follow Ouyang et al. (2022) as TRL's `PPOTrainer` and Huang et al.'s "N+
+implementation details of RLHF with PPO" (2024) write them. Time runs over completion tokens:
+position t of a `[B, T]` array is the action y_t, scored by `next_token_logprobs` at index t, and
+the value V_t is read from the hidden state that predicts y_t (the state before the action).
+Masks mark completion tokens, the end-of-turn included; everything is zero outside them.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from align import online
+from align.algorithm import Algorithm
+from align.losses import register
+from align.losses.grpo import masked_mean, policy_loss, rollout_batch
+from lm import lora
+from lm.heads import PolicyWithValue
+from lm.scoring import next_token_logprobs, sample_kl_estimators, selected_token_logprobs
+
+
+def _last_index(mask_bt: jax.Array) -> jax.Array:
+  """Index of each row's last marked position (-1 for a row with none)."""
+  t = jnp.arange(mask_bt.shape[1])
+  return jnp.max(jnp.where(mask_bt > 0, t, -1), axis=1)
+
+
+def token_rewards(score_b, logp_bt, ref_logp_bt, mask_bt, *, kl_coef: float,
+                  estimator: str = "k1", clamp: float | None = None):
+  """(rewards `[B, T]`, kl `[B, T]`): r_t = -kl_coef · KL_t on every completion token, plus the
+  sequence score at its last token (the end-of-turn when one was emitted). KL_t estimates
+  KL(π || π_ref) at the sampled token (k1 = log π - log π_ref, TRL's default; k2, k3)."""
+  m = mask_bt.astype(jnp.float32)
+  kl = sample_kl_estimators(logp_bt, ref_logp_bt, clamp)[estimator] * m
+  last = _last_index(mask_bt)
+  at_last = (jnp.arange(mask_bt.shape[1])[None] == last[:, None]).astype(jnp.float32)
+  return -kl_coef * kl + at_last * jnp.asarray(score_b, jnp.float32)[:, None], kl
+
+
+def gae(rewards_bt, values_bt, mask_bt, *, gamma: float = 1.0, lam: float = 0.95):
+  """(advantages `[B, T]`, returns `[B, T]`) by generalised advantage estimation:
+
+    δ_t = r_t + γ V_{t+1} - V_t,   A_t = δ_t + γ λ A_{t+1},   R_t = A_t + V_t
+
+  with V and r zero outside the mask, so the value after a row's last token is 0 (the episode
+  ends there) and padding contributes nothing."""
+  m = mask_bt.astype(jnp.float32)
+  r, v = rewards_bt.astype(jnp.float32) * m, values_bt.astype(jnp.float32) * m
+  v_next = jnp.concatenate([v[:, 1:], jnp.zeros_like(v[:, :1])], axis=1)
+  delta = r + gamma * v_next - v
+
+  def back(carry, d_b):
+    a = d_b + gamma * lam * carry
+    return a, a
+
+  _, adv_tb = jax.lax.scan(back, jnp.zeros(delta.shape[0]), delta.T, reverse=True)
+  adv = adv_tb.T * m
+  return adv, (adv + v) * m
+
+
+def whiten(x_bt, mask_bt, *, shift_mean: bool = True, eps: float = 1e-8):
+  """(x - mean) / sqrt(var + eps) over the marked entries, zero elsewhere; var is the unbiased
+  masked variance (n / (n - 1) times the mean square deviation), as TRL's `masked_whiten`.
+  `shift_mean=False` adds the mean back (TRL's reward whitening)."""
+  m = mask_bt.astype(jnp.float32)
+  n = jnp.maximum(m.sum(), 1.0)
+  mean = (x_bt * m).sum() / n
+  var = (jnp.square(x_bt - mean) * m).sum() / n * (n / jnp.maximum(n - 1.0, 1.0))
+  out = (x_bt - mean) * jax.lax.rsqrt(var + eps)
+  if not shift_mean:
+    out = out + mean
+  return out * m
+
+
+def value_loss(values_bt, old_values_bt, returns_bt, mask_bt, *, clip: float | None = 0.2):
+  """(loss, clip fraction): ½ · masked mean of max((V - R)², (clip(V, V_old ± c) - R)²); without
+  `clip`, ½ · masked mean of (V - R)². The fraction counts tokens where the clipped term is the
+  larger (TRL's vf_clipfrac)."""
+  m = mask_bt.astype(jnp.float32)
+  n = jnp.maximum(m.sum(), 1.0)
+  plain = jnp.square(values_bt - returns_bt)
+  if clip is None:
+    return 0.5 * (plain * m).sum() / n, jnp.zeros(())
+  clipped_v = old_values_bt + jnp.clip(values_bt - old_values_bt, -clip, clip)
+  clipped = jnp.square(clipped_v - returns_bt)
+  loss = 0.5 * (jnp.maximum(plain, clipped) * m).sum() / n
+  return loss, ((clipped > plain) * m).sum() / n
+
+
+@register("ppo")
+def ppo_loss(model: PolicyWithValue, batch: dict, cfg):
+  """batch: tokens / attn_mask / loss_mask `[B, S]` as GRPO's rows; advantages, returns,
+  old_values, old_logps `[B, S-1]` aligned with `next_token_logprobs`; policy_weight `[B]` (0
+  during the critic warm-up). One trunk pass gives the log-probs (at cfg.temperature) and the
+  values. loss = policy_weight · clipped surrogate (token mean) + vf_coef · clipped value loss;
+  at policy_weight 0 (critic warm-up) only the value head trains."""
+  tokens, attn = batch["tokens"], batch["attn_mask"]
+  sel = batch["loss_mask"][:, 1:] > 0
+  h_bsd, _ = model.backbone.hidden_states(tokens, attn_mask=attn)
+  lp = selected_token_logprobs(model.backbone, h_bsd[:, :-1], tokens[:, 1:], sel,
+                               temperature=cfg.get("temperature", 1.0))
+  weight = batch["policy_weight"].mean()
+  # During the critic warm-up (weight 0) the value loss reaches the head only, not the shared
+  # trunk: the policy does not move until its own loss is on.
+  h_value = weight * h_bsd + (1.0 - weight) * jax.lax.stop_gradient(h_bsd)
+  values = model.values(h_value[:, :-1])  # V of the state before each action
+  pg, metrics = policy_loss(lp, batch["old_logps"], batch["advantages"], sel,
+                            eps_low=cfg.get("cliprange", 0.2), aggregation="token_mean")
+  vf, vf_clipfrac = value_loss(values, batch["old_values"], batch["returns"], sel,
+                               clip=cfg.get("cliprange_value", 0.2))
+  loss = weight * pg + cfg.get("vf_coef", 0.1) * vf
+  metrics.update(loss=loss, policy_loss=pg, value_loss=vf, vf_clipfrac=vf_clipfrac,
+                 value_mean=masked_mean(values, sel), policy_weight=weight,
+                 logp_diff_max=jnp.max(jnp.where(sel, jnp.abs(lp - batch["old_logps"]), 0.0),
+                                       initial=0.0))
+  return loss, metrics
+
+
+def _rollout_scores(trainer, with_ref: bool):
+  """jitted (values `[B, S-1]`, reference log-probs `[B, S-1]` or zeros) of training rows under
+  the trainer's current model in eval mode; the reference is the model with its adapters off."""
+  @functools.partial(jax.jit, static_argnums=(3,))
+  def score(params, rest, batch, temperature):
+    model = nnx.merge(trainer.graphdef, params, rest)
+    model.eval()
+    tokens, attn = batch["tokens"], batch["attn_mask"]
+    h_bsd, _ = model.backbone.hidden_states(tokens, attn_mask=attn)
+    values = model.values(h_bsd[:, :-1])
+    if not with_ref:
+      return values, jnp.zeros_like(values)
+    with lora.disabled(model.backbone):
+      ref = next_token_logprobs(model.backbone, tokens, attn, select_bs=batch["loss_mask"],
+                                temperature=temperature)
+    return values, ref
+
+  return score
+
+
+def make_batch_for(config, trainer) -> Callable:
+  """`make_batch_for(width, pad_id)` for `align.online.setup`: PPO's batch of a rollout. The
+  sequence reward is the weighted sum of `config.rewards`; values and the reference are scored
+  once on the rollout's rows; per-token rewards, GAE and whitening (`loss.whiten_advantages`)
+  follow; rollouts before `rollout.critic_warmup` train the value head only."""
+  r, lc = config.rollout, config.loss
+  kl_coef = float(lc.get("kl_coef", 0.05))
+  score = _rollout_scores(trainer, with_ref=kl_coef > 0)
+
+  def for_width(width: int, pad_id: int):
+    def make_batch(ro, total, each, rollout_index: int = 0):
+      del each
+      rows = rollout_batch(ro, np.zeros(len(ro.lengths_b), np.float32), width=width,
+                           pad_id=pad_id, mask_truncated=r.get("mask_truncated", False))
+      with jax.set_mesh(trainer.mesh):
+        values, ref = score(trainer.params, trainer.rest,
+                            {k: jnp.asarray(rows[k]) for k in ("tokens", "attn_mask", "loss_mask")},
+                            float(lc.get("temperature", 1.0)))
+      mask = rows["loss_mask"][:, 1:] > 0
+      rewards_bt, kl = token_rewards(jnp.asarray(total, jnp.float32), jnp.asarray(rows["old_logps"]),
+                                     ref, mask, kl_coef=kl_coef,
+                                     estimator=lc.get("kl_estimator", "k1"))
+      adv, returns = gae(rewards_bt, values, mask, gamma=lc.get("gamma", 1.0),
+                         lam=lc.get("lam", 0.95))
+      if lc.get("whiten_advantages", True):
+        adv = whiten(adv, mask)
+      warm = rollout_index < int(r.get("critic_warmup", 0))
+      batch = dict(rows, advantages=np.asarray(adv, np.float32),
+                   returns=np.asarray(returns, np.float32),
+                   old_values=np.asarray(values * mask, np.float32),
+                   policy_weight=np.full(len(ro.lengths_b), 0.0 if warm else 1.0, np.float32))
+      m = mask.astype(np.float32)
+      n_seq = max(len(ro.lengths_b), 1)
+      metrics = {"kl": float((np.asarray(kl) * m).sum() / max(m.sum(), 1)),
+                 "kl_seq": float((np.asarray(kl) * m).sum() / n_seq),
+                 "non_score_reward": float(-kl_coef * (np.asarray(kl) * m).sum() / n_seq),
+                 "returns_mean": float((np.asarray(returns) * m).sum() / max(m.sum(), 1)),
+                 "critic_warmup": float(warm)}
+      return batch, metrics
+
+    return make_batch
+
+  return for_width
+
+
+def _check(config) -> None:
+  online.check_config(config)
+  lc = config.loss
+  if not 0 < lc.get("lam", 0.95) <= 1 or not 0 < lc.get("gamma", 1.0) <= 1:
+    raise ValueError(f"loss.gamma={lc.gamma} and loss.lam={lc.lam} must be in (0, 1].")
+  if lc.get("kl_estimator", "k1") not in ("k1", "k2", "k3"):
+    raise ValueError(f"loss.kl_estimator={lc.kl_estimator!r} is unknown; choose k1, k2 or k3.")
+
+
+ALGORITHM = Algorithm(
+    name="ppo", loss=ppo_loss, data_kind="rollouts",
+    plotted=("reward", "reward/*", "value_loss", "policy_loss", "vf_clipfrac", "value_mean",
+             "returns_mean", "kl", "length_mean", "length_median", "empty_share",
+             "truncated_share", "entropy", "clip_low", "clip_high", "logp_diff_max", "time/*",
+             "step_s"),
+    check=_check,
+    wrap=lambda model, config: PolicyWithValue(model, rngs=nnx.Rngs(config.train.seed)),
+    trainable=lambda filt: nnx.Any(filt, nnx.All(nnx.Param, nnx.PathContains("value"))),
+    online=lambda config, trainer, tok: online.setup(config, trainer, tok,
+                                                     make_batch_for(config, trainer)),
+    finish=online.finish, backbone=lambda model: model.backbone)

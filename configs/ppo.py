@@ -1,0 +1,33 @@
+"""PPO: online RL with a value head on the policy's trunk, per-token KL penalty, GAE.
+
+  python launch.py --config=configs/ppo.py:cpu --workdir=runs/ppo
+
+Each step samples completions with the current policy (as `grpo.py`), scores them with
+`config.rewards`, scores the rollout's rows once for values and the reference log-probs (adapters
+off), builds per-token rewards (-kl_coef · KL_t, the score at the last token), advantages by
+GAE(γ, λ) whitened over the batch, and trains the clipped surrogate plus vf_coef times the clipped
+value loss. The first `rollout.critic_warmup` rollouts train the value head only. Code:
+`align/losses/ppo.py`; the stream in `align/online.py`. Defaults follow TRL's PPOConfig (γ 1,
+λ 0.95, cliprange 0.2, cliprange_value 0.2, vf_coef 0.1, kl_coef 0.05, k1).
+"""
+
+import ml_collections
+
+from configs import grpo
+
+
+def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+  c = grpo.get_config(arg)
+  c.algorithm = "align.losses.ppo"
+  c.rollout.update(num_generations=1, critic_warmup=0)
+  c.loss = ml_collections.ConfigDict({
+      "temperature": c.rollout.get_ref("temperature"), "cliprange": 0.2, "cliprange_value": 0.2,
+      "vf_coef": 0.1, "kl_coef": 0.05, "kl_estimator": "k1", "gamma": 1.0, "lam": 0.95,
+      "whiten_advantages": True})
+  if c.variant == "smoke":
+    c.rollout.update(prompts_per_step=4, critic_warmup=1)
+  elif c.variant == "cpu":
+    c.rollout.update(prompts_per_step=16, critic_warmup=3)
+  else:
+    c.rollout.update(prompts_per_step=64, critic_warmup=10)
+  return c
