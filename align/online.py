@@ -289,7 +289,7 @@ def check_config(config) -> None:
     raise ValueError(f"prompts.name={config.prompts.name!r} is unknown; choose one of {TASKS}.")
 
 
-def batch_width(stats: dict, max_new_tokens: int, multiple: int = 16) -> int:
+def batch_width(stats: dict, max_new_tokens: int, multiple: int = 8) -> int:
   """The static row width of every training batch: longest prompt + max_new_tokens, rounded up."""
   need = int(stats["longest_prompt"]) + int(max_new_tokens)
   return -(-need // multiple) * multiple

@@ -29,6 +29,8 @@ TRUNCATION_MODES = ("keep_response", "drop")
 _HH_OFFLINE = "hh-rlhf/harmless-base-test.jsonl.gz"
 # lower-cased source name -> shared-data file with the same (or a subset of the same) data
 _OFFLINE = {"hh-rlhf": _HH_OFFLINE, "anthropic/hh-rlhf": _HH_OFFLINE}
+# source name -> "module:function(split) -> rows": data sets built from shared-data files
+_DERIVED = {"gsm8k-verifier": "align.verifier:training_pairs"}
 _ASSISTANT = "\n\nAssistant:"
 _HH_TURN = re.compile(r"\n\n(Human|Assistant):")
 _ROLES = ("system", "user", "assistant")
@@ -78,13 +80,19 @@ def load_records(source: str, *, split: str = "train", n: int | None = None) -> 
   HF names ("Anthropic/hh-rlhf", "Intel/orca_dpo_pairs", "HuggingFaceH4/ultrafeedback_binarized"
   with split "train_prefs", "yahma/alpaca-cleaned", ...) load through `datasets.load_dataset`.
   "hh-rlhf" (and "Anthropic/hh-rlhf" where the hub is unreachable) is the offline shared-data
-  file `hh-rlhf/harmless-base-test.jsonl.gz` whatever `split` says.
+  file `hh-rlhf/harmless-base-test.jsonl.gz` whatever `split` says; "gsm8k-verifier" is the
+  verifier's (correct, incorrect) solution pairs (`align.verifier.training_pairs`).
   """
   path = Path(os.path.expanduser(source))
   if path.exists():
     rows = read_rows(path)
   elif source.endswith((".json", ".jsonl", ".gz")):
     raise FileNotFoundError(f"data file {source!r} does not exist.")
+  elif source.lower() in _DERIVED:
+    import importlib
+
+    module, fn = _DERIVED[source.lower()].split(":")
+    rows = getattr(importlib.import_module(module), fn)(split)
   elif source.lower() == "hh-rlhf":
     rows = _offline_rows(source, split)
     if rows is None:

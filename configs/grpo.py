@@ -7,7 +7,7 @@ Each step samples `rollout.num_generations` completions for each of `rollout.pro
 prompts with the current policy (`decode/`, eval mode), scores them with `config.rewards`
 (`decode/rewards.py`, weighted sum, each logged), turns the rewards into advantages and trains on
 the rows (`align/losses/grpo.py`; the stream in `align/online.py`). `:cpu` is the seeded
-arithmetic task on SmolLM2-135M-Instruct with LoRA; `:gpu_full` is GSM8K at the from-scratch
+arithmetic task (operands up to 20) on SmolLM2-135M-Instruct with LoRA; `:gpu_full` is GSM8K at the from-scratch
 trainer's settings (G 8, T 0.9, top-k 50, top-p 0.9, β 0.04 with k3, ε 0.2, lr 5e-5 linear, clip 1).
 """
 
@@ -19,10 +19,10 @@ from configs.train_base import base
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c = base("align.losses.grpo", arg)
   c.prompts = ml_collections.ConfigDict({
-      "name": "arith", "n_train": 2000, "n_eval": 64, "seed": 0, "max_operand": 99,
+      "name": "arith", "n_train": 400, "n_eval": 64, "seed": 0, "max_operand": 20,
       "max_prompt_tokens": 256, "system": "", "prompt_suffix": ""})
   c.rollout = ml_collections.ConfigDict({
-      "prompts_per_step": 4, "num_generations": 8, "max_new_tokens": 24, "temperature": 0.8,
+      "prompts_per_step": 4, "num_generations": 8, "max_new_tokens": 16, "temperature": 0.8,
       "top_k": 0, "top_p": 1.0, "seed": 0,
       "num_iterations": 1,  # μ: optimizer steps on each rollout (old log-probs after the first)
       # advantages: grpo (group std, ddof adv_ddof, + adv_eps) | dr_grpo | rloo | batch_std
@@ -30,7 +30,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       "mask_truncated": False, "mask_zero_std": False,
       "overlong_buffer": 0, "overlong_factor": 1.0})  # DAPO's soft overlong penalty (0 = off)
   # reward name (decode.rewards.REWARDS, or length_penalty) -> weight; reward_args: name -> kwargs
-  c.rewards = ml_collections.ConfigDict({"arith_correct": 1.0, "number_only": 0.5})
+  # a small format bonus: at 0.5 the policy learned to answer with any number (format 1.0,
+  # correctness 0) within 13 steps at lr 3e-4
+  c.rewards = ml_collections.ConfigDict({"arith_correct": 1.0, "number_only": 0.1})
   c.reward_args = ml_collections.ConfigDict()
   c.eval = ml_collections.ConfigDict({"sample": False, "seed": 1234, "batch_size": 0})
   c.loss.update(temperature=c.rollout.get_ref("temperature"), eps_low=0.2, eps_high=0.2,
@@ -38,8 +40,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
                 aggregation="seq_mean_token_mean",
                 max_completion_length=c.rollout.get_ref("max_new_tokens"),
                 beta=0.04, kl_estimator="k3", kl_clamp=ml_collections.config_dict.placeholder(float))
-  c.train.update(steps=60, lr=3e-4, warmup_steps=3, schedule="cosine", min_lr_ratio=0.1,
-                 grad_clip=1.0, eval_every=20, checkpoint_every=20)
+  c.train.update(steps=50, lr=1e-4, warmup_steps=3, schedule="cosine", min_lr_ratio=0.1,
+                 grad_clip=1.0, eval_every=25, checkpoint_every=25)
   c.train.batch_size = c.rollout.get_ref("prompts_per_step") * c.rollout.get_ref("num_generations")
   c.lora.update(rank=16, alpha=32.0, dropout=0.0)
   if c.variant == "smoke":

@@ -6,6 +6,7 @@ import subprocess
 
 import pytest
 
+from align import verifier
 from lm.run import RunDir, WorkdirExistsError
 from tests_helpers import REPO, launch_cmd, launch_env
 
@@ -67,9 +68,11 @@ def test_decode_sweep_smoke_writes_every_output(tmp_path, smollm2_gguf, shared_d
 @pytest.mark.parametrize("algo,plots", [("sft", ["loss.png", "perplexity.png"]),
                                         ("reward", ["loss.png", "accuracy.png"]),
                                         ("dpo", ["loss.png", "rewards_margin.png"]),
-                                        ("grpo", ["reward.png", "kl.png", "entropy.png"])])
+                                        ("grpo", ["reward.png", "kl.png", "entropy.png"]),
+                                        ("verifier", ["loss.png", "best_of_n.png"])])
 def test_train_smoke_writes_run_directory(tmp_path, shared_data, smollm2_gguf, algo, plots):
-  """SFT, reward-model, DPO and GRPO smoke runs end to end through launch.py and align/train.py."""
+  """SFT, reward-model, DPO, GRPO and verifier smoke runs end to end through launch.py and
+  align/train.py."""
   work = tmp_path / algo
   r = subprocess.run(launch_cmd(f"--config=configs/{algo}.py:smoke", f"--workdir={work}",
                                 "--config.train.steps=2", "--config.train.eval_every=0"),
@@ -84,6 +87,9 @@ def test_train_smoke_writes_run_directory(tmp_path, shared_data, smollm2_gguf, a
   assert max(steps) == 2
   if algo == "grpo":
     assert (work / "rl_summary.json").exists()
+  if algo == "verifier":
+    result = json.loads((work / "verifier_eval.json").read_text())
+    assert result["n_problems"] == 8 and set(result["methods"]) == set(verifier.METHODS)
   if algo == "reward":
     _reward_model_loads_back(work)
 
