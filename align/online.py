@@ -74,7 +74,7 @@ def load_prompts(prompts_cfg, tokenizer) -> tuple[Prompts, Prompts, dict]:
   name = prompts_cfg.name
   n_train, n_eval = int(prompts_cfg.n_train), int(prompts_cfg.n_eval)
   if name == "arith":
-    problems = reward_fns.arith_task(2 * (n_train + n_eval), prompts_cfg.seed,
+    problems = reward_fns.arith_task(8 * (n_train + n_eval), prompts_cfg.seed,
                                      max_operand=prompts_cfg.get("max_operand", 99))
     unique = list({p["prompt"]: p for p in problems}.values())
     if len(unique) < n_train + n_eval:

@@ -24,7 +24,6 @@ import json
 import os
 import resource
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -88,17 +87,8 @@ def _pairs(tokenizer, n: int, seq: int) -> list[dict]:
   raise RuntimeError(f"only {len(out)} hh-rlhf pairs reach {seq} tokens; lower --seq")
 
 
-PROTOCOL = "@@bench "  # prefix of the lines a side and the driver exchange
 
 
-def _say(**event) -> None:
-  print(PROTOCOL + json.dumps(event), flush=True)
-
-
-def _wait_go() -> None:
-  line = sys.stdin.readline()
-  if line.strip() != "go":
-    raise SystemExit(f"driver sent {line!r}, expected 'go'")
 
 
 def _steps() -> int:
@@ -123,11 +113,11 @@ def _trl_side(batches_path: str) -> None:
 
   class Gate(transformers.TrainerCallback):
     def on_step_begin(self, args, state, control, **kw):
-      _wait_go()
+      harness.wait_go()
       self.t0 = time.perf_counter()
 
     def on_step_end(self, args, state, control, **kw):
-      _say(event="step", s=time.perf_counter() - self.t0, tokens=tokens[state.global_step - 1])
+      harness.say(event="step", s=time.perf_counter() - self.t0, tokens=tokens[state.global_step - 1])
 
   with tempfile.TemporaryDirectory() as out:
     cfg = DPOConfig(output_dir=out, per_device_train_batch_size=FLAGS.batch, max_steps=_steps(),
@@ -150,9 +140,9 @@ def _trl_side(batches_path: str) -> None:
                for b in trainer.get_train_dataloader()][:_steps()]
     tokens.extend(int(b["attention_mask"].sum()) for b in batches)
     np.savez(batches_path, **{f"{i}/{k}": v for i, b in enumerate(batches) for k, v in b.items()})
-    _say(event="ready")
+    harness.say(event="ready")
     trainer.train()
-  _say(event="done", peak_rss_mb=_max_rss_mb(), threads=torch.get_num_threads(), bf16=cfg.bf16,
+  harness.say(event="done", peak_rss_mb=_max_rss_mb(), threads=torch.get_num_threads(), bf16=cfg.bf16,
        gradient_checkpointing=cfg.gradient_checkpointing)
 
 
@@ -194,53 +184,25 @@ def _ours_side(batches_path: str) -> None:
   loss_cfg = ml_collections.ConfigDict(dict(beta=BETA, variant="sigmoid", label_smoothing=0.0))
   trainer = Trainer(model, losses.get("dpo"), loss_cfg, train_cfg,
                     trainable=lora.trainable_filter("lora"))
-  _say(event="ready")
+  harness.say(event="ready")
   for batch, n in zip(batches, tokens):
-    _wait_go()
-    _say(event="step", s=trainer.train_step(batch)["step_s"], tokens=n)
-  _say(event="done", peak_rss_mb=_max_rss_mb(), shared_prompt_layout=layout)
+    harness.wait_go()
+    harness.say(event="step", s=trainer.train_step(batch)["step_s"], tokens=n)
+  harness.say(event="done", peak_rss_mb=_max_rss_mb(), shared_prompt_layout=layout)
 
 
-class _Side:
-  """A side's live subprocess: started, then stepped on `go`, one step per call."""
-
-  def __init__(self, side: str, batches: str):
-    cmd = [sys.executable, "-m", "benchmarks.dpo_step", f"--side={side}", f"--batches={batches}",
-           f"--weights={FLAGS.weights}", f"--rounds={FLAGS.rounds}", f"--warmup={FLAGS.warmup}",
-           f"--batch={FLAGS.batch}", f"--seq={FLAGS.seq}", f"--share_prompt={FLAGS.share_prompt}",
-           f"--trl_gradient_checkpointing={FLAGS.trl_gradient_checkpointing}"]
-    env = dict(os.environ, JAX_PLATFORMS="cpu")
-    if side == "ours" or FLAGS.trl_same_allocator:  # ours as launch.py runs it
-      env = runtime.cpu_allocator_env(env)
-    self.name = side
-    self._err = tempfile.TemporaryFile("w+")
-    self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                 stderr=self._err, text=True, env=env)
-    self.steps: list[dict] = []
-
-  def read(self, want: str) -> dict:
-    for line in self.proc.stdout:
-      if line.startswith(PROTOCOL):
-        event = json.loads(line[len(PROTOCOL):])
-        if event["event"] != want:
-          raise RuntimeError(f"{self.name} side sent {event}, expected {want!r}")
-        return event
-    self._err.seek(0)
-    raise RuntimeError(f"{self.name} side ended before {want!r}:\n{self._err.read()[-4000:]}")
-
-  def step(self) -> float:
-    self.proc.stdin.write("go\n")
-    self.proc.stdin.flush()
-    self.steps.append(self.read("step"))
-    return self.steps[-1]["s"]
-
-  def finish(self) -> dict:
-    done = self.read("done")
-    self.proc.wait()
-    return done
+def _side(side: str, batches: str) -> harness.LiveSide:
+  cmd = [sys.executable, "-m", "benchmarks.dpo_step", f"--side={side}", f"--batches={batches}",
+         f"--weights={FLAGS.weights}", f"--rounds={FLAGS.rounds}", f"--warmup={FLAGS.warmup}",
+         f"--batch={FLAGS.batch}", f"--seq={FLAGS.seq}", f"--share_prompt={FLAGS.share_prompt}",
+         f"--trl_gradient_checkpointing={FLAGS.trl_gradient_checkpointing}"]
+  env = dict(os.environ, JAX_PLATFORMS="cpu")
+  if side == "ours" or FLAGS.trl_same_allocator:  # ours as launch.py runs it
+    env = runtime.cpu_allocator_env(env)
+  return harness.LiveSide(side, cmd, env)
 
 
-def _summary(side: _Side, done: dict) -> dict:
+def _summary(side: harness.LiveSide, done: dict) -> dict:
   timed = side.steps[FLAGS.warmup:]
   step = harness.spread([s["s"] for s in timed])
   tokens = statistics.median(s["tokens"] for s in timed)
@@ -264,9 +226,9 @@ def main(argv):
     del model
     batches = str(Path(tmp) / "batches.npz")
     logging.info("starting TRL's side (it writes the batches), then ours")
-    trl = _Side("trl", batches)
+    trl = _side("trl", batches)
     trl.read("ready")
-    ours = _Side("ours", batches)
+    ours = _side("ours", batches)
     ours.read("ready")
     with harness.Monitor() as monitor:
       for _ in range(FLAGS.warmup):

@@ -15,9 +15,13 @@ machine that stayed the same:
 
 from __future__ import annotations
 
+import json
 import os
 import resource
 import statistics
+import subprocess
+import sys
+import tempfile
 import time
 from typing import Callable, Mapping
 
@@ -145,3 +149,52 @@ def spread(values: list[float]) -> dict[str, float]:
   """min / median / max and the count."""
   return {"min": min(values), "median": statistics.median(values), "max": max(values),
           "n": len(values)}
+
+
+PROTOCOL = "@@bench "  # prefix of the lines a live side and its driver exchange
+
+
+def say(**event) -> None:
+  """A side's event line to the driver (`LiveSide.read`)."""
+  print(PROTOCOL + json.dumps(event), flush=True)
+
+
+def wait_go() -> None:
+  """In a side: block until the driver sends 'go' (`LiveSide.step`)."""
+  line = sys.stdin.readline()
+  if line.strip() != "go":
+    raise SystemExit(f"driver sent {line!r}, expected 'go'")
+
+
+class LiveSide:
+  """One side of a benchmark in its own live subprocess (its own peak memory, its own runtime
+  settings), stepped by the driver one timed step per `step()`: the side waits for 'go'
+  (`wait_go`), runs a step and reports `say(event="step", s=seconds, ...)`."""
+
+  def __init__(self, name: str, cmd: list[str], env: Mapping[str, str]):
+    self.name = name
+    self._err = tempfile.TemporaryFile("w+")
+    self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                 stderr=self._err, text=True, env=dict(env))
+    self.steps: list[dict] = []
+
+  def read(self, want: str) -> dict:
+    for line in self.proc.stdout:
+      if line.startswith(PROTOCOL):
+        event = json.loads(line[len(PROTOCOL):])
+        if event["event"] != want:
+          raise RuntimeError(f"{self.name} side sent {event}, expected {want!r}")
+        return event
+    self._err.seek(0)
+    raise RuntimeError(f"{self.name} side ended before {want!r}:\n{self._err.read()[-4000:]}")
+
+  def step(self) -> float:
+    self.proc.stdin.write("go\n")
+    self.proc.stdin.flush()
+    self.steps.append(self.read("step"))
+    return self.steps[-1]["s"]
+
+  def finish(self) -> dict:
+    done = self.read("done")
+    self.proc.wait()
+    return done
