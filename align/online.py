@@ -329,29 +329,33 @@ def trend(values, window: int = 10) -> dict[str, float]:
 
 
 def finish(config, model, tokenizer, eval_examples, run_dir) -> dict:
-  """After an online run: the training-reward trend (first vs last 10 steps, from the whole
-  `metrics.jsonl`, so a resumed run counts every step), held-out start vs end, and the median
-  step time split; into `rl_summary.json` and a report section."""
+  """After an online run: trends of the training reward (and PPO's value loss and explained
+  variance) over the first vs last 10 steps, from the whole `metrics.jsonl` (a resumed run counts
+  every step), held-out start vs end, and the median step time split; into `rl_summary.json`
+  and a report section."""
   del model, tokenizer, eval_examples
   import json
 
   records = [json.loads(line) for line in (run_dir.path / "metrics.jsonl").read_text().splitlines()
              if line.strip()]
-  t = trend([v for _, v in _series(records, "train/reward")])
+  trends = {name: trend([v for _, v in _series(records, f"train/{name}")])
+            for name in ("reward", "value_loss", "explained_variance")
+            if _series(records, f"train/{name}")}
   evals = _series(records, "eval/reward")
   times = {name: float(np.median([v for _, v in _series(records, key)] or [np.nan]))
            for name, key in (("rollout_s", "train/time/rollout_s"),
                              ("scoring_s", "train/time/scoring_s"),
                              ("update_s", "train/step_s"))}
-  out = {"reward_trend": t, "eval_reward_start": evals[0][1] if evals else float("nan"),
+  out = {"trends": trends, "eval_reward_start": evals[0][1] if evals else float("nan"),
          "eval_reward_end": evals[-1][1] if evals else float("nan"), "median_step_time": times}
   run_dir.write_json("rl_summary.json", out)
-  lines = ["## Reward trend\n"]
-  if "z" in t:
-    lines.append(
-        f"Training reward, first {t['window']} steps {t['first_mean']:.3f} ± {t['first_se']:.3f} "
-        f"(SE), last {t['window']} steps {t['last_mean']:.3f} ± {t['last_se']:.3f}: difference "
-        f"{t['diff']:+.3f}, z = {t['z']:.2f}.\n")
+  lines = ["## Trends (first vs last steps, ± standard error)\n"]
+  for name, t in trends.items():
+    if "z" in t:
+      lines.append(
+          f"Training {name}, first {t['window']} steps {t['first_mean']:.4f} ± "
+          f"{t['first_se']:.4f}, last {t['window']} steps {t['last_mean']:.4f} ± "
+          f"{t['last_se']:.4f}: difference {t['diff']:+.4f}, z = {t['z']:.2f}.\n")
   lines.append(f"Held-out reward (greedy unless eval.sample) {out['eval_reward_start']:.3f} at "
                f"step 0 → {out['eval_reward_end']:.3f} at the end.\n")
   lines.append("Median step time: rollout {rollout_s:.2f} s, rewards and batch {scoring_s:.3f} s, "

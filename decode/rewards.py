@@ -12,6 +12,8 @@ several with weights and keeps each one's scores for logging.
                   counts, so "51 - 47 = 4" is right and "85 or 86" is judged by 86.
   number_only     1 if the completion is one integer and nothing else.
   length_penalty  -max(0, tokens over `limit`) / limit, on whitespace-split words.
+  reward_model    a trained reward model (`get("reward_model", run_dir=...)`: the `reward` run's
+                  adapter and score head, loaded back by `decode.scorers.load_reward_model`).
 `arith_task(n, seed)` makes the seeded synthetic task: "What is 37 + 48? Reply with the number
 only." with operands of 1-2 digits and + or -.
 """
@@ -84,11 +86,18 @@ REWARDS: dict[str, Callable] = {
 
 
 def get(name: str, **kw) -> Callable:
-  """A registered reward by name; `length_penalty` takes `limit=`."""
+  """A registered reward by name; `length_penalty` takes `limit=`; `reward_model` takes
+  `run_dir=` (a `reward` run's --workdir, loaded by `decode.scorers.load_reward_model`)."""
   if name == "length_penalty":
     return length_penalty(**kw)
+  if name == "reward_model":
+    if "run_dir" not in kw:
+      raise ValueError("the reward_model reward needs run_dir= (config.reward_args.reward_model"
+                       ".run_dir: the --workdir of a reward run).")
+    return scorers.load_reward_model(**kw)
   if name not in REWARDS:
-    raise ValueError(f"reward {name!r} is unknown; registered: {sorted(REWARDS) + ['length_penalty']}")
+    raise ValueError(f"reward {name!r} is unknown; registered: "
+                     f"{sorted(REWARDS) + ['length_penalty', 'reward_model']}")
   return REWARDS[name]
 
 

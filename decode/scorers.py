@@ -94,7 +94,8 @@ def reward_model(rm: heads.RewardModel, tokenizer, *, batch_size: int = 8,
   completion as the assistant's reply through end-of-turn (`lm.hub.encode_pairs`, the layout of
   the preference pairs it was trained on), scored by `lm.heads.score_ids` in eval mode."""
 
-  def scorer(prompts, completions):
+  def scorer(prompts, completions, **columns):
+    del columns  # dataset columns (an online-RL task's answers) are not the model's inputs
     p_ids, r_ids = hub.encode_pairs(tokenizer, list(zip(prompts, completions)),
                                     max_response_tokens=max_response_tokens)
     return heads.score_ids(rm, [p + r for p, r in zip(p_ids, r_ids)], batch_size=batch_size)

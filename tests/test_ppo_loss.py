@@ -81,6 +81,15 @@ def test_clipped_value_loss_by_hand():
   np.testing.assert_allclose(loss, 0.5 * (1.0 + 4.0) / 2, rtol=1e-6)
 
 
+def test_explained_variance_by_hand():
+  r = np.array([[1.0, 2.0, 3.0, 4.0, 99.0]])
+  m = np.array([[1, 1, 1, 1, 0]])
+  assert ppo.explained_variance(r, r, m) == 1.0
+  assert ppo.explained_variance(np.full_like(r, 2.5), r, m) == 0.0
+  # residuals [-1, 1, -1, 1]: variance 1 of the returns' 1.25
+  np.testing.assert_allclose(ppo.explained_variance(r + [[1, -1, 1, -1, 0]], r, m), 1 - 1 / 1.25)
+
+
 @pytest.mark.parametrize("adv_shape", ["sequence", "token"])
 def test_clipped_surrogate_takes_per_token_advantages(adv_shape):
   logp = np.log(np.array([[1.5, 0.5]]))

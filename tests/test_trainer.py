@@ -236,9 +236,15 @@ def test_sigkill_and_resume_equals_uninterrupted(tmp_path, shared_data, algo):
   assert resumed.wait() == 0, resumed.stderr.read()[-3000:]
   a, b = _metrics(tmp_path / "full"), _metrics(tmp_path / "killed")
   assert sorted(a) == sorted(b) and max(a) == 6
-  if algo == "grpo":  # the run trained: losses and rewards moved
+  if algo == "grpo":  # the run trained: losses and rewards moved; its run directory is whole
     assert len({a[s]["train/loss"] for s in range(1, 7)}) > 1
     assert len({a[s]["train/reward"] for s in range(1, 7)}) > 1
+    full = tmp_path / "full"
+    for name in ["report.md", "summary.json", "rl_summary.json", "data_stats.json",
+                 "adapter/adapter_model.safetensors", "plots/reward.png", "plots/kl.png",
+                 "plots/entropy.png", "plots/time_rollout_s.png"]:
+      assert (full / name).exists(), name
+    assert "Trends" in (full / "report.md").read_text()
   for step in a:
     assert a[step] == b[step], step
 

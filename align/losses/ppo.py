@@ -80,6 +80,16 @@ def whiten(x_bt, mask_bt, *, shift_mean: bool = True, eps: float = 1e-8):
   return out * m
 
 
+def explained_variance(values_bt, returns_bt, mask_bt) -> float:
+  """1 - Var(R - V) / Var(R) over the marked tokens (CleanRL's and SB3's critic diagnostic): 1 for
+  a perfect critic, 0 for one no better than a constant, negative when worse. The value loss
+  alone can rise while the critic improves, when the returns' own variance grows."""
+  m = np.asarray(mask_bt, bool)
+  r, v = np.asarray(returns_bt, np.float64)[m], np.asarray(values_bt, np.float64)[m]
+  var = r.var() if r.size else 0.0
+  return float(1.0 - (r - v).var() / var) if var > 0 else float("nan")
+
+
 def value_loss(values_bt, old_values_bt, returns_bt, mask_bt, *, clip: float | None = 0.2):
   """(loss, clip fraction): ½ · masked mean of max((V - R)², (clip(V, V_old ± c) - R)²); without
   `clip`, ½ · masked mean of (V - R)². The fraction counts tokens where the clipped term is the
@@ -181,6 +191,8 @@ def make_batch_for(config, trainer) -> Callable:
                  "kl_seq": float((np.asarray(kl) * m).sum() / n_seq),
                  "non_score_reward": float(-kl_coef * (np.asarray(kl) * m).sum() / n_seq),
                  "returns_mean": float((np.asarray(returns) * m).sum() / max(m.sum(), 1)),
+                 "explained_variance": explained_variance(values, returns, mask),
+                 "returns_var": float(np.asarray(returns)[mask].var()) if mask.any() else 0.0,
                  "critic_warmup": float(warm)}
       return batch, metrics
 
@@ -200,7 +212,8 @@ def _check(config) -> None:
 
 ALGORITHM = Algorithm(
     name="ppo", loss=ppo_loss, data_kind="rollouts",
-    plotted=("reward", "reward/*", "value_loss", "policy_loss", "vf_clipfrac", "value_mean",
+    plotted=("reward", "reward/*", "value_loss", "explained_variance", "returns_var",
+             "policy_loss", "vf_clipfrac", "value_mean",
              "returns_mean", "kl", "length_mean", "length_median", "empty_share",
              "truncated_share", "entropy", "clip_low", "clip_high", "logp_diff_max", "time/*",
              "step_s"),
