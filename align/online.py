@@ -165,15 +165,15 @@ class RolloutStream:
 
   make_batch(rollout, total_rewards [N], each_reward {name: [N]}, rollout_index=g) ->
   (batch, metrics): the algorithm's advantages and training rows (`align.losses.grpo` and
-  `align.losses.ppo` `make_batch_for`).
+  `align.losses.ppo` `make_batch_for`). rewards: `reward_functions(config)`.
   State: {"step": k}, saved in every checkpoint by `Trainer.fit`.
   """
 
   def __init__(self, trainer, tokenizer, prompts: Prompts, config,
-               make_batch: Callable[..., tuple[dict, dict]]):
+               make_batch: Callable[..., tuple[dict, dict]], rewards: tuple[dict, dict]):
     self.trainer, self.tokenizer, self.prompts = trainer, tokenizer, prompts
     self.cfg = config.rollout
-    self.fns, self.weights = reward_functions(config)
+    self.fns, self.weights = rewards
     self.make_batch = make_batch
     self.sampler = sampler_of(self.cfg)
     self.per_step = int(self.cfg.prompts_per_step)
@@ -242,11 +242,12 @@ class RolloutStream:
     return out
 
 
-def held_out_eval(trainer, tokenizer, prompts: Prompts, config) -> Callable[[], dict]:
+def held_out_eval(trainer, tokenizer, prompts: Prompts, config, rewards: tuple[dict, dict]
+                  ) -> Callable[[], dict]:
   """`evaluate()` for `Trainer.fit`: one completion per held-out prompt (greedy unless
-  config.eval.sample, then the rollout's sampler at a fixed seed), scored by the training rewards;
-  reward per function, success share, and length statistics."""
-  fns, weights = reward_functions(config)
+  config.eval.sample, then the rollout's sampler at a fixed seed), scored by the training rewards
+  (`reward_functions(config)`); reward per function, success share, and length statistics."""
+  fns, weights = rewards
   eval_cfg = config.get("eval") or {}
   sampler = sampler_of(config.rollout) if eval_cfg.get("sample") else GREEDY
   batch_size = int(eval_cfg.get("batch_size", 0)) or None
@@ -281,7 +282,7 @@ def check_config(config) -> None:
     if mu > 1 and value % mu:
       raise ValueError(f"train.{field}={value} must be a multiple of rollout.num_iterations={mu}: "
                        "a checkpoint inside a rollout's inner iterations could not resume it.")
-  if abs(float(config.loss.get("temperature", 1.0)) - float(r.temperature)) > 0:
+  if float(config.loss.get("temperature", 1.0)) != float(r.temperature):
     raise ValueError(f"loss.temperature={config.loss.temperature} differs from "
                      f"rollout.temperature={r.temperature}: the trainer scores at the sampling "
                      "temperature. Set both to the same value.")
@@ -302,9 +303,10 @@ def setup(config, trainer, tokenizer, make_batch_for: Callable[[int, int], Calla
   train, held_out, stats = load_prompts(config.prompts, tokenizer)
   width = batch_width(stats, config.rollout.max_new_tokens)
   stats.update(source=config.prompts.name, seq_len=width, n_train=len(train), n_eval=len(held_out))
+  rewards = reward_functions(config)  # once: a reward model loads its weights
   stream = RolloutStream(trainer, tokenizer, train, config,
-                         make_batch_for(width, pad_id_of(tokenizer)))
-  return stream, held_out_eval(trainer, tokenizer, held_out, config), stats
+                         make_batch_for(width, pad_id_of(tokenizer)), rewards)
+  return stream, held_out_eval(trainer, tokenizer, held_out, config, rewards), stats
 
 
 def _series(records: list[dict], key: str) -> list[tuple[int, float]]:
@@ -338,9 +340,9 @@ def finish(config, model, tokenizer, eval_examples, run_dir) -> dict:
 
   records = [json.loads(line) for line in (run_dir.path / "metrics.jsonl").read_text().splitlines()
              if line.strip()]
-  trends = {name: trend([v for _, v in _series(records, f"train/{name}")])
-            for name in ("reward", "value_loss", "explained_variance")
-            if _series(records, f"train/{name}")}
+  series = {name: [v for _, v in _series(records, f"train/{name}")]
+            for name in ("reward", "value_loss", "explained_variance")}
+  trends = {name: trend(values) for name, values in series.items() if values}
   evals = _series(records, "eval/reward")
   times = {name: float(np.median([v for _, v in _series(records, key)] or [np.nan]))
            for name, key in (("rollout_s", "train/time/rollout_s"),

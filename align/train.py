@@ -130,17 +130,16 @@ def run(config, run_dir: RunDir, mesh=None) -> dict:
                     rngs=nnx.Rngs(params=config.train.seed, lora_dropout=config.train.seed))
   if algo.wrap:
     model = algo.wrap(model, config)
+  # The trainer copies the trainable state, so the data hooks below may still read `model`.
+  trainer = Trainer(model, algo.loss, config.loss, config.train,
+                    trainable=_trainable(config, algo), mesh=mesh)
   if algo.online:  # batches come from rollouts of the policy being trained
-    trainer = Trainer(model, algo.loss, config.loss, config.train,
-                      trainable=_trainable(config, algo), mesh=mesh)
     train_iter, evaluate, data_stats = algo.online(config, trainer, tok)
     eval_examples, eval_batches = [], None
   else:
     train_iter, eval_examples, eval_batches, data_stats = _offline_data(config, algo, model, tok,
                                                                         mesh)
     evaluate = None
-    trainer = Trainer(model, algo.loss, config.loss, config.train,
-                      trainable=_trainable(config, algo), mesh=mesh)
   run_dir.write_json("data_stats.json", data_stats)
   ckpt = Checkpointer(run_dir.path / "checkpoints",
                       max_to_keep=config.train.get("keep_checkpoints", 2))

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import json
 import os
-import resource
 import statistics
 import sys
 import tempfile
@@ -57,10 +56,6 @@ MODEL = "smollm2-135m-instruct"
 # lora_dropout included, so both sides do the same work.
 LORA = dict(rank=8, alpha=16.0, dropout=0.0)
 BETA, LR = 0.1, 5e-4
-
-
-def _max_rss_mb() -> float:
-  return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def _pairs(tokenizer, n: int, seq: int) -> list[dict]:
@@ -142,7 +137,7 @@ def _trl_side(batches_path: str) -> None:
     np.savez(batches_path, **{f"{i}/{k}": v for i, b in enumerate(batches) for k, v in b.items()})
     harness.say(event="ready")
     trainer.train()
-  harness.say(event="done", peak_rss_mb=_max_rss_mb(), threads=torch.get_num_threads(), bf16=cfg.bf16,
+  harness.say(event="done", peak_rss_mb=harness.max_rss_mb(), threads=torch.get_num_threads(), bf16=cfg.bf16,
        gradient_checkpointing=cfg.gradient_checkpointing)
 
 
@@ -188,7 +183,7 @@ def _ours_side(batches_path: str) -> None:
   for batch, n in zip(batches, tokens):
     harness.wait_go()
     harness.say(event="step", s=trainer.train_step(batch)["step_s"], tokens=n)
-  harness.say(event="done", peak_rss_mb=_max_rss_mb(), shared_prompt_layout=layout)
+  harness.say(event="done", peak_rss_mb=harness.max_rss_mb(), shared_prompt_layout=layout)
 
 
 def _side(side: str, batches: str) -> harness.LiveSide:
@@ -226,20 +221,12 @@ def main(argv):
     del model
     batches = str(Path(tmp) / "batches.npz")
     logging.info("starting TRL's side (it writes the batches), then ours")
-    trl = _side("trl", batches)
-    trl.read("ready")
-    ours = _side("ours", batches)
-    ours.read("ready")
-    with harness.Monitor() as monitor:
-      for _ in range(FLAGS.warmup):
-        trl.step()
-        ours.step()
-      harness.alternate({"trl": trl.step, "ours": ours.step}, FLAGS.rounds)
-      # waited for inside the monitor: their CPU time counts as this run's, not as other work
-      results = {"trl": _summary(trl, trl.finish()), "ours": _summary(ours, ours.finish())}
+    done, machine = harness.race({"trl": lambda: _side("trl", batches),
+                                  "ours": lambda: _side("ours", batches)},
+                                 warmup=FLAGS.warmup, rounds=FLAGS.rounds)
+  results = {name: _summary(side, event) for name, (side, event) in done.items()}
   logging.info("TRL %s", results["trl"])
   logging.info("ours %s", results["ours"])
-  machine = monitor.report()
   print(json.dumps({
       "benchmark": "dpo_step", "model": "SmolLM2-135M-Instruct (GGUF Q4_1 -> float32)",
       "dtype": "float32", "device": "cpu", "batch_pairs": FLAGS.batch, "seq": FLAGS.seq,

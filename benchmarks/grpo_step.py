@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import json
 import os
-import resource
 import statistics
 import sys
 import tempfile
@@ -63,10 +62,6 @@ def _problems() -> list[dict]:
   from decode import rewards
 
   return rewards.arith_task(FLAGS.prompts * _steps(), seed=0, max_operand=20)
-
-
-def _max_rss_mb() -> float:
-  return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def _trl_side() -> None:
@@ -133,7 +128,7 @@ def _trl_side() -> None:
     trainer._generate = timed_generate
     harness.say(event="ready")
     trainer.train()
-  harness.say(event="done", peak_rss_mb=_max_rss_mb(), threads=torch.get_num_threads())
+  harness.say(event="done", peak_rss_mb=harness.max_rss_mb(), threads=torch.get_num_threads())
 
 
 def _ours_side() -> None:
@@ -165,7 +160,8 @@ def _ours_side() -> None:
                            {"answer": [p["answer"] for p in problems]})
   width = online.batch_width({"longest_prompt": max(map(len, ids))}, FLAGS.new_tokens)
   stream = online.RolloutStream(trainer, tok, prompts, config,
-                                grpo.make_batch_for(config)(width, online.pad_id_of(tok)))
+                                grpo.make_batch_for(config)(width, online.pad_id_of(tok)),
+                                online.reward_functions(config))
   # prompts in order, as TRL's sequential sampler below would not: both see the same set
   stream.prompt_index = lambda g: np.arange(g * FLAGS.prompts, (g + 1) * FLAGS.prompts)
   harness.say(event="ready")
@@ -178,7 +174,7 @@ def _ours_side() -> None:
     harness.say(event="step", s=time.perf_counter() - t0, rollout_s=m["time/rollout_s"],
          rollout_tokens=int(round(m["length_mean"] * FLAGS.prompts * FLAGS.group)),
          update_s=m["step_s"], scoring_s=m["time/scoring_s"])
-  harness.say(event="done", peak_rss_mb=_max_rss_mb())
+  harness.say(event="done", peak_rss_mb=harness.max_rss_mb())
 
 
 def _side(side: str) -> harness.LiveSide:
@@ -221,19 +217,11 @@ def main(argv):
     model, tok = hub.load_pretrained(MODEL)
     FLAGS.weights = str(weights.save_hf_dir(model, Path(tmp) / "hf", tok))
     del model
-    trl = _side("trl")
-    trl.read("ready")
-    ours = _side("ours")
-    ours.read("ready")
-    with harness.Monitor() as monitor:
-      for _ in range(FLAGS.warmup):
-        trl.step()
-        ours.step()
-      harness.alternate({"trl": trl.step, "ours": ours.step}, FLAGS.rounds)
-      results = {"trl": _summary(trl, trl.finish()), "ours": _summary(ours, ours.finish())}
+    done, machine = harness.race({"trl": lambda: _side("trl"), "ours": lambda: _side("ours")},
+                                 warmup=FLAGS.warmup, rounds=FLAGS.rounds)
+  results = {name: _summary(side, event) for name, (side, event) in done.items()}
   logging.info("TRL %s", results["trl"])
   logging.info("ours %s", results["ours"])
-  machine = monitor.report()
   print(json.dumps({
       "benchmark": "grpo_step", "model": "SmolLM2-135M-Instruct (GGUF Q4_1 -> float32)",
       "dtype": "float32", "device": "cpu", "prompts_per_step": FLAGS.prompts, "group": FLAGS.group,

@@ -198,3 +198,27 @@ class LiveSide:
     done = self.read("done")
     self.proc.wait()
     return done
+
+
+def max_rss_mb() -> float:
+  """This process's peak resident memory, MB (a side reports it in its 'done' event)."""
+  return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def race(start: Mapping[str, Callable[[], LiveSide]], *, warmup: int, rounds: int
+         ) -> tuple[dict[str, tuple[LiveSide, dict]], dict]:
+  """Start each side in order (each reports 'ready' before the next starts), then inside a
+  `Monitor`: `warmup` untimed steps per side, `rounds` alternating timed rounds, and each side's
+  'done' event (waited for inside the monitor, so the sides' CPU time counts as this run's, not
+  as other work). Returns ({name: (side, done event)}, the monitor's report)."""
+  sides = {}
+  for name, make in start.items():
+    sides[name] = make()
+    sides[name].read("ready")
+  with Monitor() as monitor:
+    for _ in range(warmup):
+      for side in sides.values():
+        side.step()
+    alternate({name: side.step for name, side in sides.items()}, rounds)
+    done = {name: (side, side.finish()) for name, side in sides.items()}
+  return done, monitor.report()

@@ -82,6 +82,12 @@ def masked_mean(x_bt: jax.Array, mask_bt: jax.Array) -> jax.Array:
   return (x_bt.astype(jnp.float32) * m).sum() / jnp.maximum(m.sum(), 1.0)
 
 
+def masked_max_abs_diff(x_bt: jax.Array, y_bt: jax.Array, mask_bt: jax.Array) -> jax.Array:
+  """max |x - y| over the tokens `mask_bt` marks (0 when it marks none): e.g. rollout vs trainer
+  log-probs at a rollout's first iteration."""
+  return jnp.max(jnp.where(mask_bt, jnp.abs(x_bt - y_bt), 0.0), initial=0.0)
+
+
 def aggregate(loss_bt: jax.Array, mask_bt: jax.Array, how: str, *,
               max_completion_length: int | None = None) -> jax.Array:
   """One scalar from per-token losses over the `mask_bt` tokens.
@@ -203,7 +209,7 @@ def grpo_loss(model, batch: dict, cfg):
       kl_estimator=cfg.get("kl_estimator", "k3"), kl_clamp=cfg.get("kl_clamp"))
   m = mask.astype(jnp.float32)
   if "old_logps" in batch:  # at a rollout's first iteration: rollout vs trainer log-prob
-    metrics["logp_diff_max"] = jnp.max(jnp.where(mask, jnp.abs(lp - old), 0.0), initial=0.0)
+    metrics["logp_diff_max"] = masked_max_abs_diff(lp, old, mask)
   metrics["logps"] = masked_mean(lp, m)
   metrics["completion_tokens"] = m.sum(-1).mean()
   return loss, metrics

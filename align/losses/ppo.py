@@ -21,10 +21,11 @@ from flax import nnx
 from align import online
 from align.algorithm import Algorithm
 from align.losses import register
-from align.losses.grpo import masked_mean, policy_loss, rollout_batch
+from align.losses.grpo import (KL_ESTIMATORS, kl_per_token, masked_max_abs_diff, masked_mean,
+                               policy_loss, rollout_batch)
 from lm import lora
 from lm.heads import PolicyWithValue
-from lm.scoring import next_token_logprobs, sample_kl_estimators, selected_token_logprobs
+from lm.scoring import next_token_logprobs, selected_token_logprobs
 
 
 def _last_index(mask_bt: jax.Array) -> jax.Array:
@@ -39,7 +40,7 @@ def token_rewards(score_b, logp_bt, ref_logp_bt, mask_bt, *, kl_coef: float,
   sequence score at its last token (the end-of-turn when one was emitted). KL_t estimates
   KL(π || π_ref) at the sampled token (k1 = log π - log π_ref, TRL's default; k2, k3)."""
   m = mask_bt.astype(jnp.float32)
-  kl = sample_kl_estimators(logp_bt, ref_logp_bt, clamp)[estimator] * m
+  kl = kl_per_token(logp_bt, ref_logp_bt, estimator, clamp) * m
   last = _last_index(mask_bt)
   at_last = (jnp.arange(mask_bt.shape[1])[None] == last[:, None]).astype(jnp.float32)
   return -kl_coef * kl + at_last * jnp.asarray(score_b, jnp.float32)[:, None], kl
@@ -129,8 +130,7 @@ def ppo_loss(model: PolicyWithValue, batch: dict, cfg):
   loss = weight * pg + cfg.get("vf_coef", 0.1) * vf
   metrics.update(loss=loss, policy_loss=pg, value_loss=vf, vf_clipfrac=vf_clipfrac,
                  value_mean=masked_mean(values, sel), policy_weight=weight,
-                 logp_diff_max=jnp.max(jnp.where(sel, jnp.abs(lp - batch["old_logps"]), 0.0),
-                                       initial=0.0))
+                 logp_diff_max=masked_max_abs_diff(lp, batch["old_logps"], sel))
   return loss, metrics
 
 
@@ -185,12 +185,10 @@ def make_batch_for(config, trainer) -> Callable:
                    returns=np.asarray(returns, np.float32),
                    old_values=np.asarray(values * mask, np.float32),
                    policy_weight=np.full(len(ro.lengths_b), 0.0 if warm else 1.0, np.float32))
-      m = mask.astype(np.float32)
-      n_seq = max(len(ro.lengths_b), 1)
-      metrics = {"kl": float((np.asarray(kl) * m).sum() / max(m.sum(), 1)),
-                 "kl_seq": float((np.asarray(kl) * m).sum() / n_seq),
-                 "non_score_reward": float(-kl_coef * (np.asarray(kl) * m).sum() / n_seq),
-                 "returns_mean": float((np.asarray(returns) * m).sum() / max(m.sum(), 1)),
+      kl_seq = float(kl.sum()) / max(len(ro.lengths_b), 1)  # kl is 0 outside the mask
+      metrics = {"kl": float(masked_mean(kl, mask)), "kl_seq": kl_seq,
+                 "non_score_reward": -kl_coef * kl_seq,
+                 "returns_mean": float(masked_mean(returns, mask)),
                  "explained_variance": explained_variance(values, returns, mask),
                  "returns_var": float(np.asarray(returns)[mask].var()) if mask.any() else 0.0,
                  "critic_warmup": float(warm)}
@@ -206,8 +204,9 @@ def _check(config) -> None:
   lc = config.loss
   if not 0 < lc.get("lam", 0.95) <= 1 or not 0 < lc.get("gamma", 1.0) <= 1:
     raise ValueError(f"loss.gamma={lc.gamma} and loss.lam={lc.lam} must be in (0, 1].")
-  if lc.get("kl_estimator", "k1") not in ("k1", "k2", "k3"):
-    raise ValueError(f"loss.kl_estimator={lc.kl_estimator!r} is unknown; choose k1, k2 or k3.")
+  if lc.get("kl_estimator", "k1") not in KL_ESTIMATORS:
+    raise ValueError(f"loss.kl_estimator={lc.kl_estimator!r} is unknown; choose one of "
+                     f"{KL_ESTIMATORS}.")
 
 
 ALGORITHM = Algorithm(
