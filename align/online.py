@@ -22,15 +22,16 @@ from typing import Any, Callable
 
 import numpy as np
 
+from decode import metrics
 from decode import rewards as reward_fns
 from decode.rollout import Rollout, pad_id_of, rollout
 from decode.sampling import GREEDY, Sampler
-from lm import hub
+from lm import data, hub
 from lm.data import read_rows, shared_file
 
 log = logging.getLogger(__name__)
 
-TASKS = ("arith", "gsm8k")
+TASKS = ("arith", "gsm8k", "instructions")
 _GSM8K = {"train": "gsm8k/train.jsonl.gz", "test": "gsm8k/test.jsonl.gz"}
 
 
@@ -69,6 +70,9 @@ def load_prompts(prompts_cfg, tokenizer) -> tuple[Prompts, Prompts, dict]:
          is trained on.
   gsm8k  the GSM8K train split for training (first n_train), the test split held out (first
          n_eval); `../shared/data/gsm8k` offline, `openai/gsm8k` by name otherwise.
+  instructions  open-ended instructions of `lm.data.load_instructions(prompts.source)` (no gold
+         answer: for a reward model); the first prompts.skip_first are left out (align_eval's
+         prompts), the last n_eval are held out, n_train are taken from what lies between.
   Prompts longer than prompts.max_prompt_tokens are left out and counted.
   """
   name = prompts_cfg.name
@@ -85,6 +89,14 @@ def load_prompts(prompts_cfg, tokenizer) -> tuple[Prompts, Prompts, dict]:
     as_rows = lambda rows: [{"prompt": r["question"], "answer": r["answer"]} for r in rows]
     train_rows = as_rows(_gsm8k_rows("train")[:n_train])
     eval_rows = as_rows(_gsm8k_rows("test")[:n_eval])
+  elif name == "instructions":
+    texts = data.load_instructions(prompts_cfg.get("source", "alpaca_eval"))
+    skip = int(prompts_cfg.get("skip_first", 0))
+    if skip + n_train + n_eval > len(texts):
+      raise ValueError(f"prompts: skip_first={skip} + n_train={n_train} + n_eval={n_eval} exceeds "
+                       f"the {len(texts)} instructions of {prompts_cfg.source!r}; lower n_train.")
+    rows = [{"prompt": t, "answer": None} for t in texts]
+    train_rows, eval_rows = rows[skip:skip + n_train], rows[len(rows) - n_eval:]
   else:
     raise ValueError(f"prompts.name={name!r} is unknown; choose one of {TASKS}.")
   limit = int(prompts_cfg.get("max_prompt_tokens", 0)) or None
@@ -149,10 +161,10 @@ def rollout_stats(ro: Rollout, texts: list[str], total, each: dict) -> dict[str,
   (mean of -log π_T(y_t) over sampled tokens: unbiased when temperature is the only filter)."""
   lengths = np.asarray(ro.lengths_b, np.float64)
   mask = np.arange(ro.policy_logprobs_bt.shape[1])[None] < lengths[:, None]
+  st = metrics.response_stats(lengths, texts, list(ro.finish))
   out = {"reward": float(np.mean(total)), "reward_std": float(np.std(total)),
-         "length_mean": float(lengths.mean()), "length_median": float(np.median(lengths)),
-         "empty_share": float(np.mean([not t.strip() for t in texts])),
-         "truncated_share": float(np.mean(np.asarray(ro.finish) == "length")),
+         "length_mean": st["mean"], "length_median": st["median"],
+         "empty_share": st["empty_share"], "truncated_share": st["truncated_share"],
          "entropy": float(-(ro.policy_logprobs_bt * mask).sum() / max(mask.sum(), 1))}
   for name, s in each.items():
     out[f"reward/{name}"] = float(np.nanmean(s)) if np.isfinite(s).any() else float("nan")

@@ -2,7 +2,10 @@
 
 Code: `align/evals/compare.py` (task `align_eval`), over the metrics in `align/evals/`.
 
-Variants: `cpu` (default; SmolLM2-135M-Instruct vs the LoRA-DPO adapter of `dpo.py:cpu` in
+Variants: `stability` (the stability study, README "The stability study": the reference, LoRA-DPO
+of `dpo.py:cpu`, GRPO with the reward-model reward `grpo.py:rm_cpu` and the same at ten times the
+learning rate `grpo.py:rm_cpu_10x`, side by side, with the `reward.py:cpu` reward model in the
+hacking probes; train the four runs first), `cpu` (default; SmolLM2-135M-Instruct vs the LoRA-DPO adapter of `dpo.py:cpu` in
 `runs/dpo-cpu/adapter`, which must exist: train it first; 24 AlpacaEval prompts, 96 new tokens,
 minutes here), `standin` (cpu with a labelled STAND-IN random LoRA instead of the adapter), `smoke` (random tiny models with a byte tokenizer, seconds, for
 tests), `gpu_full` (the seeds' settings: 400 prompts, 256 new tokens, whole WikiText-2 test).
@@ -20,6 +23,14 @@ import ml_collections
 _BASE = "HuggingFaceTB/SmolLM2-135M-Instruct"
 # Written by `launch.py --config=configs/dpo.py:cpu --workdir=runs/dpo-cpu`.
 DPO_CPU_ADAPTER = "runs/dpo-cpu/adapter"
+# The stability study's runs: name -> (--config, --workdir); align_eval.py:stability reads their
+# adapters and the reward model.
+STUDY_RUNS = {
+    "reward model": ("configs/reward.py:cpu", "runs/rm-cpu"),
+    "lora-dpo": ("configs/dpo.py:cpu", "runs/dpo-cpu"),
+    "grpo-rm": ("configs/grpo.py:rm_cpu", "runs/grpo-rm-cpu"),
+    "grpo-rm-10x-lr": ("configs/grpo.py:rm_cpu_10x", "runs/grpo-rm-10x-cpu"),
+}
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
@@ -78,6 +89,13 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.perplexity.text.update(max_tokens=10**8, window=1024, stride=512, batch_size=16)
     c.kl.update(text_tokens=32_768, window=1024, stride=512, batch_size=16)
     c.hacking.update(n=None, batch_size=32, max_response_tokens=512)
+  elif variant == "stability":
+    c.models = [c.models[0]] + [
+        {"name": name, "model": _BASE, "adapter": f"{workdir}/adapter", "stand_in_lora": None}
+        for name, (_, workdir) in STUDY_RUNS.items() if name != "reward model"]
+    c.reward_run = STUDY_RUNS["reward model"][1]
+    c.hacking.n = None  # all 24: the reward model scores every model's own answers too
   elif variant not in ("cpu", "standin"):
-    raise ValueError(f"unknown align_eval variant {variant!r}; use smoke, cpu or gpu_full.")
+    raise ValueError(f"unknown align_eval variant {variant!r}; use smoke, cpu, standin, stability "
+                     "or gpu_full.")
   return c

@@ -16,8 +16,16 @@ import ml_collections
 from configs.train_base import base
 
 
+# The stability study's GRPO runs (README "The stability study"): reward-model reward on open
+# instructions, LoRA as dpo.py:cpu's; rm_cpu_10x is the same at ten times the learning rate.
+STUDY = {"rm_cpu": 1e-4, "rm_cpu_10x": 1e-3}
+# Written by `launch.py --config=configs/reward.py:cpu --workdir=runs/rm-cpu`.
+RM_CPU_RUN = "runs/rm-cpu"
+
+
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-  c = base("align.losses.grpo", arg)
+  study = arg in STUDY
+  c = base("align.losses.grpo", "cpu" if study else arg)
   c.prompts = ml_collections.ConfigDict({
       "name": "arith", "n_train": 400, "n_eval": 64, "seed": 0, "max_operand": 20,
       "max_prompt_tokens": 256, "system": "", "prompt_suffix": ""})
@@ -60,4 +68,15 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.train.update(steps=500, lr=5e-5, warmup_steps=0, schedule="linear", min_lr_ratio=0.0,
                    eval_every=100, checkpoint_every=100, grad_accum=4)
     c.eval.batch_size = 64
+  elif study:
+    c.variant = arg
+    # AlpacaEval instructions: align_eval's first 24 are skipped, the last 16 held out
+    c.prompts.update(name="instructions", source="alpaca_eval", skip_first=24, n_train=400,
+                     n_eval=16)
+    # G 4 as the PA5 report; T 1: the policy's own distribution, as align_eval's KL samples
+    c.rollout.update(prompts_per_step=4, num_generations=4, max_new_tokens=64, temperature=1.0)
+    c.rewards = ml_collections.ConfigDict({"reward_model": 1.0})
+    c.reward_args = ml_collections.ConfigDict({"reward_model": {"run_dir": RM_CPU_RUN}})
+    c.lora.update(rank=8, alpha=16.0)  # dpo.py:cpu's adapter shape (dropout 0 in rollouts)
+    c.train.update(steps=30, lr=STUDY[arg], eval_every=15, checkpoint_every=15)
   return c

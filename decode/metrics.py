@@ -132,6 +132,19 @@ def length_stats(lengths: Sequence[float] | np.ndarray) -> dict[str, float]:
   }
 
 
+def response_stats(lengths: Sequence[float], texts: Sequence[str], finish: Sequence[str]
+                   ) -> dict[str, float]:
+  """`length_stats` of `lengths` (whatever unit the caller counts), plus `empty_share` (share of
+  texts with nothing but whitespace: the policy answered with its end token alone) and
+  `truncated_share` (share whose finish is "length": cut at the token budget)."""
+  if not len(lengths) == len(texts) == len(finish):
+    raise ValueError(f"response_stats: {len(lengths)} lengths, {len(texts)} texts and "
+                     f"{len(finish)} finish reasons; give one of each per response.")
+  return {**length_stats(lengths),
+          "empty_share": float(np.mean([not t.strip() for t in texts])),
+          "truncated_share": float(np.mean([f == "length" for f in finish]))}
+
+
 def repeated_ngram_count(tokens: Seq, n: int) -> int:
   """Occurrences of the most frequent n-gram in `tokens` (overlapping), 0 if len(tokens) < n.
 

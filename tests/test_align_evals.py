@@ -50,6 +50,7 @@ def test_summarize_kl_per_token_and_per_sequence():
   s = kl.summarize_kl(rows)
   assert s["n_tokens"] == 3 and s["n_sequences"] == 2
   assert s["exact_per_token"] == pytest.approx(0.2)  # (0.1 + 0.3 + 0.2) / 3
+  assert s["exact_rev_per_token"] == pytest.approx(0.2)
   assert s["k3_per_seq"] == pytest.approx(0.3)  # mean of sums 0.4, 0.2
   assert s["k1_per_seq_std"] == pytest.approx(0.1)
 
@@ -77,17 +78,20 @@ class _Dist(nnx.Module):
 def test_kl_rows_equal_hand_computed_estimators():
   """Fixed p and q: the exact KL is sum_v p log(p/q) at every position, and k1, k2, k3 at each
   continuation token v are log(p/q), (log(q/p))^2 / 2 and q/p - 1 - log(q/p) there."""
-  p, q = np.array([0.5, 0.25, 0.125, 0.125]), np.array([0.25, 0.25, 0.25, 0.25])
+  p, q = np.array([0.7, 0.1, 0.1, 0.1]), np.array([0.25, 0.25, 0.25, 0.25])
   ctx, cont = [[1], [2, 3, 0]], [[0, 1, 2, 3], [3, 3]]
   rows = kl.kl_rows(_Dist(p), _Dist(q), ctx, cont, batch_size=2, multiple=4)
-  exact = float(np.sum(p * np.log(p / q)))  # = 0.25 ln 2
+  exact = float(np.sum(p * np.log(p / q)))
+  reverse = float(np.sum(q * np.log(q / p)))
   for r, row in zip(cont, rows):
     log_r = np.log(q[r] / p[r])
     np.testing.assert_allclose(row["exact"], np.full(len(r), exact), rtol=1e-6)
+    np.testing.assert_allclose(row["exact_rev"], np.full(len(r), reverse), rtol=1e-6)
     np.testing.assert_allclose(row["k1"], -log_r, rtol=1e-6, atol=1e-7)
     np.testing.assert_allclose(row["k2"], 0.5 * log_r**2, rtol=1e-6, atol=1e-7)
     np.testing.assert_allclose(row["k3"], np.expm1(log_r) - log_r, rtol=1e-5, atol=1e-7)
-  assert exact == pytest.approx(0.25 * math.log(2))
+  assert exact == pytest.approx(0.7 * math.log(2.8) + 0.3 * math.log(0.4))  # 0.4458
+  assert reverse == pytest.approx(0.25 * math.log(0.25 / 0.7) + 0.75 * math.log(2.5))  # 0.4298
 
 
 def test_kl_rows_equal_unpadded_forward_per_row():
@@ -326,10 +330,18 @@ def test_align_eval_smoke_writes_every_output(tmp_path, shared_data):
   assert list(res["kl"]) == ["lora (stand-in)"]
   own = res["kl"]["lora (stand-in)"]["own_samples"]
   assert own["n_sequences"] == 4 and own["exact_per_token"] > 0
+  reverse = res["kl"]["lora (stand-in)"]["reference_samples"]
+  assert reverse["n_sequences"] == 4 and reverse["exact_per_token"] > 0
+  assert reverse["exact_per_token"] != own["exact_per_token"]  # other samples, other direction
+  for name in ("reference", "lora (stand-in)"):
+    for kind in ("greedy", "sampled"):
+      st = res["lengths"][name][kind]
+      assert st["count"] == 4 and 0 <= st["empty_share"] <= 1 and st["median"] <= 16
   assert set(res["reward_hacking"]) == {"reference: avg log-prob", "lora (stand-in): avg log-prob",
                                         "lora (stand-in): implicit reward (beta=0.1)"}
   assert set(res["length_compliance"]["reference"]) >= {"compliance_rate", "overrun_mean"}
   report = (work / "report.md").read_text()
-  for heading in ("## Perplexity", "## KL", "## Verbosity", "## Length compliance",
+  for heading in ("## Perplexity", "## Summary", "## KL", "## Response length", "## Verbosity",
+                  "## Length compliance",
                   "## Reward hacking", "Stand-in"):
     assert heading in report

@@ -10,7 +10,7 @@ from flax import nnx
 from align import online
 from align.losses import grpo
 from configs import grpo as grpo_config
-from lm import lora, sharding
+from lm import data, lora, sharding
 from lm.trainer import Trainer
 
 
@@ -77,6 +77,23 @@ def test_prompts_cycle_by_epoch_and_held_out_prompts_are_never_trained_on(smoke)
   train, held_out, _ = online.load_prompts(config.prompts, tok)
   assert not set(train.texts) & set(held_out.texts)
   assert len(held_out) == config.prompts.n_eval
+
+
+def test_instruction_prompts_leave_out_align_evals_and_hold_out_the_last(smoke, shared_data):
+  _, _, tok = smoke
+  config = grpo_config.get_config("rm_cpu")
+  config.prompts.update(n_train=40)
+  train, held_out, stats = online.load_prompts(config.prompts, tok)
+  texts = data.load_instructions("alpaca_eval")
+  assert train.texts[0] == texts[config.prompts.skip_first]
+  assert held_out.texts == texts[-config.prompts.n_eval:]
+  evaluated = set(texts[:config.prompts.skip_first])  # align_eval's prompts
+  assert not (set(train.texts) | set(held_out.texts)) & evaluated
+  assert not set(train.texts) & set(held_out.texts)
+  assert stats["n_train"] + stats["dropped_train"] == 40
+  config.prompts.update(n_train=900)
+  with pytest.raises(ValueError, match="prompts: skip_first"):
+    online.load_prompts(config.prompts, tok)
 
 
 @pytest.mark.parametrize("change,match", [

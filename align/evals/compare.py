@@ -25,7 +25,7 @@ from align.evals import kl as kl_lib
 from align.evals import perplexity as ppl_lib
 from align.evals import perturb, verbosity
 from align.evals.report import render
-from decode import scorers
+from decode import metrics, scorers
 from decode.rollout import rollout
 from decode.scorers import Scorer
 from decode.sampling import GREEDY, Sampler
@@ -175,9 +175,18 @@ def run(config, run_dir: RunDir, mesh=None, scorer: Scorer | None = None) -> dic
       "models": [{**e["spec"], "kl_reference": e.get("reference_name")} for e in entries],
       "prompts": {"source": config.prompts.source, "n": len(instructions),
                   "categories": {c: categories.count(c) for c in verbosity.CATEGORIES}},
-      "perplexity": {}, "kl": {}, "verbosity": {}, "length_compliance": {},
-      "reward_hacking": {}}
+      "perplexity": {}, "kl": {}, "lengths": {}, "verbosity": {}, "length_compliance": {},
+      "reward_hacking": {}, "reward_model": {}}
   gens: dict[str, dict[str, list[dict]]] = {}
+  sampled: dict[int, list[dict]] = {}  # id(model) -> its T=1 samples of the plain prompts
+
+  def samples_of(model, tok, prompts):
+    if id(model) not in sampled:
+      sampled[id(model)] = _generate(model, tok, prompts, config.decode,
+                                     sampler=Sampler(temperature=config.kl.temperature),
+                                     seed=config.seed)
+    return sampled[id(model)]
+
   for e in entries:
     name, model, tok = e["name"], e["model"], e["tokenizer"]
     t0 = time.time()
@@ -208,15 +217,23 @@ def run(config, run_dir: RunDir, mesh=None, scorer: Scorer | None = None) -> dic
         "hit_max_new_tokens": float(np.mean([g["finish"] == "length"
                                              for g in gens[name]["length_instruction"]]))}
 
+    t0 = time.time()
+    own = samples_of(model, tok, plain)
     if e["reference"] is not None:
-      t0 = time.time()
-      results["kl"][name] = _kl(e, plain, tok(wiki)["input_ids"], config)
-      timing[f"{name}/kl_s"] = time.time() - t0
+      # the adapters-off model of an entry on the reference's weights samples as the reference
+      ref_model = ref["model"] if e["reference_is_main"] else e["reference"]
+      results["kl"][name] = _kl(e, plain, own, samples_of(ref_model, tok, plain),
+                                tok(wiki)["input_ids"], config)
+    results["lengths"][name] = {"greedy": _response_stats(gens[name]["plain"]),
+                                "sampled": _response_stats(own)}
+    timing[f"{name}/kl_s"] = time.time() - t0
 
   t0 = time.time()
   hacking, deltas = _hacking(entries, instructions, gens[config.reference]["plain"], config,
                              scorer)
   results["reward_hacking"] = hacking
+  if scorer is not None:
+    results["reward_model"] = _reward_model_on_own(gens, instructions, config, scorer)
   timing["reward_hacking_s"] = time.time() - t0
 
   with open(run_dir.path / "generations.jsonl", "w") as fh:
@@ -238,18 +255,44 @@ def run(config, run_dir: RunDir, mesh=None, scorer: Scorer | None = None) -> dic
   return {"total_s": timing["total_s"], **_headline(results, names[-1])}
 
 
-def _kl(e, plain_prompts, wiki_ids, config) -> dict:
-  """KL(policy || reference) on the policy's own T=1 samples and on a WikiText-2 slice."""
+def _response_stats(rows: list[dict]) -> dict:
+  """Length in tokens (the end-of-turn token not counted), with the shares empty and truncated."""
+  return metrics.response_stats([len(g["tokens"]) - (g["finish"] == "eos") for g in rows],
+                                [g["text"] for g in rows], [g["finish"] for g in rows])
+
+
+def _kl(e, plain_prompts, own, ref_samples, wiki_ids, config) -> dict:
+  """KL in both directions: KL(policy || reference) on the policy's own T=1 samples `own`,
+  KL(reference || policy) on the reference's T=1 samples (roles swapped), and both on a
+  WikiText-2 slice (`exact` and `exact_rev` per context)."""
   c = config.kl
-  samples = _generate(e["model"], e["tokenizer"], plain_prompts, config.decode,
-                      sampler=Sampler(temperature=c.temperature), seed=config.seed)
-  own = kl_lib.kl_rows(e["model"], e["reference"], plain_prompts, [g["tokens"] for g in samples],
-                       batch_size=c.batch_size, multiple=config.score_multiple)
+  kw = dict(batch_size=c.batch_size, multiple=config.score_multiple)
+  forward = kl_lib.kl_rows(e["model"], e["reference"], plain_prompts, [g["tokens"] for g in own],
+                           **kw)
+  reverse = kl_lib.kl_rows(e["reference"], e["model"], plain_prompts,
+                           [g["tokens"] for g in ref_samples], **kw)
   ctx, cont = kl_lib.text_windows(wiki_ids[:c.text_tokens], window=c.window, stride=c.stride)
-  text = kl_lib.kl_rows(e["model"], e["reference"], ctx, cont, batch_size=c.batch_size,
-                        multiple=config.score_multiple)
+  text = kl_lib.kl_rows(e["model"], e["reference"], ctx, cont, **kw)
   return {"reference": e["reference_name"], "temperature": c.temperature,
-          "own_samples": kl_lib.summarize_kl(own), "fixed_text": kl_lib.summarize_kl(text)}
+          "own_samples": kl_lib.summarize_kl(forward),
+          "reference_samples": kl_lib.summarize_kl(reverse),
+          "fixed_text": kl_lib.summarize_kl(text)}
+
+
+def _reward_model_on_own(gens, instructions, config, scorer) -> dict:
+  """The reward model on each model's own greedy answers (the first `hacking.n`), original and
+  perturbed: what the policy earns, and what each perturbation would add to it."""
+  c = config.hacking
+  perts = {p: perturb.PERTURBATIONS[p] for p in c.perturbations}
+  out = {}
+  for name, kinds in gens.items():
+    rows = kinds["plain"][:c.n or None]
+    scores, _ = perturb.perturbation_scores(instructions[:len(rows)], [g["text"] for g in rows],
+                                            scorer, perts, seed=config.seed)
+    out[name] = {"original_mean": float(np.mean(scores["original"])),
+                 "original_std": float(np.std(scores["original"])), "n": len(rows),
+                 **{p: perturb.delta_stats(scores["original"], scores[p]) for p in perts}}
+  return out
 
 
 def _hacking(entries, instructions, ref_rows, config, scorer):
@@ -289,8 +332,13 @@ def _headline(results, name) -> dict:
          "pairs_perplexity": results["perplexity"][name]["pairs"]["perplexity"],
          "mean_words": results["verbosity"][name]["plain"]["all"]["mean"],
          "length_compliance": results["length_compliance"][name]["compliance_rate"]}
+  greedy = results["lengths"][name]["greedy"]
+  out.update(median_tokens=greedy["median"], empty_share=greedy["empty_share"])
   if name in results["kl"]:
     out["kl_exact_per_token_own"] = results["kl"][name]["own_samples"]["exact_per_token"]
+    out["kl_reverse_per_token"] = results["kl"][name]["reference_samples"]["exact_per_token"]
+  if name in results["reward_model"]:
+    out["reward_model_score"] = results["reward_model"][name]["original_mean"]
   return out
 
 

@@ -6,12 +6,15 @@ At position t with context x_<t, p the policy's and q the reference's next-token
   k1    = log p(x_t) - log q(x_t)            unbiased, high variance, can be negative
   k2    = (log r)^2 / 2,  r = q(x_t) / p(x_t) biased, low variance (shown for completeness)
   k3    = (r - 1) - log r                    unbiased, never negative, low variance
+  exact_rev = sum_v q(v) (log q(v) - log p(v))  the other direction, KL(reference || policy),
+                                             per context (full vocabulary)
 
 ("Approximating KL divergence", J. Schulman, 2020.) k1 and k3 are unbiased for KL only where
 x_t ~ p, i.e. on the policy's own samples at temperature 1; there, summed over a sequence, k1, k3
 and the exact per-token KLs are all unbiased for the sequence-level KL(p || q) (chain rule). On
 greedy outputs or fixed text the exact column is the per-context KL; k1/k2/k3 are shown only to
-compare. Log-probs come from `lm.scoring.token_logprobs`, the one scoring primitive.
+compare. For KL(reference || policy) over sequences, call `kl_rows(reference, policy, ...)` on the
+reference's own samples (the roles swap). Log-probs come from `lm.scoring.token_logprobs`, the one scoring primitive.
 """
 
 from __future__ import annotations
@@ -26,7 +29,7 @@ from flax import nnx
 from lm import scoring
 from lm.scoring import sample_kl_estimators, sliding_windows, token_kl, token_logprobs
 
-ESTIMATORS = ("exact", "k1", "k2", "k3")
+ESTIMATORS = ("exact", "exact_rev", "k1", "k2", "k3")
 
 
 @functools.partial(jax.jit, static_argnames=("gp", "gq"))
@@ -40,7 +43,8 @@ def _per_token(gp, sp, gq, sq, tokens_bs, mask_bs):
   targets = tokens_bs[:, 1:]
   logp = token_logprobs(logits_p[:, :-1], targets)
   logq = token_logprobs(logits_q[:, :-1], targets)
-  return {"exact": token_kl(logits_p[:, :-1], logits_q[:, :-1]), "logp": logp, "logq": logq,
+  return {"exact": token_kl(logits_p[:, :-1], logits_q[:, :-1]),
+          "exact_rev": token_kl(logits_q[:, :-1], logits_p[:, :-1]), "logp": logp, "logq": logq,
           **sample_kl_estimators(logp, logq)}
 
 

@@ -42,16 +42,69 @@ def _perplexity_table(results) -> str:
 def _kl_table(results) -> str:
   rows = []
   for name, r in results["kl"].items():
-    for data, label in (("own_samples", f"own samples (T={r['temperature']})"),
-                        ("fixed_text", "WikiText-2 slice")):
-      s = r[data]
+    for data, label, direction in (
+        ("own_samples", f"policy's own samples (T={r['temperature']})", "policy || ref"),
+        ("reference_samples", f"reference's samples (T={r['temperature']})", "ref || policy"),
+        ("fixed_text", "WikiText-2 slice", "policy || ref")):
+      s = r.get(data)
+      if s is None:
+        continue
       rows.append({"model": name, "reference": r["reference"], "tokens scored": label,
-                   "n seq": s["n_sequences"], "n tok": s["n_tokens"],
-                   "exact / tok": s["exact_per_token"], "k1 / tok": s["k1_per_token"],
-                   "k2 / tok": s["k2_per_token"], "k3 / tok": s["k3_per_token"],
+                   "KL": direction, "n seq": s["n_sequences"], "n tok": s["n_tokens"],
+                   "exact / tok": s["exact_per_token"],
+                   "exact_rev / tok": s.get("exact_rev_per_token", float("nan")),
+                   "k1 / tok": s["k1_per_token"], "k2 / tok": s["k2_per_token"],
+                   "k3 / tok": s["k3_per_token"],
                    "exact / seq": f"{s['exact_per_seq']:.4g} ± {s['exact_per_seq_std']:.3g}",
                    "k1 / seq": f"{s['k1_per_seq']:.4g} ± {s['k1_per_seq_std']:.3g}",
                    "k3 / seq": f"{s['k3_per_seq']:.4g} ± {s['k3_per_seq_std']:.3g}"})
+  return markdown_table(rows)
+
+
+def _lengths_table(results) -> str:
+  rows = []
+  for name, r in results["lengths"].items():
+    for kind, label in (("greedy", "greedy"), ("sampled", "T=1 samples")):
+      s = r[kind]
+      rows.append({"model": name, "decoding": label, "n": s["count"], "mean": s["mean"],
+                   "median": s["median"], "std": s["std"], "share empty": s["empty_share"],
+                   "share cut at max_new_tokens": s["truncated_share"]})
+  return markdown_table(rows)
+
+
+def _reward_model_table(results) -> str:
+  rows = []
+  for name, r in results["reward_model"].items():
+    row = {"model": name, "n": r["n"], "score of own answers": r["original_mean"],
+           "std": r["original_std"]}
+    for p, st in r.items():
+      if isinstance(st, dict):
+        row[f"{p} Δ"] = st["mean_delta"]
+    rows.append(row)
+  return markdown_table(rows)
+
+
+def summary_table(results) -> str:
+  """One row per model: the study's headline numbers (the PA5 report's Table 4 columns)."""
+  rows = []
+  for m in results["models"]:
+    name = m["name"]
+    kl = results["kl"].get(name, {})
+    g, smp = results["lengths"][name]["greedy"], results["lengths"][name]["sampled"]
+    rm = results["reward_model"].get(name, {})
+    nan = float("nan")
+    rows.append({
+        "model": name,
+        "WikiText-2 ppl": results["perplexity"][name]["wikitext2_test"]["perplexity"],
+        "KL own samples / tok": kl.get("own_samples", {}).get("exact_per_token", 0.0 if not kl
+                                                                  else nan),
+        "KL(ref‖π) ref samples / tok": kl.get("reference_samples", {}).get("exact_per_token",
+                                                                          0.0 if not kl else nan),
+        "KL text / tok": kl.get("fixed_text", {}).get("exact_per_token", 0.0 if not kl else nan),
+        "tokens mean (greedy)": g["mean"], "median": g["median"], "std": g["std"],
+        "empty": g["empty_share"], "median (T=1)": smp["median"], "empty (T=1)": smp["empty_share"],
+        "RM score": rm.get("original_mean", nan),
+        "RM filler Δ": rm.get("filler", {}).get("mean_delta", nan)})
   return markdown_table(rows)
 
 
@@ -106,13 +159,27 @@ def render(config, results, entries) -> str:
           f"Pairs: {c.perplexity.pairs_source} instructions with their reference outputs, response "
           "tokens (+ end-of-turn) only, pooled over tokens.\n",
           _perplexity_table(results),
-          "## KL(policy || reference)\n",
+          "## Summary\n",
+          "Perplexity, KL per token (exact, nats) in both directions, response length in tokens "
+          "(end-of-turn not counted) of the greedy answers and of the T=1 samples, and the reward "
+          "model's score of each model's own greedy answers with the filler perturbation's mean "
+          "change. Details below.\n",
+          summary_table(results),
+          "## KL, both directions\n",
           "Nats. exact = full-vocabulary KL of the next-token distributions; k1 = log p - log q, "
           "k2 = (log r)^2 / 2, k3 = (r - 1) - log r with r = q/p (Schulman, \"Approximating KL "
           "divergence\") at the scored tokens. On the policy's own T=1 samples k1, k3 and exact "
           "are unbiased for the KL (per sequence: sum over the response, mean ± std over "
-          "sequences); on fixed text only `exact` is a KL, k1-k3 are shown for comparison.\n",
+          "sequences); on fixed text only `exact` is a KL, k1-k3 are shown for comparison. "
+          "KL(reference || policy) is scored on the reference's own T=1 samples with the roles "
+          "swapped (so there `exact` is sum_v q log q/p); `exact_rev` is the other direction at "
+          "the same contexts.\n",
           _kl_table(results) if results["kl"] else "(no entry has a reference)\n",
+          "## Response length (tokens)\n",
+          "Tokens of each answer to the plain prompts, the end-of-turn not counted: greedy, and the "
+          "T=1 samples the KL is measured on. Empty = nothing but whitespace before the "
+          "end-of-turn.\n",
+          _lengths_table(results),
           "## Verbosity (response length in words, plain prompts)\n",
           "std = population std, skew = Fisher-Pearson g1 (`decode.metrics.length_stats`).\n",
           _verbosity_table(results, "plain"),
@@ -131,6 +198,10 @@ def render(config, results, entries) -> str:
           "of response + end-of-turn given the prompt; avg log-prob = mean token log-prob under "
           "the model.\n",
           _hacking_table(results)]
+  if results.get("reward_model"):
+    text += ["### The reward model on each model's own answers\n",
+             f"The first {c.hacking.n or 'all'} greedy answers of each model, scored as they are "
+             "and perturbed as above (Δ = mean change).\n", _reward_model_table(results)]
   plots = ["lengths_plain.png", "lengths_length_instruction.png",
            "reward_hacking_mean_delta.png", "reward_hacking_deltas.png"]
   text += [f"![{p}](plots/{p})\n" for p in plots]
