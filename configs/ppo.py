@@ -19,7 +19,8 @@ from configs import grpo
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c = grpo.get_config(arg)
   c.algorithm = "align.losses.ppo"
-  c.rollout.update(num_generations=1, critic_warmup=0)
+  # G = 1 (one completion per prompt): no prompt to share, one row per completion
+  c.rollout.update(num_generations=1, critic_warmup=0, share_prompt=False)
   c.loss = ml_collections.ConfigDict({
       "temperature": c.rollout.get_ref("temperature"), "cliprange": 0.2, "cliprange_value": 0.2,
       "vf_coef": 0.1, "kl_coef": 0.05, "kl_estimator": "k1", "gamma": 1.0, "lam": 0.95,

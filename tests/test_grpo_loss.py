@@ -285,3 +285,52 @@ def test_rollout_batch_reproduces_the_rollouts_logprobs():
                               rewards_n=rewards, group_size=3)
   rows_in = masked["loss_mask"].sum(-1) > 0
   np.testing.assert_array_equal(rows_in, (out.finish_b != 0) & (np.arange(6) < 3))
+
+
+@pytest.mark.parametrize("aggregation", grpo.AGGREGATIONS)
+def test_shared_prompt_layout_equals_one_row_per_completion(aggregation):
+  """The G completions of a prompt scored as branches after one shared prompt give the loss,
+  every metric and the gradients of one [prompt | completion] row each: ratios away from 1
+  (the policy moved since the rollout), β > 0, a truncated completion masked, two micro-batches'
+  worth of groups with an empty padding row in each."""
+  from flax import nnx
+
+  from align.losses import get
+  from decode.rollout import rollout
+  from decode.sampling import Sampler
+  from lm import lora
+
+  sampler_model, model = _lora_model(0.2), _lora_model(0.35)
+  prompts = [[5, 17, 33], [41, 8, 9, 12], [7], [60, 61]]
+  kw = dict(max_new_tokens=5, sampler=Sampler(temperature=0.8), num_samples=3, seed=1)
+  eos = int(rollout(sampler_model, prompts, eos_ids=[], pad_id=0, **kw).tokens_bt[0, 2])
+  out = rollout(sampler_model, prompts, eos_ids=[eos], pad_id=eos, **kw)
+  assert (out.finish_b == 1).any() and (out.finish_b == 0).any()  # EOS and truncated rows
+  rewards = np.array([1.0, 0.0, 1.0, 0.5, 0.2, 0.5, 0.0, 0.0, 1.0, 0.3, 0.9, 0.1])
+  adv = np.asarray(grpo.advantages(jnp.asarray(rewards), 3))
+  masks = dict(mask_truncated=True, rewards_n=rewards)
+  plain = grpo.rollout_batch(out, adv, pad_id=eos, group_size=3, **masks)
+  rows, width = grpo.shared_layout(4, 3, max(map(len, prompts)), 5, groups=2, multiple=3)
+  assert (rows, width) == (6, 24)  # 2 groups + an empty row in each of 2 micro-batches
+  shared = grpo.shared_rollout_batch(out, adv, rows=rows, width=width, group_size=3, groups=2,
+                                     pad_id=eos, **masks)
+  assert shared["seq_count"].tolist() == [3, 3, 0, 3, 3, 0]
+  assert shared["loss_mask"].sum() == plain["loss_mask"].sum() < out.lengths_b.sum()
+  assert (shared["segment_ids"] > 0).sum() < plain["attn_mask"].sum()  # each prompt once
+  graphdef, params, rest = nnx.split(model, lora.trainable_filter("lora"), ...)
+  cfg = _cfg(temperature=0.8, aggregation=aggregation, max_completion_length=5)
+
+  def run(batch):
+    fn = lambda p: get("grpo")(nnx.merge(graphdef, p, rest), batch, cfg)
+    (loss, metrics), grads = jax.jit(jax.value_and_grad(fn, has_aux=True))(params)
+    return loss, metrics, grads
+
+  j = lambda b: {k: jnp.asarray(v) for k, v in b.items()}
+  loss_a, met_a, grads_a = run(j(plain))
+  loss_b, met_b, grads_b = run(j(shared))
+  assert float(met_a["clip_region"]) > 0 and float(met_a["kl"]) > 0
+  np.testing.assert_allclose(float(loss_b), float(loss_a), rtol=1e-5, atol=1e-7)
+  for k in met_a:
+    np.testing.assert_allclose(float(met_b[k]), float(met_a[k]), rtol=1e-4, atol=1e-6, err_msg=k)
+  for ga, gb in zip(jax.tree.leaves(grads_a), jax.tree.leaves(grads_b)):
+    np.testing.assert_allclose(gb, ga, rtol=1e-4, atol=1e-6)

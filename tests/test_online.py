@@ -38,7 +38,7 @@ def smoke(smollm2_gguf):
 
 
 def _stream(config, trainer, tok):
-  return online.setup(config, trainer, tok, grpo.make_batch_for(config))
+  return online.setup(config, trainer, tok, grpo.make_batch_for(config, trainer))
 
 
 def test_stream_batches_are_a_function_of_the_step(smoke):
@@ -49,8 +49,10 @@ def test_stream_batches_are_a_function_of_the_step(smoke):
   for key in ("reward", "reward/arith_correct", "zero_std_share", "length_median", "empty_share",
               "truncated_share", "entropy", "time/rollout_s", "time/scoring_s"):
     assert key in metrics, key
-  rows = config.rollout.prompts_per_step * config.rollout.num_generations
-  assert batches[0]["tokens"].shape == (rows, stats["seq_len"])
+  # the shared-prompt layout: one row per group, prompt + G x max_new_tokens wide
+  r = config.rollout
+  width = -(-(stats["seq_len"] + (r.num_generations - 1) * r.max_new_tokens) // 8) * 8
+  assert batches[0]["tokens"].shape == (r.prompts_per_step, width)
   assert stream.get_state() == {"step": 3}
   again, _, _ = _stream(config, trainer, tok)
   again.set_state({"step": 2})
@@ -118,18 +120,24 @@ def test_reward_trend_by_hand():
   assert online.trend([1.0, 2.0]) == {"window": 1}
 
 
-def test_grpo_step_sharded_equals_single_device(smoke):
-  config, _, tok = smoke
-  config = _config()
+@pytest.mark.parametrize("share_prompt", [False, True], ids=["row_per_completion", "shared_prompt"])
+def test_grpo_step_sharded_equals_single_device(smoke, share_prompt):
+  _, _, tok = smoke
+  config = _config(share_prompt=share_prompt)
   config.loss.beta = 0.04  # the reference pass (adapters off) runs sharded too
+  mesh8 = sharding.make_mesh(data=2, fsdp=4)
+  trainers = {name: _trainer_and_tok(config, mesh)[0] for name, mesh in (("1", None), ("8", mesh8))}
+  stream, _, _ = _stream(config, trainers["8"], tok)  # rows padded to split over 8 shards
+  batch = next(stream)
+  if share_prompt:  # empty rows pad the 2 groups to the 8 batch shards
+    assert batch["tokens"].shape[0] == 8 and batch["seq_count"].tolist() == [4, 4] + [0] * 6
+    batch["advantages"] = (batch["loss_mask"] * np.linspace(-1, 1, batch["tokens"].shape[1])
+                           ).astype(np.float32)
+  else:
+    batch["advantages"] = np.linspace(-1, 1, len(batch["advantages"])).astype(np.float32)
   results = []
-  batch = None
-  for mesh in (None, sharding.make_mesh(data=2, fsdp=4)):
-    trainer, _ = _trainer_and_tok(config, mesh)
-    if batch is None:
-      stream, _, _ = _stream(config, trainer, tok)
-      batch = next(stream)
-      batch["advantages"] = np.linspace(-1, 1, len(batch["advantages"])).astype(np.float32)
+  for name in ("1", "8"):
+    trainer = trainers[name]
     m = [trainer.train_step(batch) for _ in range(2)]
     flat = {"/".join(map(str, k)): np.asarray(v.get_value())
             for k, v in trainer.params.flat_state()}

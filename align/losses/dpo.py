@@ -22,8 +22,9 @@ from flax import nnx
 from align.algorithm import Algorithm
 from align.losses import register, shared_prompt
 from align.losses.common import sequence_logprobs
+from align.losses.shared_prompt import layout_token_logprobs
 from lm import lora
-from lm.scoring import next_token_logprobs, score_rows, selected_token_logprobs
+from lm.scoring import next_token_logprobs, score_rows
 from lm.sharding import host_array
 
 VARIANTS = ("sigmoid", "robust", "hinge", "ipo")
@@ -78,12 +79,9 @@ def _shared_pair_logprobs(model, batch: dict):
   """`pair_logprobs` of the shared-prompt layout: a token sees the earlier tokens of its own pair
   that are prompt or in its own branch; each target is scored from the hidden state at `prev`."""
   pair_rw, branch_rw = batch["pair_ids"], batch["branch"]
-  same_pair = (pair_rw[:, :, None] == pair_rw[:, None, :]) & (pair_rw[:, None, :] > 0)
-  visible = (branch_rw[:, None, :] == 0) | (branch_rw[:, :, None] == branch_rw[:, None, :])
-  h_rwd, _ = model.hidden_states(batch["tokens"], batch["positions"], same_pair & visible)
-  h_prev = jnp.take_along_axis(h_rwd, batch["prev"][..., None], axis=1)
   w_rw = batch["loss_mask"].astype(jnp.float32)
-  lp_rw = selected_token_logprobs(model, h_prev, batch["tokens"], w_rw > 0)
+  lp_rw = layout_token_logprobs(model, batch["tokens"], batch["positions"], pair_rw, branch_rw,
+                                batch["prev"], w_rw > 0)
   n = batch["pair_mask"].shape[0]
   # (pair, branch) -> row of [B, 2]; prompt and padding go to a dropped segment
   seg = jnp.where((pair_rw > 0) & (branch_rw > 0), (pair_rw - 1) * 2 + branch_rw - 1, 2 * n)

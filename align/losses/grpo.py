@@ -20,7 +20,7 @@ from flax import nnx
 
 from align import online
 from align.algorithm import Algorithm
-from align.losses import register
+from align.losses import register, shared_prompt
 from lm import lora
 from lm.scoring import next_token_logprobs, sample_kl_estimators
 
@@ -89,8 +89,13 @@ def masked_max_abs_diff(x_bt: jax.Array, y_bt: jax.Array, mask_bt: jax.Array) ->
 
 
 def aggregate(loss_bt: jax.Array, mask_bt: jax.Array, how: str, *,
-              max_completion_length: int | None = None) -> jax.Array:
+              max_completion_length: int | None = None, seq_weight=None, n_seqs=None
+              ) -> jax.Array:
   """One scalar from per-token losses over the `mask_bt` tokens.
+
+  Rows are sequences, unless `seq_weight` (mask / the token count of the token's sequence) and
+  `n_seqs` say where sequences are (the shared-prompt layout packs a group's G completions in one
+  row).
 
   seq_mean_token_mean      mean over sequences of each sequence's token mean (GRPO paper; TRL
                            "grpo"; tunix default)
@@ -100,7 +105,10 @@ def aggregate(loss_bt: jax.Array, mask_bt: jax.Array, how: str, *,
                            constant normaliser; TRL "dr_grpo")
   """
   m = mask_bt.astype(jnp.float32)
+  n = loss_bt.shape[0] if n_seqs is None else jnp.maximum(n_seqs, 1)
   if how == "seq_mean_token_mean":
+    if seq_weight is not None:
+      return (loss_bt * seq_weight * m).sum() / n
     return ((loss_bt * m).sum(-1) / jnp.maximum(m.sum(-1), 1.0)).mean()
   if how == "token_mean":
     return masked_mean(loss_bt, m)
@@ -108,7 +116,7 @@ def aggregate(loss_bt: jax.Array, mask_bt: jax.Array, how: str, *,
     if not max_completion_length:
       raise ValueError("seq_mean_token_sum_norm needs max_completion_length (the constant "
                        "normaliser).")
-    return (loss_bt * m).sum() / (loss_bt.shape[0] * max_completion_length)
+    return (loss_bt * m).sum() / (n * max_completion_length)
   raise ValueError(f"loss aggregation {how!r} is unknown; choose one of {AGGREGATIONS}.")
 
 
@@ -136,7 +144,7 @@ def policy_loss(logp_bt, old_logp_bt, adv_b, mask_bt, *, eps_low: float = 0.2,
                 eps_high: float | None = None, dual_clip: float | None = None,
                 aggregation: str = "seq_mean_token_mean", max_completion_length: int | None = None,
                 ref_logp_bt=None, beta: float = 0.0, kl_estimator: str = "k3",
-                kl_clamp: float | None = None):
+                kl_clamp: float | None = None, seq_weight=None, n_seqs=None):
   """(loss, metrics) of the clipped surrogate plus β·KL in the loss, aggregated over `mask_bt`.
 
   `ref_logp_bt` is needed when β > 0 (and only then read). Metrics are masked token means:
@@ -153,7 +161,8 @@ def policy_loss(logp_bt, old_logp_bt, adv_b, mask_bt, *, eps_low: float = 0.2,
     kl = kl_per_token(logp_bt, ref_logp_bt, kl_estimator, kl_clamp)
     per_token = per_token + beta * kl
     metrics["kl"] = mean(kl)
-  loss = aggregate(per_token, m, aggregation, max_completion_length=max_completion_length)
+  loss = aggregate(per_token, m, aggregation, max_completion_length=max_completion_length,
+                   seq_weight=seq_weight, n_seqs=n_seqs)
   metrics["loss"] = loss
   return loss, metrics
 
@@ -181,13 +190,25 @@ def grpo_loss(model, batch: dict, cfg):
   loss mask marks completion tokens, the EOS included), advantages `[B]`; optional old_logps and
   ref_logps `[B, S-1]` aligned with `next_token_logprobs` (target t+1 at index t). Without
   old_logps the ratio is taken against the current log-probs with the gradient stopped (μ = 1).
+  Or the shared-prompt layout of `shared_rollout_batch` (one row per group; every per-token array
+  `[R, W]` aligned with the tokens; seq_weight and seq_count give the sequences).
   With β > 0 and no ref_logps, the reference is this model with its adapters off.
   cfg: temperature, eps_low, eps_high, dual_clip, aggregation, max_completion_length, beta,
   kl_estimator, kl_clamp."""
   temperature = cfg.get("temperature", 1.0)
-  lp = next_token_logprobs(model, batch["tokens"], batch["attn_mask"], select_bs=batch["loss_mask"],
-                           temperature=temperature)
-  mask = batch["loss_mask"][:, 1:] > 0
+  shared = "segment_ids" in batch
+  if shared:  # one row per group: [prompt | completion 1 | ... | completion G]
+    mask = batch["loss_mask"] > 0
+    score = lambda: shared_prompt.layout_token_logprobs(
+        model, batch["tokens"], batch["positions"], batch["segment_ids"], batch["branch"],
+        batch["prev"], mask, temperature=temperature)
+    seqs = {"seq_weight": batch["seq_weight"], "n_seqs": batch["seq_count"].sum()}
+  else:
+    mask = batch["loss_mask"][:, 1:] > 0
+    score = lambda: next_token_logprobs(model, batch["tokens"], batch["attn_mask"],
+                                        select_bs=batch["loss_mask"], temperature=temperature)
+    seqs = {}
+  lp = score()
   old = batch["old_logps"] if "old_logps" in batch else jax.lax.stop_gradient(lp)
   beta = cfg.get("beta", 0.0)
   ref = None
@@ -198,20 +219,19 @@ def grpo_loss(model, batch: dict, cfg):
         raise ValueError("GRPO with loss.beta > 0 needs a reference: this model has no LoRA "
                          "adapters to switch off; pass ref_logps in the batch or set beta=0.")
       with lora.disabled(model):
-        ref = jax.lax.stop_gradient(next_token_logprobs(
-            model, batch["tokens"], batch["attn_mask"], select_bs=batch["loss_mask"],
-            temperature=temperature))
+        ref = jax.lax.stop_gradient(score())
   loss, metrics = policy_loss(
       lp, old, batch["advantages"], mask, eps_low=cfg.get("eps_low", 0.2),
       eps_high=cfg.get("eps_high"), dual_clip=cfg.get("dual_clip"),
       aggregation=cfg.get("aggregation", "seq_mean_token_mean"),
       max_completion_length=cfg.get("max_completion_length"), ref_logp_bt=ref, beta=beta,
-      kl_estimator=cfg.get("kl_estimator", "k3"), kl_clamp=cfg.get("kl_clamp"))
+      kl_estimator=cfg.get("kl_estimator", "k3"), kl_clamp=cfg.get("kl_clamp"), **seqs)
   m = mask.astype(jnp.float32)
   if "old_logps" in batch:  # at a rollout's first iteration: rollout vs trainer log-prob
     metrics["logp_diff_max"] = masked_max_abs_diff(lp, old, mask)
   metrics["logps"] = masked_mean(lp, m)
-  metrics["completion_tokens"] = m.sum(-1).mean()
+  metrics["completion_tokens"] = (m.sum() / jnp.maximum(seqs["n_seqs"], 1) if shared
+                                  else m.sum(-1).mean())
   return loss, metrics
 
 
@@ -247,14 +267,7 @@ def rollout_batch(rollout, advantages_n, *, width: int | None = None, pad_id: in
   attn = np.zeros((n_rows, width), np.int32)
   loss = np.zeros((n_rows, width), np.int32)
   old = np.zeros((n_rows, width - 1), np.float32)
-  keep = np.ones(n_rows, bool)
-  if mask_truncated:
-    keep &= np.asarray(rollout.finish_reasons()) != "length"
-  if mask_zero_std:
-    if rewards_n is None or not group_size:
-      raise ValueError("mask_zero_std needs the rewards and the group size.")
-    r = np.asarray(rewards_n).reshape(-1, group_size)
-    keep &= np.repeat(~np.all(r == r[:, :1], axis=1), group_size)
+  keep = _kept(rollout, mask_truncated, mask_zero_std, rewards_n, group_size)
   for i, (p, n) in enumerate(zip(prompts, lengths)):
     lp = len(p)
     tokens[i, :lp] = p
@@ -266,15 +279,108 @@ def rollout_batch(rollout, advantages_n, *, width: int | None = None, pad_id: in
           "advantages": np.asarray(advantages_n, np.float32), "old_logps": old}
 
 
-def make_batch_for(config) -> callable:
+def _kept(rollout, mask_truncated, mask_zero_std, rewards_n, group_size) -> np.ndarray:
+  """Which completions stay in the loss (`rollout_batch`'s mask_truncated / mask_zero_std)."""
+  keep = np.ones(len(rollout.lengths_b), bool)
+  if mask_truncated:
+    keep &= np.asarray(rollout.finish_reasons()) != "length"
+  if mask_zero_std:
+    if rewards_n is None or not group_size:
+      raise ValueError("mask_zero_std needs the rewards and the group size.")
+    r = np.asarray(rewards_n).reshape(-1, group_size)
+    keep &= np.repeat(~np.all(r == r[:, :1], axis=1), group_size)
+  return keep
+
+
+def shared_layout(n_groups: int, group_size: int, longest_prompt: int, max_new_tokens: int, *,
+                  groups: int = 1, multiple: int = 1, width_multiple: int = 8) -> tuple[int, int]:
+  """(rows, width) of `shared_rollout_batch`: one row per group, each accumulation micro-batch's
+  rows padded to `multiple` (the batch shards), width = prompt + G x max_new_tokens rounded up."""
+  if n_groups % groups:
+    raise ValueError(f"rollout.prompts_per_step={n_groups} must be a multiple of "
+                     f"train.grad_accum={groups} for rollout.share_prompt (one row per group); "
+                     "change one, or set rollout.share_prompt=False.")
+  per = -(-(n_groups // groups) // multiple) * multiple
+  need = longest_prompt + group_size * max_new_tokens
+  return per * groups, -(-need // width_multiple) * width_multiple
+
+
+def shared_rollout_batch(rollout, advantages_n, *, rows: int, width: int, group_size: int,
+                         groups: int = 1, pad_id: int = 0, mask_truncated: bool = False,
+                         mask_zero_std: bool = False, rewards_n=None) -> dict[str, np.ndarray]:
+  """`rollout_batch` in the shared-prompt layout: each group's prompt once, then its G
+  completions as branches (`align.losses.shared_prompt.group_segment`), one group per row; the
+  rows of micro-batch k (of `groups`) hold its consecutive groups, then empty rows.
+
+  Per-token arrays are `[rows, width]` and aligned with the tokens (a token is scored from the
+  hidden state at `prev`): loss_mask, advantages (the sequence's), old_logps (the rollout's),
+  seq_weight (loss mask / the sequence's kept token count: the per-sequence token mean). seq_count
+  `[rows]` is G on a group's row and 0 on an empty one (a masked completion still counts, as its
+  row does in `rollout_batch`).
+  """
+  n = len(rollout.lengths_b)
+  if n % group_size or (n // group_size) % groups:
+    raise ValueError(f"{n} completions do not form groups of {group_size} that split into "
+                     f"{groups} micro-batches.")
+  n_groups, per_micro = n // group_size, rows // groups
+  if n_groups // groups > per_micro:
+    raise ValueError(f"{n_groups} groups do not fit {rows} rows in {groups} micro-batches.")
+  keep = _kept(rollout, mask_truncated, mask_zero_std, rewards_n, group_size)
+  adv = np.asarray(advantages_n, np.float32)
+  out = {k: np.zeros((rows, width), np.int32)
+         for k in ("tokens", "positions", "segment_ids", "branch", "prev", "loss_mask")}
+  out["tokens"][:] = pad_id
+  for k in ("advantages", "old_logps", "seq_weight"):
+    out[k] = np.zeros((rows, width), np.float32)
+  out["seq_count"] = np.zeros((rows,), np.float32)
+  for g in range(n_groups):
+    members = range(g * group_size, (g + 1) * group_size)
+    lengths = [int(rollout.lengths_b[i]) for i in members]
+    seg = shared_prompt.group_segment(
+        rollout.prompts[rollout.prompt_index_b[members[0]]],
+        [rollout.tokens_bt[i, :l] for i, l in zip(members, lengths)])
+    if len(seg["tokens"]) > width:
+      raise ValueError(f"group {g} needs {len(seg['tokens'])} positions; width={width} is too "
+                       "small.")
+    row = (g // (n_groups // groups)) * per_micro + g % (n_groups // groups)
+    sl = slice(0, len(seg["tokens"]))
+    for k in ("tokens", "positions", "branch", "prev"):
+      out[k][row, sl] = seg[k]
+    out["segment_ids"][row, sl] = 1
+    out["seq_count"][row] = group_size
+    on = seg["seq"] >= 0
+    idx = np.asarray(list(members))[seg["seq"][on]]  # the completion of each completion token
+    pos = np.flatnonzero(on)
+    kept = keep[idx]
+    out["loss_mask"][row, pos] = kept
+    out["advantages"][row, pos] = adv[idx]
+    step = np.concatenate([np.arange(l) for l in lengths])  # token index within its completion
+    out["old_logps"][row, pos] = rollout.policy_logprobs_bt[idx, step]
+    counts = np.array([l if keep[i] else 0 for i, l in zip(members, lengths)])
+    out["seq_weight"][row, pos] = kept / np.maximum(counts[seg["seq"][on]], 1)
+  return out
+
+
+def make_batch_for(config, trainer=None) -> callable:
   """`make_batch_for(width, pad_id)` for `align.online.setup`: GRPO's batch of a rollout. The
   overlong penalty (rollout.overlong_buffer > 0) joins the reward before the advantages
   (rollout.advantage, adv_eps, adv_ddof); rows of truncated completions or zero-variance groups
-  leave the loss when rollout.mask_truncated / mask_zero_std."""
+  leave the loss when rollout.mask_truncated / mask_zero_std. rollout.share_prompt: the
+  shared-prompt layout (`shared_rollout_batch`; `trainer` gives the batch shards)."""
   r = config.rollout
   group = int(r.num_generations)
+  share = bool(r.get("share_prompt", False))
+  accum = int(config.train.get("grad_accum", 1))
+  shards = trainer.n_batch_shards if trainer is not None else 1
+  if share:  # fail before the model loads
+    shared_layout(int(r.prompts_per_step), group, 1, int(r.max_new_tokens), groups=accum)
 
   def for_width(width: int, pad_id: int):
+    if share:  # width = longest prompt + max_new_tokens, rounded up: the prompt bound it keeps
+      rows, shared_width = shared_layout(int(r.prompts_per_step), group,
+                                         width - int(r.max_new_tokens), int(r.max_new_tokens),
+                                         groups=accum, multiple=shards)
+
     def make_batch(ro, total, each, rollout_index: int = 0):
       del each, rollout_index
       rewards_n = np.asarray(total, np.float64)
@@ -287,13 +393,16 @@ def make_batch_for(config) -> callable:
       adv = np.asarray(advantages(jnp.asarray(rewards_n, jnp.float32), group,
                                   r.get("advantage", "grpo"), eps=r.get("adv_eps", 1e-6),
                                   ddof=r.get("adv_ddof", 1)))
-      batch = rollout_batch(ro, adv, width=width, pad_id=pad_id,
-                            mask_truncated=r.get("mask_truncated", False),
-                            mask_zero_std=r.get("mask_zero_std", False),
-                            rewards_n=rewards_n, group_size=group)
+      masks = dict(mask_truncated=r.get("mask_truncated", False),
+                   mask_zero_std=r.get("mask_zero_std", False), rewards_n=rewards_n)
+      if share:
+        batch = shared_rollout_batch(ro, adv, rows=rows, width=shared_width, group_size=group,
+                                     groups=accum, pad_id=pad_id, **masks)
+      else:
+        batch = rollout_batch(ro, adv, width=width, pad_id=pad_id, group_size=group, **masks)
       metrics.update(zero_std_share=float(zero_std_share(jnp.asarray(rewards_n), group)),
                      adv_abs_mean=float(np.abs(adv).mean()),
-                     rows_in_loss=float(np.mean(batch["loss_mask"].any(axis=1))))
+                     rows_in_loss=float(np.mean(_kept(ro, group_size=group, **masks))))
       return batch, metrics
 
     return make_batch
@@ -312,5 +421,6 @@ ALGORITHM = Algorithm(
              "truncated_share", "entropy", "clip_low", "clip_high", "kl", "logp_diff_max",
              "time/*", "step_s"),
     check=_check,
-    online=lambda config, trainer, tok: online.setup(config, trainer, tok, make_batch_for(config)),
+    online=lambda config, trainer, tok: online.setup(config, trainer, tok,
+                                                     make_batch_for(config, trainer)),
     finish=online.finish)

@@ -160,6 +160,9 @@ def make_batch_for(config, trainer) -> Callable:
   once on the rollout's rows; per-token rewards, GAE and whitening (`loss.whiten_advantages`)
   follow; rollouts before `rollout.critic_warmup` train the value head only."""
   r, lc = config.rollout, config.loss
+  if r.get("share_prompt", False):
+    raise ValueError("rollout.share_prompt is GRPO's layout; PPO scores one row per completion "
+                     "(values per token): set rollout.share_prompt=False.")
   kl_coef = float(lc.get("kl_coef", 0.05))
   score = _rollout_scores(trainer, with_ref=kl_coef > 0)
 

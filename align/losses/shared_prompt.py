@@ -1,4 +1,11 @@
-"""DPO's shared-prompt layout: each preference pair as one [prompt | chosen | rejected] segment.
+"""Shared-prompt layouts: a prompt stored once, its continuations as branches after it.
+
+DPO: each preference pair as one [prompt | chosen | rejected] segment (below). GRPO: each group as
+one [prompt | completion 1 | ... | completion G] segment (`group_segment`, built by
+`align.losses.grpo.shared_rollout_batch`). Both are scored by `layout_token_logprobs`: a token
+sees the earlier tokens of its own segment that are prompt (branch 0) or in its own branch, with
+positions restarting after the prompt in every branch, so every log-prob equals the one of the
+branch's own [prompt | continuation] row.
 
 A batch of B pairs (`[B, 2, S]` arrays) becomes rows R x width W: tokens, positions (restarting
 after the prompt for the rejected branch), pair_ids (1.. per pair; 0 = pad), branch (0 prompt,
@@ -13,9 +20,56 @@ import functools
 import itertools
 import logging
 
+import jax.numpy as jnp
 import numpy as np
 
+from lm.scoring import selected_token_logprobs
+
 log = logging.getLogger(__name__)
+
+
+def layout_attention(segment_rw, branch_rw):
+  """`[R, W, W]` keys each query may see (the model adds causality): same segment (ids > 0), and
+  the key is prompt (branch 0) or in the query's branch."""
+  same = (segment_rw[:, :, None] == segment_rw[:, None, :]) & (segment_rw[:, None, :] > 0)
+  visible = (branch_rw[:, None, :] == 0) | (branch_rw[:, :, None] == branch_rw[:, None, :])
+  return same & visible
+
+
+def layout_token_logprobs(model, tokens_rw, positions_rw, segment_rw, branch_rw, prev_rw,
+                          select_rw, *, temperature: float = 1.0):
+  """log p(token at w) from the hidden state at `prev[w]`, at the `select_rw` positions (0
+  elsewhere), `[R, W]` float32, at the temperature (`lm.scoring.selected_token_logprobs`)."""
+  h_rwd, _ = model.hidden_states(tokens_rw, positions_rw, layout_attention(segment_rw, branch_rw))
+  h_prev = jnp.take_along_axis(h_rwd, prev_rw[..., None], axis=1)
+  return selected_token_logprobs(model, h_prev, tokens_rw, select_rw, temperature=temperature)
+
+
+def group_segment(prompt, completions) -> dict:
+  """One group as [prompt | completion 1 | ... | completion G] (numpy arrays): tokens, positions
+  (each completion continues at len(prompt)), branch (0 prompt, k for completion k), prev (the
+  index whose hidden state predicts each token: the prompt's last for a completion's first) and
+  seq (k - 1 on completion k's tokens, -1 on the prompt)."""
+  p = len(prompt)
+  if p == 0:
+    raise ValueError("a shared-prompt group needs a prompt of at least one token.")
+  tokens, positions, branch, prev, seq = [np.asarray(prompt)], [np.arange(p)], [np.zeros(p)], \
+      [np.maximum(np.arange(p) - 1, 0)], [np.full(p, -1)]
+  start = p
+  for k, c in enumerate(completions):
+    n = len(c)
+    tokens.append(np.asarray(c))
+    positions.append(p + np.arange(n))
+    branch.append(np.full(n, k + 1))
+    idx = start + np.arange(n) - 1
+    if n:
+      idx[0] = p - 1
+    prev.append(idx)
+    seq.append(np.full(n, k))
+    start += n
+  cat = lambda xs: np.concatenate(xs).astype(np.int32)
+  return {"tokens": cat(tokens), "positions": cat(positions), "branch": cat(branch),
+          "prev": cat(prev), "seq": cat(seq)}
 
 class LayoutOverflowError(ValueError):
   """A batch's shared-prompt segments do not fit the planned rows x width."""
