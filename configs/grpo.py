@@ -50,7 +50,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
                 dual_clip=ml_collections.config_dict.placeholder(float),
                 aggregation="seq_mean_token_mean",
                 max_completion_length=c.rollout.get_ref("max_new_tokens"),
-                beta=0.04, kl_estimator="k3", kl_clamp=ml_collections.config_dict.placeholder(float))
+                beta=0.04, kl_estimator="k3", kl_clamp=ml_collections.config_dict.placeholder(float),
+                kl_in="loss")  # or "reward": β Σ_t KL_t off each sequence's reward
   c.train.update(steps=50, lr=1e-4, warmup_steps=3, schedule="cosine", min_lr_ratio=0.1,
                  grad_clip=1.0, eval_every=25, checkpoint_every=25)
   c.train.batch_size = c.rollout.get_ref("prompts_per_step") * c.rollout.get_ref("num_generations")

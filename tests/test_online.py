@@ -2,6 +2,7 @@
 reuses a rollout, prompts split without overlap and cycle by epoch, bad settings name the field,
 the reward trend's arithmetic, and the GRPO step sharded over 8 fake devices = one device."""
 
+import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import pytest
@@ -96,6 +97,41 @@ def test_instruction_prompts_leave_out_align_evals_and_hold_out_the_last(smoke, 
   config.prompts.update(n_train=900)
   with pytest.raises(ValueError, match="prompts: skip_first"):
     online.load_prompts(config.prompts, tok)
+
+
+def test_kl_in_the_reward_subtracts_beta_times_the_sequence_kl(smoke):
+  """loss.kl_in='reward': each completion's reward loses β Σ_t k3_t (rollout log-probs vs the
+  adapters-off reference, scored independently here) before the group advantages; the loss then
+  has no KL term."""
+  from decode.rollout import rollout
+  from lm.scoring import next_token_logprobs
+
+  config, trainer, tok = smoke
+  config = _config(share_prompt=False)
+  config.loss.update(beta=0.5, kl_in="reward")
+  trainer, _ = _trainer_and_tok(config)
+  for path, v in trainer.params.flat_state():  # LoRA B != 0: the policy differs from the reference
+    if path[-1] == "lora_b":
+      v.set_value(0.05 * np.ones(v.get_value().shape, np.float32))
+  model = trainer.host_model()
+  model.eval()
+  ro = rollout(model, [[5, 17, 33], [41, 8]], max_new_tokens=6, tokenizer=tok,
+               sampler=online.sampler_of(config.rollout), num_samples=4, seed=3)
+  total = np.array([1.0, 0.0, 0.5, 0.2, 0.0, 0.0, 1.0, 1.0])
+  batch, metrics = grpo.make_batch_for(config, trainer)(32, online.pad_id_of(tok))(ro, total, {})
+  rows = grpo.rollout_batch(ro, np.zeros(8, np.float32), width=32, pad_id=online.pad_id_of(tok))
+  with lora.disabled(model):
+    ref = np.asarray(next_token_logprobs(model, rows["tokens"], rows["attn_mask"],
+                                         select_bs=rows["loss_mask"], temperature=0.8))
+  mask = rows["loss_mask"][:, 1:] > 0
+  log_r = np.where(mask, ref - rows["old_logps"], 0.0)
+  kl_seq = (np.expm1(log_r) - log_r).sum(-1)
+  assert kl_seq.min() > 0
+  np.testing.assert_allclose(metrics["kl_seq"], kl_seq.mean(), rtol=1e-4)
+  want = grpo.advantages(jnp.asarray(total - 0.5 * kl_seq, jnp.float32), 4)
+  np.testing.assert_allclose(batch["advantages"], want, rtol=1e-3, atol=1e-5)
+  loss_metrics = trainer.train_step(batch)
+  assert "clip_low" in loss_metrics and "kl" not in loss_metrics  # no KL term in the loss
 
 
 @pytest.mark.parametrize("change,match", [

@@ -13,6 +13,8 @@ whole model batch (`grpo_loss`) and the hand-computed golden cases in the tests.
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -27,6 +29,10 @@ from lm.scoring import next_token_logprobs, sample_kl_estimators
 ESTIMATORS = ("grpo", "dr_grpo", "rloo", "batch_std")
 AGGREGATIONS = ("seq_mean_token_mean", "token_mean", "seq_mean_token_sum_norm")
 KL_ESTIMATORS = ("k1", "k2", "k3")
+# β·KL to the reference: a term of the loss (GRPO paper, TRL), or subtracted from each
+# sequence's reward before the advantages (β Σ_t KL_t, scored once per rollout; no reference pass
+# in the loss)
+KL_PLACES = ("loss", "reward")
 
 
 def advantages(rewards_n: jax.Array, group_size: int, estimator: str = "grpo", *,
@@ -180,6 +186,8 @@ def check_config(cfg) -> None:
                      "temperature, at which the policy's log-probs are scored.")
   if cfg.get("beta", 0.0) < 0:
     raise ValueError(f"loss.beta={cfg.beta} must be >= 0 (0 skips the reference pass).")
+  if cfg.get("kl_in", "loss") not in KL_PLACES:
+    raise ValueError(f"loss.kl_in={cfg.kl_in!r} is unknown; choose one of {KL_PLACES}.")
   if not 0 < cfg.get("eps_low", 0.2) < 1:
     raise ValueError(f"loss.eps_low={cfg.eps_low} must be in (0, 1) (0.2 is usual).")
 
@@ -194,7 +202,7 @@ def grpo_loss(model, batch: dict, cfg):
   `[R, W]` aligned with the tokens; seq_weight and seq_count give the sequences).
   With β > 0 and no ref_logps, the reference is this model with its adapters off.
   cfg: temperature, eps_low, eps_high, dual_clip, aggregation, max_completion_length, beta,
-  kl_estimator, kl_clamp."""
+  kl_estimator, kl_clamp, kl_in ("reward": β was applied to the rewards, none here)."""
   temperature = cfg.get("temperature", 1.0)
   shared = "segment_ids" in batch
   if shared:  # one row per group: [prompt | completion 1 | ... | completion G]
@@ -210,7 +218,7 @@ def grpo_loss(model, batch: dict, cfg):
     seqs = {}
   lp = score()
   old = batch["old_logps"] if "old_logps" in batch else jax.lax.stop_gradient(lp)
-  beta = cfg.get("beta", 0.0)
+  beta = cfg.get("beta", 0.0) if cfg.get("kl_in", "loss") == "loss" else 0.0
   ref = None
   if beta:
     ref = batch.get("ref_logps")
@@ -361,6 +369,23 @@ def shared_rollout_batch(rollout, advantages_n, *, rows: int, width: int, group_
   return out
 
 
+def _reference_logprobs(trainer):
+  """jitted reference log-probs `[B, S-1]` of training rows (`rollout_batch`) at a temperature:
+  the trainer's current model in eval mode with its adapters off."""
+  @functools.partial(jax.jit, static_argnums=(3,))
+  def score(params, rest, batch, temperature):
+    model = online.policy_of(nnx.merge(trainer.graphdef, params, rest))
+    model.eval()
+    if not lora.count_params(model, nnx.LoRAParam):
+      raise ValueError("loss.kl_in='reward' needs a reference: this model has no LoRA adapters "
+                       "to switch off; set loss.beta=0 or train with LoRA.")
+    with lora.disabled(model):
+      return next_token_logprobs(model, batch["tokens"], batch["attn_mask"],
+                                 select_bs=batch["loss_mask"], temperature=temperature)
+
+  return score
+
+
 def make_batch_for(config, trainer=None) -> callable:
   """`make_batch_for(width, pad_id)` for `align.online.setup`: GRPO's batch of a rollout. The
   overlong penalty (rollout.overlong_buffer > 0) joins the reward before the advantages
@@ -374,6 +399,11 @@ def make_batch_for(config, trainer=None) -> callable:
   shards = trainer.n_batch_shards if trainer is not None else 1
   if share:  # fail before the model loads
     shared_layout(int(r.prompts_per_step), group, 1, int(r.max_new_tokens), groups=accum)
+  lc = config.loss
+  beta_in_reward = float(lc.get("beta", 0.0)) if lc.get("kl_in", "loss") == "reward" else 0.0
+  if beta_in_reward and trainer is None:
+    raise ValueError("loss.kl_in='reward' scores the reference per rollout: pass the trainer.")
+  reference = _reference_logprobs(trainer) if beta_in_reward else None
 
   def for_width(width: int, pad_id: int):
     if share:  # width = longest prompt + max_new_tokens, rounded up: the prompt bound it keeps
@@ -385,6 +415,19 @@ def make_batch_for(config, trainer=None) -> callable:
       del each, rollout_index
       rewards_n = np.asarray(total, np.float64)
       metrics = {}
+      if beta_in_reward:  # β Σ_t KL_t per sequence, off the rewards, before the advantages
+        rows = rollout_batch(ro, np.zeros(len(rewards_n), np.float32), width=width, pad_id=pad_id)
+        with jax.set_mesh(trainer.mesh):
+          ref = reference(trainer.params, trainer.rest,
+                          {k: jnp.asarray(rows[k]) for k in ("tokens", "attn_mask", "loss_mask")},
+                          float(lc.get("temperature", 1.0)))
+        mask = rows["loss_mask"][:, 1:] > 0
+        kl = np.asarray(kl_per_token(jnp.asarray(rows["old_logps"]), ref,
+                                     lc.get("kl_estimator", "k3"), lc.get("kl_clamp"))) * mask
+        kl_seq = kl.sum(-1)
+        rewards_n = rewards_n - beta_in_reward * kl_seq
+        metrics.update(kl=float(kl.sum() / max(mask.sum(), 1)), kl_seq=float(kl_seq.mean()),
+                       **{"reward/kl_penalty": float(-beta_in_reward * kl_seq.mean())})
       if r.get("overlong_buffer", 0):
         pen = overlong_penalty(ro.lengths_b, r.max_new_tokens, r.overlong_buffer,
                                r.get("overlong_factor", 1.0))
