@@ -13,8 +13,9 @@ live subprocess; the driver alternates their steps (A B, B A, ...) over `--round
 
 What differs, as each side's users run it: TRL generates with transformers' `generate` (eager
 PyTorch, dynamic KV cache) and recomputes the old log-probs with a forward; ours decodes with the
-compiled `decode/` loop, takes the sampler's log-probs as the old ones, and trains on rows of
-one static width. Steps/s compares whole steps; the rollout's tokens/s is reported apart (TRL's:
+compiled `decode/` loop, takes the sampler's log-probs as the old ones, and trains on one row
+per group with the prompt stored once (`--share_prompt`, as `configs/grpo.py`; `--noshare_prompt`:
+one row per completion, as TRL), at one static width. Steps/s compares whole steps; the rollout's tokens/s is reported apart (TRL's:
 the time inside `GRPOTrainer._generate`).
 
   python -m benchmarks.grpo_step [--rounds 4 --warmup 1] [--quick] [--strict]
@@ -42,6 +43,7 @@ flags.DEFINE_bool("strict", False, "Exit 1 when the machine was not quiet during
 flags.DEFINE_integer("prompts", 4, "Prompts per step.")
 flags.DEFINE_integer("group", 8, "Completions per prompt (G).")
 flags.DEFINE_integer("new_tokens", 16, "Maximum new tokens per completion.")
+flags.DEFINE_bool("share_prompt", True, "Ours: score each group after one shared prompt.")
 flags.DEFINE_string("side", "", "internal: run one side ('trl' or 'ours') and print its JSON")
 flags.DEFINE_string("weights", "", "internal: HF directory both sides load")
 FLAGS = flags.FLAGS
@@ -146,7 +148,8 @@ def _ours_side() -> None:
   use_cpu_training_flags()  # as launch.py does for training runs
   config = grpo_config.get_config("cpu")
   config.rollout.update(prompts_per_step=FLAGS.prompts, num_generations=FLAGS.group,
-                        max_new_tokens=FLAGS.new_tokens, temperature=TEMPERATURE)
+                        max_new_tokens=FLAGS.new_tokens, temperature=TEMPERATURE,
+                        share_prompt=FLAGS.share_prompt)
   config.rewards = ml_collections.ConfigDict(REWARD_WEIGHTS)
   config.loss.update(beta=BETA, eps_low=EPS, eps_high=EPS, aggregation="seq_mean_token_mean")
   config.train.update(steps=_steps(), lr=LR, warmup_steps=0, schedule="constant")
@@ -181,7 +184,7 @@ def _side(side: str) -> harness.LiveSide:
   cmd = [sys.executable, "-m", "benchmarks.grpo_step", f"--side={side}",
          f"--weights={FLAGS.weights}", f"--rounds={FLAGS.rounds}", f"--warmup={FLAGS.warmup}",
          f"--prompts={FLAGS.prompts}", f"--group={FLAGS.group}",
-         f"--new_tokens={FLAGS.new_tokens}"]
+         f"--new_tokens={FLAGS.new_tokens}", f"--share_prompt={FLAGS.share_prompt}"]
   env = dict(os.environ, JAX_PLATFORMS="cpu")
   if side == "ours":  # as launch.py runs it
     env = runtime.cpu_allocator_env(env)
@@ -225,7 +228,8 @@ def main(argv):
   print(json.dumps({
       "benchmark": "grpo_step", "model": "SmolLM2-135M-Instruct (GGUF Q4_1 -> float32)",
       "dtype": "float32", "device": "cpu", "prompts_per_step": FLAGS.prompts, "group": FLAGS.group,
-      "max_new_tokens": FLAGS.new_tokens, "rounds": FLAGS.rounds, "quick": FLAGS.quick,
+      "max_new_tokens": FLAGS.new_tokens, "share_prompt": FLAGS.share_prompt,
+      "rounds": FLAGS.rounds, "quick": FLAGS.quick,
       "lora": LORA, **results, "machine": machine,
       "ratio": results["ours"]["steps_per_s"] / results["trl"]["steps_per_s"],
       "rollout_ratio": results["ours"]["rollout_tokens_per_s"]

@@ -104,7 +104,7 @@ def summary_table(results) -> str:
         "tokens mean (greedy)": g["mean"], "median": g["median"], "std": g["std"],
         "empty": g["empty_share"], "median (T=1)": smp["median"], "empty (T=1)": smp["empty_share"],
         "RM score": rm.get("original_mean", nan),
-        "RM filler Δ": rm.get("filler", {}).get("mean_delta", nan)})
+        "RM keywords Δ": rm.get("keywords", {}).get("mean_delta", nan)})
   return markdown_table(rows)
 
 
@@ -162,8 +162,9 @@ def render(config, results, entries) -> str:
           "## Summary\n",
           "Perplexity, KL per token (exact, nats) in both directions, response length in tokens "
           "(end-of-turn not counted) of the greedy answers and of the T=1 samples, and the reward "
-          "model's score of each model's own greedy answers with the filler perturbation's mean "
-          "change. Details below.\n",
+          "model's score of each model's own greedy answers with the mean change the `keywords` "
+          "perturbation (\"I am a helpful AI.\" and the like, the PA5 report's hack) brings. "
+          "Details below.\n",
           summary_table(results),
           "## KL, both directions\n",
           "Nats. exact = full-vocabulary KL of the next-token distributions; k1 = log p - log q, "
