@@ -416,13 +416,13 @@ def make_batch_for(config, trainer=None) -> callable:
       rewards_n = np.asarray(total, np.float64)
       metrics = {}
       if beta_in_reward:  # β Σ_t KL_t per sequence, off the rewards, before the advantages
-        rows = rollout_batch(ro, np.zeros(len(rewards_n), np.float32), width=width, pad_id=pad_id)
+        scored = rollout_batch(ro, np.zeros(len(rewards_n), np.float32), width=width, pad_id=pad_id)
         with jax.set_mesh(trainer.mesh):
           ref = reference(trainer.params, trainer.rest,
-                          {k: jnp.asarray(rows[k]) for k in ("tokens", "attn_mask", "loss_mask")},
+                          {k: jnp.asarray(scored[k]) for k in ("tokens", "attn_mask", "loss_mask")},
                           float(lc.get("temperature", 1.0)))
-        mask = rows["loss_mask"][:, 1:] > 0
-        kl = np.asarray(kl_per_token(jnp.asarray(rows["old_logps"]), ref,
+        mask = scored["loss_mask"][:, 1:] > 0
+        kl = np.asarray(kl_per_token(jnp.asarray(scored["old_logps"]), ref,
                                      lc.get("kl_estimator", "k3"), lc.get("kl_clamp"))) * mask
         kl_seq = kl.sum(-1)
         rewards_n = rewards_n - beta_in_reward * kl_seq
