@@ -18,7 +18,7 @@ from configs.train_base import base
 
 # The stability study's GRPO runs (README "The stability study"): reward-model reward on open
 # instructions, LoRA as dpo.py:cpu's; rm_cpu_10x is the same at ten times the learning rate.
-STUDY = {"rm_cpu": 1e-4, "rm_cpu_10x": 1e-3}
+STUDY = {"rm_cpu": 5e-4, "rm_cpu_10x": 5e-3}  # dpo.py:cpu's lr, and ten times it
 # Written by `launch.py --config=configs/reward.py:cpu --workdir=runs/rm-cpu`.
 RM_CPU_RUN = "runs/rm-cpu"
 
