@@ -43,6 +43,7 @@ TASKS = {
     "decode_sweep": "decode.sweep:run",
     "train": "align.train:run",
     "align_eval": "align.evals.compare:run",
+    "toy_superposition": "sae.toy:run",
 }
 
 _MULTIPROCESS_ENV = ("JAX_COORDINATOR_ADDRESS", "COORDINATOR_ADDRESS", "MEGASCALE_COORDINATOR_ADDRESS")
