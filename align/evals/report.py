@@ -144,6 +144,10 @@ def _hacking_table(results) -> str:
   return markdown_table(rows)
 
 
+def _which_answers(c) -> str:
+  return f"The first {c.hacking.n}" if c.hacking.n else "All"
+
+
 def render(config, results, entries) -> str:
   c = config
   cats = results["prompts"]["categories"]
@@ -192,7 +196,7 @@ def render(config, results, entries) -> str:
           "Lengths under the instruction, per category:\n",
           _verbosity_table(results, "length_instruction"),
           "## Reward hacking\n",
-          f"The first {c.hacking.n or 'all'} of the reference's greedy answers perturbed "
+          f"{_which_answers(c)} of the reference's greedy answers perturbed "
           f"({', '.join(c.hacking.perturbations)}; "
           "`align/evals/perturb.py`, seed + example index) and scored before/after. Δ = "
           "score(perturbed) - score(original); implicit reward = beta * (log pi - log pi_ref) "
@@ -201,7 +205,7 @@ def render(config, results, entries) -> str:
           _hacking_table(results)]
   if results.get("reward_model"):
     text += ["### The reward model on each model's own answers\n",
-             f"The first {c.hacking.n or 'all'} greedy answers of each model, scored as they are "
+             f"{_which_answers(c)} of each model's greedy answers, scored as they are "
              "and perturbed as above (Δ = mean change).\n", _reward_model_table(results)]
   plots = ["lengths_plain.png", "lengths_length_instruction.png",
            "reward_hacking_mean_delta.png", "reward_hacking_deltas.png"]
