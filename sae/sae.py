@@ -140,21 +140,24 @@ def batch_threshold(pre, cfg: SAEConfig):
   return jax.lax.top_k(acts.reshape(-1), cfg.k * acts.shape[0])[0][-1]
 
 
-def loss_fn(params: dict, x, cfg: SAEConfig, dead=None):
-  """(loss, metrics) on a batch x `[B, d]`; `dead` `[m]` bool marks latents for AuxK."""
+def loss_fn(params: dict, x, cfg: SAEConfig, dead=None, *, l1_coef=None, l0_coef=None):
+  """(loss, (metrics, z)) on a batch x `[B, d]`; `dead` `[m]` bool marks latents for AuxK.
+  `l1_coef` / `l0_coef` override the config's (they may be traced: one per vmapped instance)."""
+  l1_coef = cfg.l1_coef if l1_coef is None else l1_coef
+  l0_coef = cfg.l0_coef if l0_coef is None else l0_coef
   pre, z = encode(params, x, cfg)
   x_hat = decode(params, z, cfg)
   e = x - x_hat
   mse = jnp.mean(jnp.sum(e ** 2, axis=-1))
   loss = mse
   metrics = {"mse": mse, "l0": jnp.mean(jnp.sum(z > 0, axis=-1))}
-  if cfg.activation == "relu" and cfg.l1_coef:
+  if cfg.activation == "relu":
     l1 = jnp.mean(jnp.sum(z * jnp.linalg.norm(dictionary(params, cfg), axis=-1), axis=-1))
-    loss = loss + cfg.l1_coef * l1
+    loss = loss + l1_coef * l1
     metrics["l1"] = l1
-  if cfg.activation == "jumprelu" and cfg.l0_coef:
+  if cfg.activation == "jumprelu":  # the L0 the penalty differentiates (straight-through θ)
     l0 = jnp.mean(jnp.sum(_jump(pre, jnp.exp(params["log_threshold"]), cfg.bandwidth), axis=-1))
-    loss = loss + cfg.l0_coef * l0
+    loss = loss + l0_coef * l0
   if dead is not None and cfg.aux_coef:
     aux = _aux_loss(params, pre, jax.lax.stop_gradient(e), dead, cfg)
     loss = loss + cfg.aux_coef * aux
