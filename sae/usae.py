@@ -1,0 +1,136 @@
+"""Universal sparse autoencoders (Thasarathan et al. 2025): one TopK encoder and one decoder per
+model, one shared latent. A step draws a source i, encodes A_i and reconstructs every model j
+from that code: L = Σ_j L(A_j, dec_j(enc_i(A_i))).
+
+Update rules (`rule`):
+  official  as the official code (YorkUCVIL/UniversalSAE train.py): only source i's optimizer
+            steps. Its encoder gets ∇ Σ_j L_j, its decoder ∇ L_i (the only term it is in); the other
+            decoders' cross gradients are dropped, and their Adam moments and step counts do not
+            advance.
+  joint     every parameter gets the gradient of the summed loss and every source's optimizer
+            steps (the encoders not drawn see a zero gradient, their moments decay).
+
+Losses (`loss`), per target j with e = A_j − Â_j over a batch:
+  mse        mean over rows of Σ_d e² (the PA5 report; the same expression as `sae.loss_fn`, so a
+             one-source USAE is the plain SAE)
+  l1         mean |e| + aux_coef · mean |e − a D_j|, a the m/2 largest of ReLU(pre_i) − z_i
+             (the official code's criterion: the strongest pre-codes TopK did not keep)
+  frobenius  ‖e‖_F, not squared (the USAE paper's Fig. 3)
+
+Each source is an `sae.SAEConfig` TopK SAE of its own width with the shared n_latents and k; the
+decoder-norm rule is theirs (`project` or `forward`; the official code normalises in the forward).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from sae import metrics as sae_metrics
+from sae import sae as sae_lib
+
+RULES = ("official", "joint")
+LOSSES = ("mse", "l1", "frobenius")
+
+
+@dataclasses.dataclass(frozen=True)
+class USAEConfig:
+  d_ins: tuple[int, ...]
+  n_latents: int
+  k: int = 32
+  loss: str = "mse"
+  rule: str = "official"
+  aux_coef: float = 0.1
+  decoder_norm: str = "project"
+
+  def __post_init__(self):
+    if self.rule not in RULES:
+      raise ValueError(f"rule={self.rule!r}: use one of {RULES}.")
+    if self.loss not in LOSSES:
+      raise ValueError(f"loss={self.loss!r}: use one of {LOSSES}.")
+
+  def source(self, j: int) -> sae_lib.SAEConfig:
+    return sae_lib.SAEConfig(d_in=self.d_ins[j], n_latents=self.n_latents, activation="topk",
+                             k=self.k, decoder_norm=self.decoder_norm, aux_coef=0.0)
+
+
+def init(key, cfg: USAEConfig, data_means=None) -> list[dict]:
+  """Source j's SAE from `fold_in(key, j)`."""
+  means = data_means or [None] * len(cfg.d_ins)
+  return [sae_lib.init(jax.random.fold_in(key, j), cfg.source(j), means[j])
+          for j in range(len(cfg.d_ins))]
+
+
+def _target_loss(params_j, z, pre, x_j, cfg: USAEConfig, scfg):
+  e = x_j - sae_lib.decode(params_j, z, scfg)
+  if cfg.loss == "mse":
+    return jnp.mean(jnp.sum(e ** 2, axis=-1))
+  if cfg.loss == "frobenius":
+    return jnp.sqrt(jnp.sum(e ** 2))
+  unchosen = jax.nn.relu(pre) - z
+  half = max(cfg.n_latents // 2, 1)
+  a = jnp.where(sae_lib._topk_mask(unchosen, half), unchosen, 0.0)
+  aux = jnp.mean(jnp.abs(e - a @ sae_lib.dictionary(params_j, scfg)))
+  return jnp.mean(jnp.abs(e)) + cfg.aux_coef * aux
+
+
+def loss_fn(params: list[dict], source: int, xs, cfg: USAEConfig):
+  """(Σ_j L_j, metrics) with source i = `source` encoded; xs[j] `[B, d_j]` the same B items."""
+  pre, z = sae_lib.encode(params[source], xs[source], cfg.source(source))
+  per = [_target_loss(params[j], z, pre, xs[j], cfg, cfg.source(j)) for j in range(len(xs))]
+  r2 = jnp.stack([sae_metrics.r2_global(xs[j], sae_lib.decode(params[j], z, cfg.source(j)))
+                  for j in range(len(xs))])
+  return sum(per), {"loss": sum(per), "loss_per_target": jnp.stack(per), "r2_row": r2,
+                    "l0": jnp.mean(jnp.sum(z > 0, axis=-1))}
+
+
+def optimizer(lr: float, max_grad_norm: float):
+  """One per source; clipping by the source's own global norm (the official code's per-model
+  clip_grad_norm)."""
+  return optax.chain(optax.clip_by_global_norm(max_grad_norm), optax.adam(lr))
+
+
+def init_state(key, cfg: USAEConfig, lr: float, max_grad_norm: float = 1.0,
+               data_means=None) -> dict:
+  params = init(key, cfg, data_means)
+  opt = optimizer(lr, max_grad_norm)
+  return {"params": params, "opt_state": [opt.init(p) for p in params]}
+
+
+def make_step(cfg: USAEConfig, lr: float, max_grad_norm: float = 1.0):
+  """`step(state, source, xs) -> (state, metrics)`; one compiled program per source."""
+  opt = optimizer(lr, max_grad_norm)
+
+  @functools.partial(jax.jit, static_argnums=1)
+  def step(state, source: int, xs):
+    params = state["params"]
+    (_, metrics), grads = jax.value_and_grad(
+        lambda p: loss_fn(p, source, xs, cfg), has_aux=True)(params)
+    stepping = [source] if cfg.rule == "official" else range(len(params))
+    new_params, new_opt = list(params), list(state["opt_state"])
+    for j in stepping:
+      scfg = cfg.source(j)
+      g = sae_lib.remove_parallel_grads(params[j], grads[j], scfg)
+      updates, new_opt[j] = opt.update(g, state["opt_state"][j], params[j])
+      new_params[j] = sae_lib.renormalise(optax.apply_updates(params[j], updates), scfg)
+    return {"params": new_params, "opt_state": new_opt}, metrics
+
+  return step
+
+
+def r2_matrix(params: list[dict], xs, cfg: USAEConfig, metric=sae_metrics.r2_global):
+  """R[i, j] = metric(A_j, dec_j(enc_i(A_i))) on held-out xs."""
+  recon = []
+  for i in range(len(xs)):
+    _, z = sae_lib.encode(params[i], xs[i], cfg.source(i))
+    recon.append([sae_lib.decode(params[j], z, cfg.source(j)) for j in range(len(xs))])
+  return sae_metrics.r2_matrix(list(xs), recon, metric)
+
+
+def codes(params: list[dict], xs, cfg: USAEConfig):
+  """Each model's code of its own activations `[M][N, m]` (the universality statistics' input)."""
+  return [sae_lib.encode(params[i], xs[i], cfg.source(i))[1] for i in range(len(xs))]
