@@ -47,7 +47,9 @@ class Instances:
     return len(self.seed)
 
 
-def _optimizer(lr, max_grad_norm):
+def optimizer(lr, max_grad_norm):
+  """Clip by the global norm, then Adam with the lr held in the state (inject_hyperparams), so
+  the lr may differ per vmapped instance; `update` reads it from the state."""
   return optax.chain(optax.clip_by_global_norm(max_grad_norm),
                      optax.inject_hyperparams(optax.adam)(learning_rate=lr))
 
@@ -57,7 +59,7 @@ def init_state(cfg: sae_lib.SAEConfig, inst: Instances, data_mean=None) -> dict:
   def one(seed, lr, clip):
     params = sae_lib.init(jax.random.key(seed), cfg, data_mean)
     # the chain's clip is rebuilt from `clip` at every step, so only the lr lives in the state
-    return {"params": params, "opt_state": _optimizer(lr, clip).init(params),
+    return {"params": params, "opt_state": optimizer(lr, clip).init(params),
             "since_fired": jnp.zeros((cfg.n_latents,), jnp.int32)}
 
   state = jax.vmap(one)(jnp.asarray(inst.seed), jnp.asarray(inst.lr),
@@ -77,7 +79,7 @@ def _instance_step(cfg: sae_lib.SAEConfig, state, x_bd, clip, l1_coef, l0_coef):
   (_, (metrics, z)), grads = jax.value_and_grad(loss, has_aux=True)(params)
   grads = sae_lib.remove_parallel_grads(params, grads, cfg)
   grad_norm = optax.global_norm(grads)
-  opt = _optimizer(0.0, clip)  # the lr comes from the state (inject_hyperparams)
+  opt = optimizer(0.0, clip)  # the lr comes from the state (inject_hyperparams)
   updates, opt_state = opt.update(grads, state["opt_state"], params)
   params = sae_lib.renormalise(optax.apply_updates(params, updates), cfg)
   fired = jnp.any(z > 0, axis=0)

@@ -32,6 +32,7 @@ import optax
 
 from sae import metrics as sae_metrics
 from sae import sae as sae_lib
+from sae import train as sae_train
 
 RULES = ("official", "joint")
 LOSSES = ("mse", "l1", "frobenius")
@@ -88,38 +89,52 @@ def loss_fn(params: list[dict], source: int, xs, cfg: USAEConfig):
                     "l0": jnp.mean(jnp.sum(z > 0, axis=-1))}
 
 
-def optimizer(lr: float, max_grad_norm: float):
-  """One per source; clipping by the source's own global norm (the official code's per-model
-  clip_grad_norm)."""
-  return optax.chain(optax.clip_by_global_norm(max_grad_norm), optax.adam(lr))
-
-
 def init_state(key, cfg: USAEConfig, lr: float, max_grad_norm: float = 1.0,
                data_means=None) -> dict:
+  """Params and one optimizer state per source (its lr inside, `sae.train.optimizer`)."""
   params = init(key, cfg, data_means)
-  opt = optimizer(lr, max_grad_norm)
+  opt = sae_train.optimizer(lr, max_grad_norm)
   return {"params": params, "opt_state": [opt.init(p) for p in params]}
 
 
-def make_step(cfg: USAEConfig, lr: float, max_grad_norm: float = 1.0):
+def init_instances(cfg: USAEConfig, seeds, lrs, max_grad_norms, data_means=None) -> dict:
+  """Stacked states of I USAEs (leading axis I), one per (seed, lr, max_grad_norm)."""
+  return jax.vmap(lambda s, lr, c: init_state(jax.random.key(s), cfg, lr, c, data_means))(
+      jnp.asarray(seeds), jnp.asarray(lrs, jnp.float32), jnp.asarray(max_grad_norms, jnp.float32))
+
+
+def _update(cfg: USAEConfig, state, source: int, xs, max_grad_norm):
+  """One step of one USAE. Each source clips by its own global norm (the official code's
+  per-model clip_grad_norm); `official` steps source `source` alone, `joint` every source."""
+  params = state["params"]
+  (_, metrics), grads = jax.value_and_grad(
+      lambda p: loss_fn(p, source, xs, cfg), has_aux=True)(params)
+  opt = sae_train.optimizer(0.0, max_grad_norm)  # the lr lives in each source's state
+  stepping = [source] if cfg.rule == "official" else range(len(params))
+  new_params, new_opt = list(params), list(state["opt_state"])
+  for j in stepping:
+    scfg = cfg.source(j)
+    g = sae_lib.remove_parallel_grads(params[j], grads[j], scfg)
+    updates, new_opt[j] = opt.update(g, state["opt_state"][j], params[j])
+    new_params[j] = sae_lib.renormalise(optax.apply_updates(params[j], updates), scfg)
+  return {"params": new_params, "opt_state": new_opt}, metrics
+
+
+def make_step(cfg: USAEConfig, max_grad_norm: float = 1.0):
   """`step(state, source, xs) -> (state, metrics)`; one compiled program per source."""
-  opt = optimizer(lr, max_grad_norm)
+  return jax.jit(functools.partial(_update, cfg, max_grad_norm=max_grad_norm), static_argnums=1)
 
-  @functools.partial(jax.jit, static_argnums=1)
-  def step(state, source: int, xs):
-    params = state["params"]
-    (_, metrics), grads = jax.value_and_grad(
-        lambda p: loss_fn(p, source, xs, cfg), has_aux=True)(params)
-    stepping = [source] if cfg.rule == "official" else range(len(params))
-    new_params, new_opt = list(params), list(state["opt_state"])
-    for j in stepping:
-      scfg = cfg.source(j)
-      g = sae_lib.remove_parallel_grads(params[j], grads[j], scfg)
-      updates, new_opt[j] = opt.update(g, state["opt_state"][j], params[j])
-      new_params[j] = sae_lib.renormalise(optax.apply_updates(params[j], updates), scfg)
-    return {"params": new_params, "opt_state": new_opt}, metrics
 
-  return step
+def make_instances_step(cfg: USAEConfig, max_grad_norms):
+  """`step(states, source, xs) -> (states, metrics [I])` for I stacked USAEs (`init_instances`)
+  in one compiled, vmapped program. The source is drawn once per step for every instance (so the
+  step stays one branch); xs[j] `[B, d_j]` are shared by all instances."""
+  clips = jnp.asarray(max_grad_norms, jnp.float32)
+
+  def step(states, source: int, xs):
+    return jax.vmap(lambda s, c: _update(cfg, s, source, xs, c))(states, clips)
+
+  return jax.jit(step, static_argnums=1)
 
 
 def r2_matrix(params: list[dict], xs, cfg: USAEConfig, metric=sae_metrics.r2_global):

@@ -6,7 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from sae import metrics, sae, usae
+from sae import metrics, sae, train, usae
 
 
 def _data(seed, n, d_ins, n_atoms=32, active=3, shared=True):
@@ -32,8 +32,8 @@ def test_one_source_usae_is_the_plain_sae_bit_for_bit():
   scfg = cfg.source(0)
   key = jax.random.key(0)
   state = usae.init_state(key, cfg, lr=1e-3, max_grad_norm=1.0)
-  step = usae.make_step(cfg, lr=1e-3, max_grad_norm=1.0)
-  opt = usae.optimizer(1e-3, 1.0)
+  step = usae.make_step(cfg, max_grad_norm=1.0)
+  opt = train.optimizer(1e-3, 1.0)
   params = sae.init(jax.random.fold_in(key, 0), scfg)
   opt_state = opt.init(params)
 
@@ -59,7 +59,7 @@ def test_official_rule_leaves_the_other_sources_untouched(loss):
   state = usae.init_state(jax.random.key(0), cfg, lr=1e-2)
   before = jax.tree.map(np.asarray, state)
   xs = [jnp.asarray(a[:64]) for a in _data(0, 64, (16, 24))]
-  state, _ = usae.make_step(cfg, lr=1e-2)(state, 0, xs)
+  state, _ = usae.make_step(cfg)(state, 0, xs)
   jax.tree.map(np.testing.assert_array_equal, before["params"][1], state["params"][1])
   jax.tree.map(np.testing.assert_array_equal, before["opt_state"][1], state["opt_state"][1])
   assert not np.array_equal(before["params"][0]["W_dec"], state["params"][0]["W_dec"])
@@ -71,7 +71,7 @@ def test_joint_rule_moves_the_other_decoders():
   state = usae.init_state(jax.random.key(0), cfg, lr=1e-2)
   before = np.asarray(state["params"][1]["W_dec"])
   xs = [jnp.asarray(a[:64]) for a in _data(0, 64, (16, 24))]
-  state, _ = usae.make_step(cfg, lr=1e-2)(state, 0, xs)
+  state, _ = usae.make_step(cfg)(state, 0, xs)
   assert not np.array_equal(before, state["params"][1]["W_dec"])
 
 
@@ -81,7 +81,7 @@ def _train(shared: bool, steps=4000):
   # room for both dictionaries when the codes are independent
   cfg = usae.USAEConfig(d_ins=d_ins, n_latents=32 if shared else 64, k=3, rule="official")
   state = usae.init_state(jax.random.key(0), cfg, lr=3e-3)
-  step = usae.make_step(cfg, lr=3e-3)
+  step = usae.make_step(cfg)
   rng = np.random.default_rng(0)
   for _ in range(steps):
     idx = rng.integers(0, 6144, 256)
@@ -108,3 +108,25 @@ def test_independent_codes_give_cross_r2_near_zero():
   assert float(metrics.cross_r2(r2)) < 0.05, r2
   # both models still fire most latents: entropy alone does not reveal the missing transfer
   assert np.nanmedian(entropy) > 0.8, np.sort(entropy)
+
+
+@pytest.mark.parametrize("rule", ["official", "joint"])
+def test_vmapped_usae_instances_equal_each_alone(rule):
+  cfg = usae.USAEConfig(d_ins=(16, 24), n_latents=32, k=3, rule=rule)
+  seeds, lrs, clips = [0, 1, 2], [1e-3, 3e-3, 1e-2], [1.0, 0.5, 1.0]
+  states = usae.init_instances(cfg, seeds, lrs, clips)
+  step = usae.make_instances_step(cfg, clips)
+  data = _data(0, 512, (16, 24))
+  sources = [0, 1, 1, 0, 1]
+  for t, src in enumerate(sources):
+    states, m = step(states, src, [jnp.asarray(a[t * 64:(t + 1) * 64]) for a in data])
+  assert m["loss"].shape == (3,)
+  for i in range(3):
+    state = usae.init_state(jax.random.key(seeds[i]), cfg, lrs[i], clips[i])
+    one = usae.make_step(cfg, max_grad_norm=clips[i])
+    for t, src in enumerate(sources):
+      state, _ = one(state, src, [jnp.asarray(a[t * 64:(t + 1) * 64]) for a in data])
+    for j in range(2):
+      for k in ("W_enc", "W_dec", "b_enc", "b_dec"):
+        np.testing.assert_allclose(states["params"][j][k][i], state["params"][j][k], rtol=2e-5,
+                                   atol=2e-6, err_msg=f"instance {i} source {j} {k}")
