@@ -112,7 +112,15 @@ def _path_str(path: tuple) -> str:
 
 def build_from_arrays(cfg: ModelConfig, arrays: dict[str, np.ndarray], source: str) -> Transformer:
   """A Transformer whose parameters are `arrays` (our dotted paths); no random init is run."""
-  abstract = nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0)))
+  return build_module(lambda: Transformer(cfg, rngs=nnx.Rngs(0)), arrays, source,
+                      hint="Check that the file is a complete Llama-family checkpoint.")
+
+
+def build_module(make, arrays: dict[str, np.ndarray], source: str, hint: str = ""):
+  """The NNX module `make()` builds, with every variable (params and batch statistics) set from
+  `arrays` by dotted path; `make` only runs abstractly (no random init). Names or shapes that do
+  not match raise `WeightsError` naming them."""
+  abstract = nnx.eval_shape(make)
   graphdef, state = nnx.split(abstract)
   flat = list(nnx.to_flat_state(state))
   wanted = {_path_str(p) for p, _ in flat}
@@ -120,15 +128,15 @@ def build_from_arrays(cfg: ModelConfig, arrays: dict[str, np.ndarray], source: s
   unexpected = sorted(set(arrays) - wanted)
   if missing or unexpected:
     raise WeightsError(
-        f"{source}: weights do not match the model config. missing={missing[:6]} "
-        f"unexpected={unexpected[:6]}. Check that the file is a complete Llama-family checkpoint."
+        f"{source}: weights do not match the model. missing={missing[:6]} "
+        f"unexpected={unexpected[:6]}. {hint}".rstrip()
     )
   for path, var in flat:
     key = _path_str(path)
     want = var.get_value()
     arr = arrays[key]
     if tuple(arr.shape) != tuple(want.shape):
-      raise WeightsError(f"{source}: {key} has shape {arr.shape}, the config expects {want.shape}.")
+      raise WeightsError(f"{source}: {key} has shape {arr.shape}, the model expects {want.shape}.")
     var.set_value(jnp.asarray(arr, dtype=want.dtype))
   return nnx.merge(graphdef, nnx.from_flat_state(flat))
 
