@@ -67,11 +67,11 @@ def init_state(cfg: sae_lib.SAEConfig, inst: Instances, data_mean=None) -> dict:
   return {**state, "step": jnp.zeros((), jnp.int32)}
 
 
-def _instance_step(cfg: sae_lib.SAEConfig, state, x_bd, clip, l1_coef, l0_coef):
+def _instance_step(cfg: sae_lib.SAEConfig, state, x_bd, clip, l1_coef, l0_coef, aux: bool):
   """One instance's update; the sparsity coefficients are traced, so they may differ per
-  instance under vmap."""
+  instance under vmap. aux=False skips AuxK (its loss is 0 while no latent is dead)."""
   params = state["params"]
-  dead = state["since_fired"] >= cfg.dead_after
+  dead = state["since_fired"] >= cfg.dead_after if aux else None
 
   def loss(p):
     return sae_lib.loss_fn(p, x_bd, cfg, dead=dead, l1_coef=l1_coef, l0_coef=l0_coef)
@@ -85,17 +85,29 @@ def _instance_step(cfg: sae_lib.SAEConfig, state, x_bd, clip, l1_coef, l0_coef):
   fired = jnp.any(z > 0, axis=0)
   since = jnp.where(fired, 0, state["since_fired"] + 1)
   metrics = {**metrics, "grad_norm": grad_norm, "dead": jnp.sum(since >= cfg.dead_after)}
+  if cfg.aux_coef and not aux:
+    metrics["aux"] = jnp.zeros(())
   return {"params": params, "opt_state": opt_state, "since_fired": since}, metrics
 
 
 def make_step(cfg: sae_lib.SAEConfig, inst: Instances):
-  """`step(state, x_ibd) -> (state, metrics [I])`, jitted, the state donated."""
+  """`step(state, x_ibd) -> (state, metrics [I])`, jitted, the state donated. AuxK's top-k runs
+  only on steps where some instance has a dead latent (one `cond` outside the vmap, so it stays
+  a branch rather than a select)."""
   clip, l1, l0 = (jnp.asarray(a) for a in (inst.max_grad_norm, inst.l1_coef, inst.l0_coef))
+
+  def instances(inner, x_ibd, aux: bool):
+    return jax.vmap(lambda s, x, c, a, b: _instance_step(cfg, s, x, c, a, b, aux))(
+        inner, x_ibd, clip, l1, l0)
 
   def step(state, x_ibd):
     inner = {k: v for k, v in state.items() if k != "step"}
-    new, metrics = jax.vmap(lambda s, x, c, a, b: _instance_step(cfg, s, x, c, a, b))(
-        inner, x_ibd, clip, l1, l0)
+    if cfg.aux_coef:
+      any_dead = jnp.any(inner["since_fired"] >= cfg.dead_after)
+      new, metrics = jax.lax.cond(any_dead, lambda: instances(inner, x_ibd, True),
+                                  lambda: instances(inner, x_ibd, False))
+    else:
+      new, metrics = instances(inner, x_ibd, False)
     return {**new, "step": state["step"] + 1}, metrics
 
   return jax.jit(step, donate_argnums=0)

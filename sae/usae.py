@@ -94,13 +94,19 @@ def init_state(key, cfg: USAEConfig, lr: float, max_grad_norm: float = 1.0,
   """Params and one optimizer state per source (its lr inside, `sae.train.optimizer`)."""
   params = init(key, cfg, data_means)
   opt = sae_train.optimizer(lr, max_grad_norm)
-  return {"params": params, "opt_state": [opt.init(p) for p in params]}
+  return _own_buffers({"params": params, "opt_state": [opt.init(p) for p in params]})
 
 
 def init_instances(cfg: USAEConfig, seeds, lrs, max_grad_norms, data_means=None) -> dict:
   """Stacked states of I USAEs (leading axis I), one per (seed, lr, max_grad_norm)."""
-  return jax.vmap(lambda s, lr, c: init_state(jax.random.key(s), cfg, lr, c, data_means))(
+  states = jax.vmap(lambda s, lr, c: init_state(jax.random.key(s), cfg, lr, c, data_means))(
       jnp.asarray(seeds), jnp.asarray(lrs, jnp.float32), jnp.asarray(max_grad_norms, jnp.float32))
+  return _own_buffers(states)
+
+
+def _own_buffers(tree):
+  """Every leaf in a buffer of its own (equal leaves may come back shared, and the step donates)."""
+  return jax.tree.map(lambda a: jnp.array(a, copy=True), tree)
 
 
 def _update(cfg: USAEConfig, state, source: int, xs, max_grad_norm):
@@ -121,8 +127,10 @@ def _update(cfg: USAEConfig, state, source: int, xs, max_grad_norm):
 
 
 def make_step(cfg: USAEConfig, max_grad_norm: float = 1.0):
-  """`step(state, source, xs) -> (state, metrics)`; one compiled program per source."""
-  return jax.jit(functools.partial(_update, cfg, max_grad_norm=max_grad_norm), static_argnums=1)
+  """`step(state, source, xs) -> (state, metrics)`; one compiled program per source, the state
+  donated (the official rule passes the other sources through without copying them)."""
+  return jax.jit(functools.partial(_update, cfg, max_grad_norm=max_grad_norm), static_argnums=1,
+                 donate_argnums=0)
 
 
 def make_instances_step(cfg: USAEConfig, max_grad_norms):
@@ -134,7 +142,7 @@ def make_instances_step(cfg: USAEConfig, max_grad_norms):
   def step(states, source: int, xs):
     return jax.vmap(lambda s, c: _update(cfg, s, source, xs, c))(states, clips)
 
-  return jax.jit(step, static_argnums=1)
+  return jax.jit(step, static_argnums=1, donate_argnums=0)
 
 
 def r2_matrix(params: list[dict], xs, cfg: USAEConfig, metric=sae_metrics.r2_global):

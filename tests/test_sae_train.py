@@ -50,3 +50,26 @@ def test_dead_counter_counts_steps_since_a_latent_fired():
   assert (since == 0).sum() >= 2 and since.max() <= 4
   assert int(metrics["dead"][0]) == int((since >= 3).sum())
   assert float(metrics["aux"][0]) >= 0.0
+
+
+def test_auxk_is_skipped_only_while_nothing_is_dead():
+  """The step branches AuxK away while no latent is dead: there its loss is exactly 0, so the
+  update equals the one with AuxK computed; once a latent is dead AuxK acts."""
+  import jax
+
+  cfg = sae.SAEConfig(d_in=8, n_latents=24, activation="topk", k=3, dead_after=2)
+  inst = train.Instances.grid(cfg, seeds=(0,))
+  state = train.init_state(cfg, inst)
+  x = next(_batches())
+  one = jax.tree.map(lambda a: a[0], {k: v for k, v in state.items() if k != "step"})
+  args = (x, inst.max_grad_norm[0], inst.l1_coef[0], inst.l0_coef[0])
+  with_aux, m1 = train._instance_step(cfg, one, *args, aux=True)
+  without, m0 = train._instance_step(cfg, one, *args, aux=False)
+  assert float(m1["aux"]) == 0.0 == float(m0["aux"])
+  jax.tree.map(np.testing.assert_array_equal, with_aux["params"], without["params"])
+  dead = {**one, "since_fired": one["since_fired"].at[:12].set(5)}
+  _, m2 = train._instance_step(cfg, dead, *args, aux=True)
+  assert float(m2["aux"]) > 0.0
+  step = train.make_step(cfg, inst)
+  _, m3 = step(jax.tree.map(lambda a: a[None], dead) | {"step": state["step"]}, x[None])
+  np.testing.assert_allclose(float(m3["aux"][0]), float(m2["aux"]), rtol=1e-6)
