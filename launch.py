@@ -44,6 +44,7 @@ TASKS = {
     "train": "align.train:run",
     "align_eval": "align.evals.compare:run",
     "toy_superposition": "sae.toy:run",
+    "usae": "sae.experiment:run",
 }
 
 _MULTIPROCESS_ENV = ("JAX_COORDINATOR_ADDRESS", "COORDINATOR_ADDRESS", "MEGASCALE_COORDINATOR_ADDRESS")

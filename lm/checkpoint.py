@@ -82,6 +82,24 @@ class Checkpointer:
       nnx.update(model, state)
     return (restored["opt_state"] if opt_state is not None else None), dict(restored["extra"])
 
+  def save_tree(self, step: int, tree: Any, *, extra: dict | None = None,
+                force: bool = False) -> bool:
+    """Save a plain pytree of arrays (e.g. the SAE trainers' state dicts) at `step`."""
+    items = {"tree": ocp.args.StandardSave(tree),
+             "extra": ocp.args.JsonSave(dict(extra or {}, step=int(step)))}
+    saved = self._mgr.save(int(step), args=ocp.args.Composite(**items), force=force)
+    self._mgr.wait_until_finished()
+    return saved
+
+  def restore_tree(self, target: Any, *, step: int | None = None) -> tuple[Any, dict]:
+    """`(tree, extra)` saved by `save_tree`, with `target`'s structure, dtypes and shardings."""
+    step = self.latest_step if step is None else step
+    if step is None:
+      raise FileNotFoundError(f"no checkpoint in {self.directory}; train first or drop --resume.")
+    restored = self._mgr.restore(int(step), args=ocp.args.Composite(
+        tree=ocp.args.StandardRestore(_abstract(target)), extra=ocp.args.JsonRestore()))
+    return restored["tree"], dict(restored["extra"])
+
   def close(self) -> None:
     self._mgr.close()
 

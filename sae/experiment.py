@@ -1,0 +1,318 @@
+"""Launch task `usae`: a universal SAE study over real activation sources, from one config.
+
+1. Activations: every source (`config.sources`: a vision model and tap) is captured once on the
+   training and the held-out images into the activation store (`config.store_dir`, reused across
+   runs while the manifests match); standardised with the training store's statistics.
+2. Training: USAE instances (seeds × lrs) for each update rule in `config.usae.rules`, and one
+   independent TopK SAE per source and instance (same width, k, lr, batches) for the alignment
+   tax, all on the same shuffled batches; a source is drawn per step from (seed, step), so a
+   resumed run draws the same sequence. Orbax checkpoints every `checkpoint_every` steps hold every
+   state and the data iterator's position (`--resume` continues exactly).
+3. Evaluation on the held-out store, each metric under its own name (`sae/metrics.py`): the R²
+   matrix (R² about the global mean, and explained variance about the per-dimension mean), cross R²,
+   firing entropy with τ, universal (H > 0.9) / specific (H < 0.1) / dead counts, co-firing
+   (pooled and per-latent mean) beside chance k/m, energy, the alignment tax.
+4. Pictures: R² heatmap, entropy histogram, training curves, top-activating held-out images per
+   concept for every model, coordinated activation maximisation (one input per model optimised for
+   the same shared latent, jitter + Gaussian blur).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from sae import activations, images, metrics, usae
+from sae import sae as sae_lib
+from sae import train as sae_train
+
+log = logging.getLogger(__name__)
+
+PA5 = {"r2": [[0.759, 0.618], [0.718, 0.771]], "universal": 763, "specific": 319,
+       "n_latents": 2048, "k": 32, "co_firing": 0.2144, "independent_r2": 0.8089,
+       "usae_self_r2": 0.7566, "alignment_tax": 0.0523}
+
+
+def _datasets(config):
+  d = config.data
+  if d.dataset != "cifar10":
+    raise ValueError(f"data.dataset={d.dataset!r}: the image sources read 'cifar10'.")
+  train = images.per_class(images.load_cifar10("train"), d.train_per_class)
+  test = images.per_class(images.load_cifar10("test"), d.test_per_class)
+  return ((train, f"cifar10-train-{d.train_per_class}pc"), (test, f"cifar10-test-{d.test_per_class}pc"))
+
+
+def _stores(config, data, dataset):
+  return [activations.image_store(config.store_dir, s.model, data, dataset, tap=s.tap or None,
+                                  pool=s.pool, batch=config.data.capture_batch)
+          for s in config.sources]
+
+
+def _take(tree, i):
+  return jax.tree.map(lambda a: a[i], tree)
+
+
+class _Models:
+  """Every trained state of the run: USAE instances per rule, independent SAEs per source."""
+
+  def __init__(self, config, d_ins):
+    u, t = config.usae, config.train
+    self.seeds = np.repeat(np.asarray(t.seeds), len(t.lrs))
+    self.lrs = np.tile(np.asarray(t.lrs, np.float32), len(t.seeds))
+    clips = np.full(len(self.seeds), t.max_grad_norm, np.float32)
+    self.cfgs = {r: usae.USAEConfig(d_ins=tuple(d_ins), n_latents=u.n_latents, k=u.k, loss=u.loss,
+                                    rule=r, aux_coef=u.aux_coef, decoder_norm=u.decoder_norm)
+                 for r in u.rules}
+    self.steps = {r: usae.make_instances_step(c, clips) for r, c in self.cfgs.items()}
+    self.sae_cfgs = [sae_lib.SAEConfig(d_in=d, n_latents=u.n_latents, activation="topk", k=u.k,
+                                       decoder_norm=u.decoder_norm, aux_coef=0.0) for d in d_ins]
+    self.inst = sae_train.Instances(seed=self.seeds.astype(np.int32), lr=self.lrs,
+                                    max_grad_norm=clips, l1_coef=np.zeros_like(clips),
+                                    l0_coef=np.zeros_like(clips))
+    self.sae_steps = [sae_train.make_step(c, self.inst) if config.independent else None
+                      for c in self.sae_cfgs]
+    self.config = config
+
+  def init(self):
+    state = {"usae": {r: usae.init_instances(c, self.seeds, self.lrs, self.inst.max_grad_norm)
+                      for r, c in self.cfgs.items()}}
+    if self.config.independent:
+      state["sae"] = [sae_train.init_state(c, self.inst) for c in self.sae_cfgs]
+    return state
+
+  def step(self, state, source: int, xs) -> tuple[dict, dict[str, float]]:
+    out, scalars = {"usae": {}}, {}
+    for r, step in self.steps.items():
+      out["usae"][r], m = step(state["usae"][r], source, xs)
+      scalars[f"{r}/loss"] = m["loss"]
+      scalars[f"{r}/l0"] = m["l0"]
+      scalars[f"{r}/r2_from_drawn"] = m["r2_row"]
+    if "sae" in state:
+      out["sae"] = []
+      for j, step in enumerate(self.sae_steps):
+        x = jnp.broadcast_to(xs[j], (len(self.seeds),) + xs[j].shape)
+        s, m = step(state["sae"][j], x)
+        out["sae"].append(s)
+        scalars[f"independent/{j}/mse"] = m["mse"]
+    return out, scalars
+
+
+def _source_of_step(seed: int, step: int, n: int) -> int:
+  return int(np.random.default_rng([seed, step]).integers(n))
+
+
+def train(config, run_dir, models: _Models, train_stores, standardise) -> tuple[dict, list]:
+  from lm.checkpoint import Checkpointer
+
+  t = config.train
+  n_sources = len(train_stores)
+  steps = int(t.epochs * (len(train_stores[0]) // t.batch))
+  ds = activations.aligned_batches(train_stores, standardise, batch=t.batch, seed=config.seed)
+  it = iter(ds)
+  state = models.init()
+  start = 0
+  ckpt = Checkpointer(run_dir.path / "checkpoints", max_to_keep=2)
+  if run_dir.resume and ckpt.latest_step is not None:
+    state, extra = ckpt.restore_tree(state)
+    it.set_state(extra["data"])
+    start = int(extra["step"])
+    run_dir.metrics.rewind(start)
+    log.info("resumed at step %d of %d", start, steps)
+  history, t0 = [], time.time()
+  for step in range(start, steps):
+    batch = next(it)
+    xs = [jnp.asarray(batch[f"x{j}"]) for j in range(n_sources)]
+    source = _source_of_step(config.seed, step, n_sources)
+    state, scalars = models.step(state, source, xs)
+    done = step + 1
+    if done % t.log_every == 0 or done == steps:
+      row = {k: np.asarray(v) for k, v in scalars.items()}
+      flat = {k: float(v.mean()) for k, v in row.items()}
+      flat["source"] = source
+      flat["steps_per_s"] = (done - start) / max(time.time() - t0, 1e-9)
+      run_dir.metrics.write(done, flat)
+      history.append({"step": done, **flat})
+      log.info("step %d/%d, %s, %.1f steps/s", done, steps,
+               ", ".join(f"{k} {v:.4g}" for k, v in flat.items() if k.endswith("loss")),
+               flat["steps_per_s"])
+    if done % t.checkpoint_every == 0 or done == steps:
+      ckpt.save_tree(done, state, extra={"data": it.get_state()})
+  ckpt.close()
+  return state, history
+
+
+def _batched(fn, x, batch=2000):
+  return np.concatenate([np.asarray(fn(x[i:i + batch])) for i in range(0, len(x), batch)])
+
+
+def evaluate(config, models: _Models, state, xs_test) -> dict[str, Any]:
+  """Every held-out number, per rule and instance; the universality statistics for instance 0."""
+  u, e = config.usae, config.eval
+  xs = [jnp.asarray(x) for x in xs_test]
+  out: dict[str, Any] = {"instances": [{"seed": int(s), "lr": float(lr)}
+                                       for s, lr in zip(models.seeds, models.lrs)]}
+  independent = None
+  if "sae" in state:
+    independent = np.zeros((len(models.seeds), len(xs)))
+    for j, (c, s) in enumerate(zip(models.sae_cfgs, state["sae"])):
+      for i in range(len(models.seeds)):
+        p = _take(s["params"], i)
+        x_hat = sae_lib.decode(p, sae_lib.encode(p, xs[j], c)[1], c)
+        independent[i, j] = float(metrics.r2_global(xs[j], x_hat))
+    out["independent_r2"] = independent.tolist()
+  for rule, cfg in models.cfgs.items():
+    per = []
+    for i in range(len(models.seeds)):
+      params = _take(state["usae"][rule]["params"], i)
+      r2 = np.asarray(usae.r2_matrix(params, xs, cfg))
+      ev = np.asarray(usae.r2_matrix(params, xs, cfg, metrics.explained_variance))
+      row = {"r2_global": r2.tolist(), "explained_variance": ev.tolist(),
+             "cross_r2": float(metrics.cross_r2(jnp.asarray(r2)))}
+      if independent is not None:
+        row["alignment_tax"] = (independent[i] - np.diag(r2)).tolist()
+      per.append(row)
+    params = _take(state["usae"][rule]["params"], 0)
+    codes = usae.codes(params, xs, cfg)
+    counts = metrics.firing_counts(codes, e.tau)
+    dead = np.asarray(metrics.dead_latents(counts))
+    entropy = np.asarray(metrics.firing_entropy(counts))
+    live = entropy[~dead]
+    cof = metrics.co_firing(codes, e.tau, model=0)
+    dicts = [sae_lib.dictionary(params[j], cfg.source(j)) for j in range(len(xs))]
+    energy = sum(np.asarray(metrics.energy(codes[j], dicts[j])) for j in range(len(xs)))
+    out[rule] = {
+        "per_instance": per, "tau": e.tau, "n_latents": u.n_latents, "k": u.k,
+        "universal": int(np.sum(live > e.universal)), "specific": int(np.sum(live < e.specific)),
+        "dead": int(dead.sum()), "entropy": np.where(dead, np.nan, entropy).tolist(),
+        "counts": np.asarray(counts).tolist(), "energy": energy.tolist(),
+        "co_firing_pooled": float(cof["pooled"]), "co_firing_mean": float(cof["mean"]),
+        "co_firing_chance": u.k / u.n_latents,
+        "l0": [float(metrics.l0(z)) for z in codes]}
+  return out
+
+
+def _pre_activation(params_j, scfg, x_std):
+  return (x_std - params_j["b_dec"]) @ params_j["W_enc"] + params_j["b_enc"]
+
+
+def chosen_concepts(result: dict, n: int) -> list[tuple[str, int]]:
+  """The n most energetic universal latents, then the most energetic specific latent of each
+  model (labelled by the model that fires it)."""
+  ent = np.asarray(result["entropy"], float)
+  energy = np.asarray(result["energy"])
+  counts = np.asarray(result["counts"])
+  order = np.argsort(-energy)
+  picks = [("universal", int(c)) for c in order if ent[c] > 0.9][:n]
+  for m in range(counts.shape[0]):
+    spec = [int(c) for c in order if ent[c] < 0.1 and counts[m, c] > 0]
+    if spec:
+      picks.append((f"specific to {m}", spec[0]))
+  return picks
+
+
+def top_images(codes_m, concept: int, n: int) -> np.ndarray:
+  return np.argsort(-np.asarray(codes_m[:, concept]))[:n]
+
+
+def _gaussian_blur(x_bhwc, sigma: float):
+  r = max(int(3 * sigma), 1)
+  g = jnp.exp(-0.5 * (jnp.arange(-r, r + 1) / sigma) ** 2)
+  g = g / g.sum()
+  pad = jnp.pad(x_bhwc, ((0, 0), (r, r), (r, r), (0, 0)), mode="reflect")
+  y = sum(g[i] * pad[:, i:i + x_bhwc.shape[1], r:r + x_bhwc.shape[2]] for i in range(2 * r + 1))
+  y = jnp.pad(y, ((0, 0), (0, 0), (r, r), (0, 0)), mode="reflect")
+  return sum(g[i] * y[:, :, i:i + x_bhwc.shape[2]] for i in range(2 * r + 1))
+
+
+def activation_maximisation(model_name: str, tap: str, pool: str, standardise, params_j, scfg,
+                            concepts: list[int], viz, seed: int) -> tuple[np.ndarray, np.ndarray]:
+  """Images `[C, s, s, 3]` (0-255) that maximise each concept's pre-activation in this model's USAE
+  encoder, optimised from grey noise at `viz.size` px (upsampled to the model's input) with Adam,
+  random jitter every step and a Gaussian blur every `viz.blur_every` steps; and the final
+  pre-activations `[C]`."""
+  from sae import vision
+
+  model, spec = vision.load(model_name)
+  cs = jnp.asarray(concepts)
+  mean, std = jnp.asarray(standardise.mean), jnp.asarray(standardise.std)
+
+  def objective(img):
+    feats = model.features(spec.preprocess(img), (tap,))[tap]
+    x = (activations.pool_rows(feats, pool) - mean) / std
+    pre = _pre_activation(params_j, scfg, x)
+    return pre[jnp.arange(len(concepts)), cs]
+
+  opt = optax.adam(viz.lr)
+
+  @jax.jit
+  def step(img, opt_state, key):
+    shift = jax.random.randint(key, (2,), -viz.jitter, viz.jitter + 1)
+    def loss(p):
+      return -jnp.sum(objective(jnp.roll(p, shift, axis=(1, 2))))
+    g = jax.grad(loss)(img)
+    upd, opt_state = opt.update(g, opt_state, img)
+    return jnp.clip(img + upd, 0.0, 255.0), opt_state
+
+  key = jax.random.key(seed)
+  img = 128.0 + 8.0 * jax.random.normal(key, (len(concepts), viz.size, viz.size, 3))
+  opt_state = opt.init(img)
+  blur = jax.jit(lambda x: _gaussian_blur(x, viz.blur_sigma))
+  for s in range(viz.steps):
+    key, k = jax.random.split(key)
+    img, opt_state = step(img, opt_state, k)
+    if viz.blur_every and (s + 1) % viz.blur_every == 0:
+      img = blur(img)
+  return np.asarray(img), np.asarray(jax.jit(objective)(img))
+
+
+def run(config, run_dir, mesh) -> dict:
+  """Launch task `usae`: activations → USAE (+ independent SAEs) → held-out metrics, pictures,
+  `results.json`, `report.md`."""
+  del mesh
+  from sae import report as sae_report
+
+  (train_data, train_name), (test_data, test_name) = _datasets(config)
+  train_stores = _stores(config, train_data, train_name)
+  test_stores = _stores(config, test_data, test_name)
+  standardise = [activations.Standardise.of(s, config.standardise) for s in train_stores]
+  models = _Models(config, [s.d for s in train_stores])
+  t0 = time.time()
+  state, history = train(config, run_dir, models, train_stores, standardise)
+  train_s = time.time() - t0
+  xs_test = [activations.standardised(s, f) for s, f in zip(test_stores, standardise)]
+  result = evaluate(config, models, state, xs_test)
+  result.update(train_s=train_s, sources=[dict(s) for s in config.sources],
+                stores=[str(s.path) for s in train_stores + test_stores],
+                standardise=[f.to_json() for f in standardise], n_train=len(train_data),
+                n_test=len(test_data), pa5=PA5)
+  rule = config.usae.rules[0]
+  params = _take(state["usae"][rule]["params"], 0)
+  cfg = models.cfgs[rule]
+  codes = [np.asarray(z) for z in usae.codes(params, [jnp.asarray(x) for x in xs_test], cfg)]
+  concepts = chosen_concepts(result[rule], config.viz.concepts)
+  result["concepts"] = [{"kind": k, "latent": c} for k, c in concepts]
+  actmax = None
+  if config.viz.steps:
+    actmax = []
+    for j, s in enumerate(config.sources):
+      tap = s.tap or test_stores[j].manifest["tap"]
+      img, pre = activation_maximisation(s.model, tap, s.pool, standardise[j], params[j],
+                                         cfg.source(j), [c for _, c in concepts], config.viz,
+                                         config.seed + j)
+      natural = np.asarray(_pre_activation(params[j], cfg.source(j), jnp.asarray(xs_test[j])))
+      p99 = np.percentile(natural[:, [c for _, c in concepts]], 99, axis=0)
+      actmax.append({"images": img, "pre": pre, "natural_p99": p99})
+    result["actmax"] = [{"model": s.model, "pre": a["pre"].tolist(),
+                         "natural_p99": a["natural_p99"].tolist(),
+                         "above_p99": (a["pre"] > a["natural_p99"]).tolist()}
+                        for s, a in zip(config.sources, actmax)]
+  run_dir.write_json("results.json", result)
+  sae_report.write(config, run_dir, result, history, test_data, codes, concepts, actmax)
+  return {"train_s": train_s, **{f"{r}_cross_r2": result[r]["per_instance"][0]["cross_r2"]
+                                  for r in models.cfgs}}
