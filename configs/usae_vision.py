@@ -44,8 +44,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
                                        "checkpoint_every": 500})
   # tau: a latent fires when its code is above it (TopK codes are 0 or the kept value)
   c.eval = ml_collections.ConfigDict({"tau": 0.0, "universal": 0.9, "specific": 0.1})
-  c.viz = ml_collections.ConfigDict({"concepts": 4, "top_images": 8, "steps": 96, "size": 48,
-                                     "lr": 2.0, "jitter": 2, "blur_every": 4, "blur_sigma": 0.7})
+  c.viz = ml_collections.ConfigDict({"concepts": 4, "top_images": 8, "steps": 128, "size": 48,
+                                     "lr": 4.0, "jitter": 2, "blur_every": 4, "blur_sigma": 0.7})
   if variant == "smoke":
     c.data.update(train_per_class=20, test_per_class=10, capture_batch=50)
     c.sources = [_source("mobilenet_v2", "pooled"), _source("cifar_cnn", "dense")]

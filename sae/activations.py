@@ -128,6 +128,7 @@ def write_store(path, acts: np.ndarray, manifest: dict, labels: np.ndarray | Non
 
 
 def _check_reusable(store: Store, want: dict) -> None:
+  want = json.loads(json.dumps(want))  # as the manifest holds it (tuples become lists)
   diff = {k: (store.manifest.get(k), want[k]) for k in _IDENTITY_KEYS
           if store.manifest.get(k) != want[k]}
   if diff:

@@ -19,6 +19,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from typing import Any
@@ -127,7 +128,9 @@ def _source_of_step(seed: int, step: int, n: int) -> int:
   return int(np.random.default_rng([seed, step]).integers(n))
 
 
-def train(config, run_dir, models: _Models, train_stores, standardise) -> tuple[dict, list]:
+def train(config, run_dir, models: _Models, train_stores, standardise) -> tuple[dict, int]:
+  """Trains every model to `epochs`; returns the final state and the step it started from (0, or
+  the checkpoint's step when resumed)."""
   from lm.checkpoint import Checkpointer
 
   t = config.train
@@ -144,7 +147,7 @@ def train(config, run_dir, models: _Models, train_stores, standardise) -> tuple[
     start = int(extra["step"])
     run_dir.metrics.rewind(start)
     log.info("resumed at step %d of %d", start, steps)
-  history, t0 = [], time.time()
+  t0 = time.time()
   for step in range(start, steps):
     batch = next(it)
     xs = [jnp.asarray(batch[f"x{j}"]) for j in range(n_sources)]
@@ -157,18 +160,20 @@ def train(config, run_dir, models: _Models, train_stores, standardise) -> tuple[
       flat["source"] = source
       flat["steps_per_s"] = (done - start) / max(time.time() - t0, 1e-9)
       run_dir.metrics.write(done, flat)
-      history.append({"step": done, **flat})
       log.info("step %d/%d, %s, %.1f steps/s", done, steps,
                ", ".join(f"{k} {v:.4g}" for k, v in flat.items() if k.endswith("loss")),
                flat["steps_per_s"])
     if done % t.checkpoint_every == 0 or done == steps:
       ckpt.save_tree(done, state, extra={"data": it.get_state()})
   ckpt.close()
-  return state, history
+  return state, start
 
 
-def _batched(fn, x, batch=2000):
-  return np.concatenate([np.asarray(fn(x[i:i + batch])) for i in range(0, len(x), batch)])
+def _logged(run_dir) -> list[dict]:
+  path = run_dir.path / "metrics.jsonl"
+  if not path.exists():
+    return []
+  return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
 def evaluate(config, models: _Models, state, xs_test) -> dict[str, Any]:
@@ -234,7 +239,8 @@ def chosen_concepts(result: dict, n: int) -> list[tuple[str, int]]:
   ent = np.asarray(result["entropy"], float)
   picks = [("universal", int(c)) for c in order if ent[c] > 0.9][:n]
   for m in range(counts.shape[0]):
-    spec = [int(c) for c in order if ent[c] < 0.1 and counts[m, c] > 0]
+    spec = [int(c) for c in order
+            if ent[c] < 0.1 and counts[m, c] > 0 and counts[m, c] == counts[:, c].max()]
     if spec:
       picks.append((f"specific to {m}", spec[0]))
   return picks
@@ -305,11 +311,12 @@ def run(config, run_dir, mesh) -> dict:
   standardise = [activations.Standardise.of(s, config.standardise) for s in train_stores]
   models = _Models(config, [s.d for s in train_stores])
   t0 = time.time()
-  state, history = train(config, run_dir, models, train_stores, standardise)
+  state, start = train(config, run_dir, models, train_stores, standardise)
   train_s = time.time() - t0
+  history = _logged(run_dir)  # the whole run's records, a resumed run's earlier ones included
   xs_test = [activations.standardised(s, f) for s, f in zip(test_stores, standardise)]
   result = evaluate(config, models, state, xs_test)
-  result.update(train_s=train_s, sources=[dict(s) for s in config.sources],
+  result.update(train_s=train_s, resumed_at=start, sources=[dict(s) for s in config.sources],
                 stores=[str(s.path) for s in train_stores + test_stores],
                 standardise=[f.to_json() for f in standardise], n_train=len(train_stores[0]),
                 n_test=len(test_stores[0]), pa5=PA5)

@@ -125,7 +125,9 @@ def write(config, run_dir, result, history, test_images, test_stores, codes, con
             f"{config.usae.n_latents}, k = {config.usae.k}, loss `{config.usae.loss}`, decoder norm "
             f"`{config.usae.decoder_norm}`; Adam lr {list(config.train.lrs)} × seeds "
             f"{list(config.train.seeds)}, batch {config.train.batch}, {config.train.epochs} epochs "
-            f"({result['train_s']:.0f} s). Every number below is on the held-out set.", ""]
+            f"({result['train_s']:.0f} s" + (f" in this process, resumed at step {result['resumed_at']}"
+                                    if result.get("resumed_at") else "")
+            + "). Every number below is on the held-out set.", ""]
   _curves(plt, history, plots / "training.png")
   for rule in config.usae.rules:
     res = result[rule]

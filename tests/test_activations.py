@@ -26,7 +26,8 @@ def test_pool_rows_and_capture_pads_the_last_batch():
 
 def _store(root, name, acts, dataset="toy", **extra):
   manifest = {"model": name, "tap": "t", "pool": "mean", "dataset": dataset,
-              "n_items": len(acts), "preprocessing": {}, **extra}
+              "n_items": len(acts), "preprocessing": {}}
+  manifest.update(extra)
   return activations.write_store(root / name, acts, manifest)
 
 
@@ -46,6 +47,8 @@ def test_store_round_trip_statistics_and_refusal(tmp_path):
   np.testing.assert_allclose(p.std(0), 1.0, rtol=1e-4)
   with pytest.raises(ValueError, match="standardise='z'"):
     activations.Standardise.of(store, "z")
+  tupled = _store(tmp_path, "tupled", acts, preprocessing={"mean": [0.5, 0.25]})
+  activations._check_reusable(tupled, {**tupled.manifest, "preprocessing": {"mean": (0.5, 0.25)}})
   want = {**store.manifest, "tap": "other"}
   with pytest.raises(ValueError, match="tap: 't' there, 'other' asked"):
     activations._check_reusable(store, want)
