@@ -6,8 +6,9 @@ token-aligned residual streams.
   python launch.py --config=configs/sae_lm.py:cpu --workdir=runs/sae-lm-cpu
 
 Activations: the residual stream after block `layer` on WikiText-2 valid (training) and test
-(held-out), windows of `seq_len` tokens, position 0 of each window left out. Instances: the lrs ×
-seeds grid in one vmapped step. The report lists each concept's top-activating held-out contexts.
+(held-out), windows of `seq_len` tokens, the first `skip_first` positions of each window left
+out. Instances: the lrs × seeds grid in one vmapped step. The report lists each concept's
+top-activating held-out contexts.
 
 Code: `sae/experiment.py` (task `usae`), `sae/activations.py` (`lm_store`), `sae/usae.py`.
 """
@@ -23,8 +24,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.seed = 0
   c.mesh = ml_collections.ConfigDict({"data": 1, "fsdp": -1, "tensor": 1})
   c.store_dir = "runs/activations"
+  # skip_first: window positions left out (the sink positions' norms reach 100x the median)
   c.data = ml_collections.ConfigDict({"dataset": "wikitext-2", "seq_len": 128, "train_seqs": 400,
-                                      "test_seqs": 100, "capture_batch": 8})
+                                      "test_seqs": 100, "capture_batch": 8, "skip_first": 4})
   c.sources = [ml_collections.ConfigDict({"model": "HuggingFaceTB/SmolLM2-135M-Instruct",
                                           "layer": 15, "tap": "", "pool": "tokens"})]
   c.standardise = "scalar"

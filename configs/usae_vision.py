@@ -9,7 +9,8 @@ CIFAR-10 training JPEGs for training, the held-out test JPEGs for every metric. 
 settings (m 2048, TopK k 32, lr 1e-3, batch 256, MSE, one random source per step) with the official
 update rule, an independent TopK SAE per model in the same run (alignment tax).
 
-Variants: `:smoke` (seconds: tiny subsets, m 64, a few steps; the CI test), `:cpu` (minutes on two
+Variants: `:smoke` (seconds: two taps of the CIFAR CNN, tiny subsets, m 64, a few steps; the CI
+test), `:cpu` (minutes on two
 cores), `:gpu_full` (every training image, both rules, three seeds, PA5's 30 epochs).
 
 Code: `sae/experiment.py` (task `usae`), `sae/usae.py`, `sae/activations.py`, `sae/vision.py`.
@@ -48,7 +49,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
                                      "lr": 4.0, "jitter": 2, "blur_every": 4, "blur_sigma": 0.7})
   if variant == "smoke":
     c.data.update(train_per_class=20, test_per_class=10, capture_batch=50)
-    c.sources = [_source("mobilenet_v2", "pooled"), _source("cifar_cnn", "dense")]
+    # two taps of the small CNN: the whole pipeline in seconds (the ports have their own tests)
+    c.sources = [_source("cifar_cnn", "dense"), _source("cifar_cnn", "dense_1")]
     c.usae.update(n_latents=64, k=4, rules=["official", "joint"])
     c.train.update(epochs=3, batch=32, lrs=[1e-3, 3e-3], log_every=5, checkpoint_every=6)
     c.viz.update(concepts=2, top_images=4, steps=4, size=32)

