@@ -30,6 +30,7 @@ RULES: dict[str, tuple[str, ...]] = {
     "act_embed": (),
     "act_heads": ("tensor",),
     "act_vocab": ("tensor",),
+    "instances": ("data", "fsdp"),  # independent models trained side by side (sae/train.py)
 }
 
 

@@ -5,7 +5,7 @@
    runs while the manifests match); standardised with the training store's statistics.
 2. Training: USAE instances (seeds × lrs) for each update rule in `config.usae.rules`, and one
    independent TopK SAE per source and instance (same width, k, lr, batches) for the alignment
-   tax, all on the same shuffled batches; a source is drawn per step from (seed, step), so a
+   tax, all on the same shuffled batches, the instance axis split over the mesh's devices; a source is drawn per step from (seed, step), so a
    resumed run draws the same sequence. Orbax checkpoints every `checkpoint_every` steps hold every
    state and the data iterator's position (`--resume` continues exactly).
 3. Evaluation on the held-out store, each metric under its own name (`sae/metrics.py`): the R²
@@ -130,7 +130,8 @@ def _source_of_step(seed: int, step: int, n: int) -> int:
   return int(np.random.default_rng([seed, step]).integers(n))
 
 
-def train(config, run_dir, models: _Models, train_stores, standardise) -> tuple[dict, int]:
+def train(config, run_dir, models: _Models, train_stores, standardise, mesh=None
+          ) -> tuple[dict, int]:
   """Trains every model to `epochs`; returns the final state and the step it started from (0, or
   the checkpoint's step when resumed)."""
   from lm.checkpoint import Checkpointer
@@ -141,6 +142,8 @@ def train(config, run_dir, models: _Models, train_stores, standardise) -> tuple[
   ds = activations.aligned_batches(train_stores, standardise, batch=t.batch, seed=config.seed)
   it = iter(ds)
   state = models.init()
+  if mesh is not None and mesh.size > 1:  # instances split over the devices
+    state = sae_train.shard_instances(state, mesh)
   start = 0
   ckpt = Checkpointer(run_dir.path / "checkpoints", max_to_keep=2)
   if run_dir.resume and ckpt.latest_step is not None:
@@ -306,14 +309,13 @@ def activation_maximisation(model_name: str, tap: str, pool: str, standardise, p
 def run(config, run_dir, mesh) -> dict:
   """Launch task `usae`: activations → USAE (+ independent SAEs) → held-out metrics, pictures,
   `results.json`, `report.md`."""
-  del mesh
   from sae import report as sae_report
 
   train_stores, test_stores, test_images = _stores(config)
   standardise = [activations.Standardise.of(s, config.standardise) for s in train_stores]
   models = _Models(config, [s.d for s in train_stores])
   t0 = time.time()
-  state, start = train(config, run_dir, models, train_stores, standardise)
+  state, start = train(config, run_dir, models, train_stores, standardise, mesh)
   train_s = time.time() - t0
   history = _logged(run_dir)  # the whole run's records, a resumed run's earlier ones included
   xs_test = [activations.standardised(s, f) for s, f in zip(test_stores, standardise)]

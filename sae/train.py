@@ -67,6 +67,22 @@ def init_state(cfg: sae_lib.SAEConfig, inst: Instances, data_mean=None) -> dict:
   return {**state, "step": jnp.zeros((), jnp.int32)}
 
 
+def shard_instances(tree, mesh):
+  """`tree` (a stacked state, or batches `[I, ...]`) on `mesh`: every leaf's leading instance
+  axis split over the mesh's batch axes (`instances` in `lm.sharding.RULES`, where their size
+  divides I; else replicated), scalars replicated. The vmapped steps then run each device's
+  instances on that device: instances never talk to each other."""
+  from jax.sharding import NamedSharding
+
+  from lm import sharding
+
+  def place(a):
+    names = ("instances",) + (None,) * (a.ndim - 1) if a.ndim else None
+    return jax.device_put(a, NamedSharding(mesh, sharding.logical_spec(names, a.shape, mesh)))
+
+  return jax.tree.map(place, tree)
+
+
 def _instance_step(cfg: sae_lib.SAEConfig, state, x_bd, clip, l1_coef, l0_coef, aux: bool):
   """One instance's update; the sparsity coefficients are traced, so they may differ per
   instance under vmap. aux=False skips AuxK (its loss is 0 while no latent is dead)."""

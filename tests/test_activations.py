@@ -1,6 +1,7 @@
 """The activation store and the USAE run's training loop: capture pads without changing rows,
 stores round-trip with their statistics and refuse other activations, batches stay row-aligned
-across stores and resume exactly, and a resumed USAE run equals an uninterrupted one."""
+across stores and resume exactly, and a resumed USAE run, its instances split over two devices,
+equals an uninterrupted one on one device."""
 
 import json
 
@@ -98,17 +99,21 @@ def test_resumed_usae_run_equals_uninterrupted(tmp_path):
             for j, d in enumerate((5, 7))]
   std = [activations.Standardise.of(s, "scalar") for s in stores]
 
-  def run(workdir, epochs, resume=False):
+  def run(workdir, epochs, resume=False, mesh=None):
     cfg = _config(epochs)
     models = experiment._Models(cfg, [s.d for s in stores])
     run_dir = RunDir(workdir, cfg, resume=resume)
-    state, _ = experiment.train(cfg, run_dir, models, stores, std)
+    state, _ = experiment.train(cfg, run_dir, models, stores, std, mesh)
     run_dir.close()
     return state
 
+  from lm import sharding
+
+  two = sharding.make_mesh(data=2, fsdp=1, devices=jax.devices()[:2])  # one instance per device
   full = run(tmp_path / "full", 3)  # 6 batches per epoch: 18 steps
-  run(tmp_path / "cut", 1)  # stops (and checkpoints) at step 6
-  resumed = run(tmp_path / "cut", 3, resume=True)
+  run(tmp_path / "cut", 1, mesh=two)  # stops (and checkpoints) at step 6
+  resumed = run(tmp_path / "cut", 3, resume=True, mesh=two)
+  assert len(resumed["usae"]["official"]["params"][0]["W_enc"].sharding.device_set) == 2
   jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-6, atol=1e-7), full, resumed)
   steps = [json.loads(line)["step"] for line in (tmp_path / "cut/metrics.jsonl").read_text().splitlines()]
   assert steps == sorted(set(steps)) and steps[-1] == 18

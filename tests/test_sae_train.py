@@ -73,3 +73,26 @@ def test_auxk_is_skipped_only_while_nothing_is_dead():
   step = train.make_step(cfg, inst)
   _, m3 = step(jax.tree.map(lambda a: a[None], dead) | {"step": state["step"]}, x[None])
   np.testing.assert_allclose(float(m3["aux"][0]), float(m2["aux"]), rtol=1e-6)
+
+
+def test_instances_sharded_over_the_mesh_equal_unsharded():
+  """8 instances split over 8 fake CPU devices (data 2 × fsdp 4) train to the same parameters as
+  on one device, and each device holds its own instances."""
+  import jax
+
+  from lm import sharding
+
+  cfg = sae.SAEConfig(d_in=8, n_latents=24, activation="topk", k=3, dead_after=5)
+  inst = train.Instances.grid(cfg, seeds=(0, 1), lrs=(1e-3, 2e-3, 3e-3, 5e-3))
+  data = [next(_batches(seed=s)) for s in range(6)]
+  step = train.make_step(cfg, inst)
+  plain = train.init_state(cfg, inst)
+  mesh = sharding.make_mesh(data=2, fsdp=4)
+  sharded = train.shard_instances(train.init_state(cfg, inst), mesh)
+  for x in data:
+    xi = np.broadcast_to(x, (len(inst),) + x.shape)
+    plain, _ = step(plain, xi)
+    sharded, _ = step(sharded, train.shard_instances(xi, mesh))
+  w = sharded["params"]["W_dec"]
+  assert len(w.sharding.device_set) == 8 and w.addressable_shards[0].data.shape[0] == 1
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), plain, sharded)

@@ -130,3 +130,22 @@ def test_vmapped_usae_instances_equal_each_alone(rule):
       for k in ("W_enc", "W_dec", "b_enc", "b_dec"):
         np.testing.assert_allclose(states["params"][j][k][i], state["params"][j][k], rtol=2e-5,
                                    atol=2e-6, err_msg=f"instance {i} source {j} {k}")
+
+
+def test_usae_instances_sharded_over_the_mesh_equal_unsharded():
+  from lm import sharding
+  from sae import train as sae_train
+
+  cfg = usae.USAEConfig(d_ins=(16, 24), n_latents=32, k=3, rule="official")
+  seeds, lrs, clips = list(range(8)), [1e-3] * 4 + [3e-3] * 4, [1.0] * 8
+  step = usae.make_instances_step(cfg, clips)
+  mesh = sharding.make_mesh(data=2, fsdp=4)
+  plain = usae.init_instances(cfg, seeds, lrs, clips)
+  sharded = sae_train.shard_instances(usae.init_instances(cfg, seeds, lrs, clips), mesh)
+  data = _data(0, 256, (16, 24))
+  for t, src in enumerate([0, 1, 1, 0]):
+    xs = [jnp.asarray(a[t * 64:(t + 1) * 64]) for a in data]
+    plain, _ = step(plain, src, xs)
+    sharded, _ = step(sharded, src, xs)
+  assert len(sharded["params"][0]["W_enc"].sharding.device_set) == 8
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), plain, sharded)
