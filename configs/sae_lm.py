@@ -32,7 +32,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.standardise = "scalar"
   c.usae = ml_collections.ConfigDict({"n_latents": 4608, "k": 32, "loss": "mse",
                                       "rules": ["official"], "aux_coef": 0.1,
-                                      "decoder_norm": "project"})
+                                      "decoder_norm": "project", "auxk_coef": 0.0,
+                                      "dead_after": 1000})
   c.independent = False  # one source: the USAE is the plain SAE
   c.train = ml_collections.ConfigDict({"epochs": 5, "batch": 512, "lrs": [3e-4, 1e-3],
                                        "seeds": [0], "max_grad_norm": 1.0, "log_every": 50,

@@ -38,7 +38,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.standardise = "scalar"  # one mean and std per model (the official code); per_dim, none
   c.usae = ml_collections.ConfigDict({"n_latents": 2048, "k": 32, "loss": "mse",
                                       "rules": ["official"], "aux_coef": 0.1,
-                                      "decoder_norm": "project"})
+                                      "decoder_norm": "project", "auxk_coef": 0.0,
+                                      "dead_after": 1000})
   c.independent = True
   c.train = ml_collections.ConfigDict({"epochs": 30, "batch": 256, "lrs": [1e-3], "seeds": [0],
                                        "max_grad_norm": 1.0, "log_every": 50,

@@ -90,7 +90,9 @@ class _Models:
     self.lrs = np.tile(np.asarray(t.lrs, np.float32), len(t.seeds))
     clips = np.full(len(self.seeds), t.max_grad_norm, np.float32)
     self.cfgs = {r: usae.USAEConfig(d_ins=tuple(d_ins), n_latents=u.n_latents, k=u.k, loss=u.loss,
-                                    rule=r, aux_coef=u.aux_coef, decoder_norm=u.decoder_norm)
+                                    rule=r, aux_coef=u.aux_coef, decoder_norm=u.decoder_norm,
+                                    auxk_coef=u.get("auxk_coef", 0.0),
+                                    dead_after=u.get("dead_after", 1000))
                  for r in u.rules}
     self.steps = {r: usae.make_instances_step(c, clips) for r, c in self.cfgs.items()}
     self.sae_cfgs = [sae_lib.SAEConfig(d_in=d, n_latents=u.n_latents, activation="topk", k=u.k,
@@ -116,6 +118,7 @@ class _Models:
       scalars[f"{r}/loss"] = m["loss"]
       scalars[f"{r}/l0"] = m["l0"]
       scalars[f"{r}/r2_from_drawn"] = m["r2_row"]
+      scalars[f"{r}/dead_for_drawn"] = m["dead"]
     if "sae" in state:
       out["sae"] = []
       for j, step in enumerate(self.sae_steps):

@@ -17,6 +17,10 @@ Losses (`loss`), per target j with e = A_j − Â_j over a batch:
              (the official code's criterion: the strongest pre-codes TopK did not keep)
   frobenius  ‖e‖_F, not squared (the USAE paper's Fig. 3)
 
+AuxK (`auxk_coef` > 0; off in the official code): latents silent in source i's code for
+`dead_after` steps on which i was drawn learn, from i's top pre-activations among them, to explain
+the residual of A_i's own reconstruction (the plain SAE's AuxK on the drawn source).
+
 Each source is an `sae.SAEConfig` TopK SAE of its own width with the shared n_latents and k; the
 decoder-norm rule is theirs (`project` or `forward`; the official code normalises in the forward).
 """
@@ -47,6 +51,8 @@ class USAEConfig:
   rule: str = "official"
   aux_coef: float = 0.1
   decoder_norm: str = "project"
+  auxk_coef: float = 0.0  # AuxK (Gao et al.) per drawn source; 0: none, as the official code
+  dead_after: int = 1000  # steps with source i drawn and latent c silent in its code
 
   def __post_init__(self):
     if self.rule not in RULES:
@@ -79,14 +85,25 @@ def _target_loss(params_j, z, pre, x_j, cfg: USAEConfig, scfg):
   return jnp.mean(jnp.abs(e)) + cfg.aux_coef * aux
 
 
-def loss_fn(params: list[dict], source: int, xs, cfg: USAEConfig):
-  """(Σ_j L_j, metrics) with source i = `source` encoded; xs[j] `[B, d_j]` the same B items."""
-  pre, z = sae_lib.encode(params[source], xs[source], cfg.source(source))
+def loss_fn(params: list[dict], source: int, xs, cfg: USAEConfig, dead=None):
+  """(Σ_j L_j [+ auxk_coef · AuxK_i], (metrics, z)) with source i = `source` encoded; xs[j]
+  `[B, d_j]` the same B items. `dead` `[m]` bool: latents dead for source i, which AuxK trains to
+  explain the residual of A_i's own reconstruction (the plain SAE's `_aux_loss` on source i)."""
+  scfg = cfg.source(source)
+  pre, z = sae_lib.encode(params[source], xs[source], scfg)
+  recon = [sae_lib.decode(params[j], z, cfg.source(j)) for j in range(len(xs))]
   per = [_target_loss(params[j], z, pre, xs[j], cfg, cfg.source(j)) for j in range(len(xs))]
-  r2 = jnp.stack([sae_metrics.r2_global(xs[j], sae_lib.decode(params[j], z, cfg.source(j)))
-                  for j in range(len(xs))])
-  return sum(per), {"loss": sum(per), "loss_per_target": jnp.stack(per), "r2_row": r2,
-                    "l0": jnp.mean(jnp.sum(z > 0, axis=-1))}
+  r2 = jnp.stack([sae_metrics.r2_global(xs[j], recon[j]) for j in range(len(xs))])
+  loss = sum(per)
+  metrics = {"loss_per_target": jnp.stack(per), "r2_row": r2,
+             "l0": jnp.mean(jnp.sum(z > 0, axis=-1))}
+  if dead is not None and cfg.auxk_coef:
+    e = jax.lax.stop_gradient(xs[source] - recon[source])
+    aux = sae_lib._aux_loss(params[source], pre, e, dead, scfg)
+    loss = loss + cfg.auxk_coef * aux
+    metrics["auxk"] = aux
+  metrics["loss"] = loss
+  return loss, (metrics, z)
 
 
 def init_state(key, cfg: USAEConfig, lr: float, max_grad_norm: float = 1.0,
@@ -94,7 +111,8 @@ def init_state(key, cfg: USAEConfig, lr: float, max_grad_norm: float = 1.0,
   """Params and one optimizer state per source (its lr inside, `sae.train.optimizer`)."""
   params = init(key, cfg, data_means)
   opt = sae_train.optimizer(lr, max_grad_norm)
-  return _own_buffers({"params": params, "opt_state": [opt.init(p) for p in params]})
+  return _own_buffers({"params": params, "opt_state": [opt.init(p) for p in params],
+                       "since_fired": jnp.zeros((len(params), cfg.n_latents), jnp.int32)})
 
 
 def init_instances(cfg: USAEConfig, seeds, lrs, max_grad_norms, data_means=None) -> dict:
@@ -113,8 +131,12 @@ def _update(cfg: USAEConfig, state, source: int, xs, max_grad_norm):
   """One step of one USAE. Each source clips by its own global norm (the official code's
   per-model clip_grad_norm); `official` steps source `source` alone, `joint` every source."""
   params = state["params"]
-  (_, metrics), grads = jax.value_and_grad(
-      lambda p: loss_fn(p, source, xs, cfg), has_aux=True)(params)
+  since = state["since_fired"]
+  dead = since[source] >= cfg.dead_after
+  (_, (metrics, z)), grads = jax.value_and_grad(
+      lambda p: loss_fn(p, source, xs, cfg, dead), has_aux=True)(params)
+  since = since.at[source].set(jnp.where(jnp.any(z > 0, axis=0), 0, since[source] + 1))
+  metrics["dead"] = jnp.sum(since[source] >= cfg.dead_after)
   opt = sae_train.optimizer(0.0, max_grad_norm)  # the lr lives in each source's state
   stepping = [source] if cfg.rule == "official" else range(len(params))
   new_params, new_opt = list(params), list(state["opt_state"])
@@ -123,7 +145,7 @@ def _update(cfg: USAEConfig, state, source: int, xs, max_grad_norm):
     g = sae_lib.remove_parallel_grads(params[j], grads[j], scfg)
     updates, new_opt[j] = opt.update(g, state["opt_state"][j], params[j])
     new_params[j] = sae_lib.renormalise(optax.apply_updates(params[j], updates), scfg)
-  return {"params": new_params, "opt_state": new_opt}, metrics
+  return {"params": new_params, "opt_state": new_opt, "since_fired": since}, metrics
 
 
 def make_step(cfg: USAEConfig, max_grad_norm: float = 1.0):

@@ -149,3 +149,31 @@ def test_usae_instances_sharded_over_the_mesh_equal_unsharded():
     sharded, _ = step(sharded, src, xs)
   assert len(sharded["params"][0]["W_enc"].sharding.device_set) == 8
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), plain, sharded)
+
+
+def test_one_source_usae_with_auxk_equals_the_plain_sae_trainer_with_auxk():
+  """AuxK on the drawn source: a one-source USAE with auxk_coef c and the vectorised SAE trainer
+  with aux_coef c (same dead_after, seed, lr, batches) take the same steps while latents die and
+  AuxK acts, and both count the same dead latents."""
+  cfg = usae.USAEConfig(d_ins=(16,), n_latents=48, k=2, auxk_coef=0.5, dead_after=2)
+  scfg = sae.SAEConfig(d_in=16, n_latents=48, activation="topk", k=2, aux_coef=0.5, dead_after=2)
+  inst = train.Instances.grid(scfg, seeds=(0,), lrs=(3e-3,))
+  ours = usae.init_state(jax.random.key(0), cfg, lr=3e-3, max_grad_norm=1.0)
+  # the trainer seeds instance i from key(seed); the USAE folds the source index into its key
+  ours["params"][0] = sae.init(jax.random.key(0), cfg.source(0))
+  ours["opt_state"][0] = train.optimizer(3e-3, 1.0).init(ours["params"][0])
+  ref = train.init_state(scfg, inst)
+  step, ref_step = usae.make_step(cfg), train.make_step(scfg, inst)
+  (x,) = _data(0, 1024, (16,), n_atoms=4, active=1)  # few atoms: most latents die fast
+  auxk = []
+  for t in range(8):
+    batch = jnp.asarray(x[t * 64:(t + 1) * 64])
+    ours, m = step(ours, 0, [batch])
+    ref, rm = ref_step(ref, batch[None])
+    auxk.append(float(m["auxk"]))
+    np.testing.assert_allclose(float(m["auxk"]), float(rm["aux"][0]), rtol=1e-4, atol=1e-6)
+    assert int(m["dead"]) == int(rm["dead"][0])
+  assert max(auxk) > 0
+  for k in ("W_enc", "W_dec", "b_enc", "b_dec"):
+    np.testing.assert_allclose(ours["params"][0][k], ref["params"][k][0], rtol=1e-4, atol=1e-6,
+                               err_msg=k)
