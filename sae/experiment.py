@@ -95,8 +95,11 @@ class _Models:
                                     dead_after=u.get("dead_after", 1000))
                  for r in u.rules}
     self.steps = {r: usae.make_instances_step(c, clips) for r, c in self.cfgs.items()}
+    # the same AuxK as the USAE (counted in each SAE's own steps), so the tax compares like
     self.sae_cfgs = [sae_lib.SAEConfig(d_in=d, n_latents=u.n_latents, activation="topk", k=u.k,
-                                       decoder_norm=u.decoder_norm, aux_coef=0.0) for d in d_ins]
+                                       decoder_norm=u.decoder_norm,
+                                       aux_coef=u.get("auxk_coef", 0.0),
+                                       dead_after=u.get("dead_after", 1000)) for d in d_ins]
     self.inst = sae_train.Instances(seed=self.seeds.astype(np.int32), lr=self.lrs,
                                     max_grad_norm=clips, l1_coef=np.zeros_like(clips),
                                     l0_coef=np.zeros_like(clips))
