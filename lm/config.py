@@ -63,6 +63,7 @@ class ModelConfig:
   sliding_window: int | None = None
   layer_types: tuple[str, ...] | None = None
   attention_sinks: bool = False
+  sink_tokens: int = 0
   dtype: str = "float32"  # compute dtype
   param_dtype: str = "float32"
   name: str = "custom"
@@ -90,6 +91,8 @@ class ModelConfig:
       raise ValueError(f"layer_types contains {sorted(bad)}; each entry must be 'full' or 'sliding'.")
     if "sliding" in self.layer_types and not self.sliding_window:
       raise ValueError("layer_types has 'sliding' layers but sliding_window is not set; set it.")
+    if self.sink_tokens < 0:
+      raise ValueError(f"sink_tokens={self.sink_tokens} must be >= 0 (always-visible first positions).")
     if self.n_heads % self.n_kv_heads:
       raise ValueError(
           f"n_heads={self.n_heads} must be a multiple of n_kv_heads={self.n_kv_heads} (grouped-query)."

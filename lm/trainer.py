@@ -10,6 +10,12 @@ precision: the model's `dtype` (compute, e.g. bfloat16) is independent of `param
 master weights), so the optimizer always updates float32. Checkpoints hold the trainable state,
 the optimizer state, the step and the data iterator's state, so `resume` continues exactly.
 
+Loss-spike guard (`train.spike_factor` > 0): after `spike_warmup` steps, a step whose loss exceeds
+`spike_factor` x the running mean (EMA, `spike_ema` decay, of the losses of the steps taken) leaves
+the parameters and optimizer state as they were (metric `skipped`); the EMA is checkpointed.
+With `flops_per_token` (`lm.flops`), each step also reports `tflops_per_s` and, where the device's
+peak is known, `mfu` (model FLOP/s over the peak of all devices in the mesh).
+
 Metrics are scalars or diagnostics of any fixed shape (e.g. a per-layer norm `[L]`, a histogram
 of advantages `[bins]`): both are averaged over micro-batches (and eval batches); scalars come back
 as floats, diagnostics as numpy arrays, and the run's `metrics.jsonl` holds them as lists.
@@ -130,7 +136,8 @@ class Trainer:
   """Trains the `trainable` variables of `model` on `loss_fn`; see the module docstring."""
 
   def __init__(self, model: nnx.Module, loss_fn: Callable, loss_cfg: Any, train_cfg: Any, *,
-               trainable: Any = nnx.Param, mesh: jax.sharding.Mesh | None = None):
+               trainable: Any = nnx.Param, mesh: jax.sharding.Mesh | None = None,
+               flops_per_token: float | None = None):
     self.mesh = mesh or sharding.make_mesh(devices=jax.devices()[:1])
     self.cfg = train_cfg
     self.loss_fn, self.loss_cfg = loss_fn, loss_cfg
@@ -156,6 +163,16 @@ class Trainer:
     self.step = 0
     self.times = StepTimes()
     self._seed = int(train_cfg.get("seed", 0))
+    self.flops_per_token = flops_per_token
+    if flops_per_token:
+      from lm.flops import peak_flops
+
+      peak = peak_flops(self.mesh.devices.flat[0])
+      self._peak = peak * self.mesh.devices.size if peak else None
+    self.spike_factor = float(train_cfg.get("spike_factor", 0.0))
+    self.spike_warmup = int(train_cfg.get("spike_warmup", 100))
+    self.spike_decay = float(train_cfg.get("spike_ema", 0.99))
+    self.loss_ema: float | None = None
     self._train_step = jax.jit(self._step_fn, donate_argnums=(0, 1),
                                out_shardings=(_tree_shardings(self.params),
                                               _tree_shardings(self.opt_state), None))
@@ -190,7 +207,7 @@ class Trainer:
     lora.set_dropout_key(m, key)
     return nnx.split(m, self.trainable, ...)[2]
 
-  def _step_fn(self, params, opt_state, rest, batch, step):
+  def _step_fn(self, params, opt_state, rest, batch, step, max_loss):
     base_key = jax.random.fold_in(jax.random.key(self._seed), step)
 
     def micro(carry, mb_and_i):
@@ -212,10 +229,15 @@ class Trainer:
     grads = jax.tree.map(lambda g: g / self.accum, grads)
     metrics = jax.tree.map(lambda m: m.mean(axis=0), metrics)
     metrics["grad_norm"] = optax.global_norm(grads)
-    updates, opt_state = self.tx.update(grads, opt_state, params)
-    params = optax.apply_updates(params, updates)
+    updates, new_opt_state = self.tx.update(grads, opt_state, params)
+    new_params = optax.apply_updates(params, updates)
     metrics["lr"] = self.schedule(step)
-    return params, opt_state, metrics
+    if self.spike_factor > 0:  # a spike leaves params and moments as they were
+      ok = metrics["loss"] <= max_loss
+      keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(ok, n, o), new, old)
+      new_params, new_opt_state = keep(new_params, params), keep(new_opt_state, opt_state)
+      metrics["skipped"] = 1.0 - ok.astype(jnp.float32)
+    return new_params, new_opt_state, metrics
 
   def _eval_fn(self, params, rest, batch):
     _, metrics = self.loss_fn(self._merged(params, rest, train=False), batch, self.loss_cfg)
@@ -256,7 +278,7 @@ class Trainer:
     with jax.set_mesh(self.mesh):
       self.params, self.opt_state, metrics = self._train_step(
           self.params, self.opt_state, self.rest, self._device_batch(batch),
-          jnp.asarray(self.step, jnp.int32))
+          jnp.asarray(self.step, jnp.int32), jnp.asarray(self._max_loss(), jnp.float32))
     metrics = {k: host_metric(v) for k, v in metrics.items()}
     if not isinstance(metrics.get("loss"), float):
       name = getattr(self.loss_fn, "__name__", "loss_fn")
@@ -271,9 +293,23 @@ class Trainer:
       self.times.steady_tokens += n_tokens
     self.step += 1
     metrics.update(step_s=dt, tokens=n_tokens, tokens_per_s=n_tokens / dt)
+    if self.flops_per_token:
+      metrics["tflops_per_s"] = n_tokens * self.flops_per_token / dt / 1e12
+      if self._peak:
+        metrics["mfu"] = n_tokens * self.flops_per_token / dt / self._peak
     if not math.isfinite(metrics["loss"]):
       raise NonFiniteLossError(f"loss is {metrics['loss']} at step {self.step}")
+    if not metrics.get("skipped"):
+      d = self.spike_decay
+      self.loss_ema = metrics["loss"] if self.loss_ema is None else (
+          d * self.loss_ema + (1 - d) * metrics["loss"])
     return metrics
+
+  def _max_loss(self) -> float:
+    """The loss above which the spike guard skips this step (inf when it is off or warming up)."""
+    if self.spike_factor <= 0 or self.loss_ema is None or self.step < self.spike_warmup:
+      return float("inf")
+    return self.spike_factor * self.loss_ema
 
   def evaluate(self, batches) -> dict[str, float | np.ndarray]:
     """Mean of the loss's metrics over `batches` (eval mode: no dropout)."""
@@ -289,7 +325,8 @@ class Trainer:
     return {k: v / max(n, 1) for k, v in sums.items()}
 
   def save(self, ckpt: Checkpointer, data_state: Any = None, force: bool = False) -> bool:
-    extra = {"data_state": json.dumps(data_state) if data_state is not None else None}
+    extra = {"data_state": json.dumps(data_state) if data_state is not None else None,
+             "loss_ema": self.loss_ema}
     return ckpt.save(self.step, self.params, opt_state=self.opt_state, extra=extra, force=force)
 
   def restore(self, ckpt: Checkpointer, step: int | None = None) -> Any:
@@ -297,6 +334,7 @@ class Trainer:
     opt_state, extra = ckpt.restore(self.params, step=step, opt_state=self.opt_state)
     self.opt_state = opt_state
     self.step = int(extra["step"])
+    self.loss_ema = extra.get("loss_ema")
     data_state = extra.get("data_state")
     return json.loads(data_state) if data_state else None
 

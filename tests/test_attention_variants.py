@@ -17,6 +17,9 @@ VARIANTS = {
     "sinks": dict(attention_sinks=True),
     "sliding+sinks": dict(sliding_window=WINDOW, layer_types=("full", "sliding"),
                           attention_sinks=True),
+    # StreamingLLM: the first 2 positions stay visible beside the window
+    "sliding+sink_tokens": dict(sliding_window=WINDOW, layer_types=("sliding", "sliding"),
+                                sink_tokens=2),
 }
 
 
@@ -69,7 +72,8 @@ def _reference_logits(p, cfg, tokens_s):
       for qi in range(s_len):
         allowed = [
             ki for ki in range(s_len)
-            if 0 <= qi - ki and (cfg.layer_types[i] == "full" or qi - ki < cfg.sliding_window)
+            if 0 <= qi - ki and (cfg.layer_types[i] == "full" or qi - ki < cfg.sliding_window
+                                 or ki < cfg.sink_tokens)
         ]
         logits = [q_snh[qi, n] @ k_skh[ki, kv] / np.sqrt(cfg.head_dim) for ki in allowed]
         if cfg.attention_sinks:
@@ -122,9 +126,10 @@ def test_variant_changes_logits(variant):
   diff_s = np.abs(_forward(model, tokens_bs) - _forward(plain, tokens_bs)).max(axis=(0, 2))
   if cfg.attention_sinks:
     assert diff_s.min() > 1e-2
-  else:  # inside the window a sliding layer is exactly full attention
-    assert diff_s[:WINDOW].max() < 1e-6
-    assert diff_s[WINDOW:].min() > 1e-2
+  else:  # until a query loses a key, a sliding layer (+ sink tokens) is exactly full attention
+    start = WINDOW + cfg.sink_tokens
+    assert diff_s[:start].max() < 1e-6
+    assert diff_s[start:].min() > 1e-2
 
 
 def test_very_negative_sinks_equal_no_sinks():

@@ -23,8 +23,9 @@ def _batch(seed=0, vocab=256):
   return jnp.asarray(rng.integers(1, vocab, mask.shape) * mask, jnp.int32), jnp.asarray(mask)
 
 
-# Mixed sliding/full layers with sinks: the scan selects each layer's mask by its type.
-MIXED = lm.preset("tiny").replace(n_layers=4, sliding_window=3, attention_sinks=True,
+# Mixed sliding/full layers with sink logits and a sink token: the scan selects each layer's mask by
+# its type.
+MIXED = lm.preset("tiny").replace(n_layers=4, sliding_window=3, attention_sinks=True, sink_tokens=1,
                                   layer_types=("full", "sliding", "sliding", "full"))
 
 

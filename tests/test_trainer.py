@@ -106,7 +106,8 @@ def test_only_trainable_filter_moves_and_bf16_compute_keeps_f32_masters():
     """Operand types of every dot in the compiled train step, e.g. {'bf16', 'f32'}."""
     batch = trainer._device_batch(_batch(0))
     hlo = trainer._train_step.lower(trainer.params, trainer.opt_state, trainer.rest, batch,
-                                    jnp.asarray(0, jnp.int32)).as_text()
+                                    jnp.asarray(0, jnp.int32),
+                                    jnp.asarray(jnp.inf, jnp.float32)).as_text()
     return {t for line in hlo.splitlines() if "dot_general" in line
             for t in re.findall(r"tensor<[0-9x]*x(bf16|f32)>", line)}
 

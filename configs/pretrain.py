@@ -1,0 +1,83 @@
+"""Pretraining the modern decoder from scratch (task `pretrain`, code in `lm/pretrain.py`).
+
+  python launch.py --config=configs/pretrain.py:cpu_char --workdir=runs/pretrain-char
+  python launch.py --config=configs/pretrain.py:cpu --workdir=runs/pretrain-bpe
+  python launch.py --config=configs/pretrain.py:gpu_full --workdir=runs/pretrain-253m
+
+Variants:
+- `smoke`: a tiny character model on tiny Shakespeare, a few steps (seconds).
+- `cpu_char`: nanoGPT's CPU recipe for `shakespeare_char` (4 layers, 4 heads, d 128, context 64,
+  batch 12, 2,000 iterations, lr 1e-3 -> 1e-4 cosine, warm-up 100, beta2 0.99, dropout 0) on the
+  modern block (RMSNorm, RoPE, SwiGLU with ffn 352 ~ the 4d GELU MLP's parameters), first 90% of
+  the characters train / last 10% validation, as nanoGPT splits. nanoGPT's figure: val 1.88.
+- `cpu`: a small GPT-2-BPE model (4 layers, d 256, 4 heads / 2 kv, context 256) on the offline text
+  (tiny Shakespeare, GSM8K train, hh-rlhf test dialogues, AlpacaEval; documents split 95/5 by text
+  hash); WikiText-2 stays out for evaluation.
+- `gpu_full`: the Modern LLM recipe on `modern-253m` (d 1024, 12 layers, 16 heads, ffn 4096,
+  context 1024, tied embeddings; vocabulary padded to 50304): AdamW 3e-4 (beta 0.9/0.95), wd 0.1,
+  clip 1.0, warm-up 500 then cosine to 3e-5, batch 128 x 1024 as micro 32 x 4, bf16 compute over
+  float32 masters, 40k steps. Offline it trains on the same text as `cpu` (about 3.7M tokens: many
+  epochs); with a hub, point corpus.sources at a real corpus.
+"""
+
+import ml_collections
+
+VARIANTS = ("smoke", "cpu_char", "cpu", "gpu_full")
+# the offline text in GPT-2 BPE (WikiText-2 is kept out: it is the evaluation set)
+OFFLINE_BPE = {"name": "offline-gpt2", "tokenizer": "gpt2",
+               "sources": ["tinyshakespeare", "gsm8k", "hh-rlhf", "alpaca-eval"],
+               "split": "hash", "val_fraction": 0.05, "append_eos": True}
+
+
+def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+  variant = arg or "cpu_char"
+  if variant not in VARIANTS:
+    raise ValueError(f"unknown variant {variant!r}; use one of {VARIANTS}.")
+  c = ml_collections.ConfigDict()
+  c.task = "pretrain"
+  c.variant = variant
+  c.mesh = ml_collections.ConfigDict({"data": 1, "fsdp": -1, "tensor": 1})
+  # the token store: built once under runs/corpora/<name> (or `store`), reused by later runs
+  c.corpus = ml_collections.ConfigDict({
+      "name": "shakespeare-char", "store": "", "tokenizer": "char",
+      "sources": ["tinyshakespeare"], "split": "tail", "val_fraction": 0.1, "seed": 0,
+      "append_eos": False})
+  # sink_token: an id prepended to every row that every query may attend to (-1: none)
+  c.data = ml_collections.ConfigDict({"seq_len": 64, "sink_token": -1, "val_sources": []})
+  c.model = ml_collections.ConfigDict({
+      "preset": "tiny", "overrides": {"d_model": 128, "n_layers": 4, "n_heads": 4,
+                                      "n_kv_heads": 4, "d_ff": 352},
+      "vocab_multiple": 1, "dtype": "float32", "seed": 0, "scan_layers": False, "remat": "none"})
+  c.loss = ml_collections.ConfigDict({"z_loss": 0.0})
+  c.train = ml_collections.ConfigDict({
+      "steps": 2000, "batch_size": 12, "grad_accum": 1, "lr": 1e-3, "warmup_steps": 100,
+      "schedule": "cosine", "min_lr_ratio": 0.1, "weight_decay": 0.1, "grad_clip": 1.0,
+      "b1": 0.9, "b2": 0.99, "eps": 1e-8, "eval_every": 250, "eval_batch_size": 64,
+      "eval_batches": 40, "checkpoint_every": 500, "keep_checkpoints": 2, "seed": 1337,
+      "spike_factor": 0.0, "spike_warmup": 100, "spike_ema": 0.99})
+  c.sample_tokens = 300
+  if variant == "smoke":
+    c.model.overrides = {"d_model": 32, "n_layers": 2, "n_heads": 2, "n_kv_heads": 1, "d_ff": 64}
+    c.train.update(steps=6, batch_size=4, warmup_steps=2, eval_every=3, eval_batch_size=8,
+                   eval_batches=2, checkpoint_every=2)
+    c.data.seq_len = 32
+    c.sample_tokens = 20
+  elif variant == "cpu":
+    c.corpus.update(OFFLINE_BPE)
+    c.data.seq_len = 256
+    c.model.overrides = {"d_model": 256, "n_layers": 4, "n_heads": 4, "n_kv_heads": 2,
+                         "d_ff": 688}
+    c.model.vocab_multiple = 64
+    c.train.update(steps=1500, batch_size=16, lr=1e-3, warmup_steps=100, b2=0.95,
+                   eval_every=250, eval_batch_size=16, eval_batches=20, checkpoint_every=250)
+    c.sample_tokens = 60
+  elif variant == "gpu_full":
+    c.corpus.update(OFFLINE_BPE)
+    c.data.seq_len = 1024
+    c.model.update(preset="modern-253m", overrides={}, vocab_multiple=64, dtype="bfloat16",
+                   scan_layers=True, remat="dots_no_batch")
+    c.train.update(steps=40_000, batch_size=128, grad_accum=4, lr=3e-4, warmup_steps=500,
+                   min_lr_ratio=0.1, b2=0.95, eval_every=1000, eval_batch_size=32,
+                   eval_batches=20, checkpoint_every=1000, spike_factor=3.0, spike_warmup=1000)
+    c.sample_tokens = 100
+  return c

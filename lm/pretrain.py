@@ -1,0 +1,231 @@
+"""Pretraining from scratch: the `pretrain` task behind `launch.py`, and its loss.
+
+The corpus (`lm.corpus`) is tokenised once into a token store; packed windows of `data.seq_len`
+tokens train a randomly initialised decoder (`model.preset` + `model.overrides`, its vocabulary
+the store's, optionally padded to a multiple of `model.vocab_multiple`) on the one trainer
+(`lm.trainer.Trainer`: accumulation, clipping, warm-up + cosine, loss-spike guard, checkpoints
+with the iterator state, exact `--resume`). Every step logs tokens/s and TFLOP/s (`lm.flops`,
+"causal" convention; MFU where the device's peak is known). Held-out: the validation split's
+windows, token-weighted.
+
+The run directory holds the token store's manifest and split statistics, metrics, checkpoints,
+plots, `summary.json` (final validation loss next to the unigram and bigram baselines of the same
+split) and `report.md`.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from lm import config as lm_config
+from lm import corpus, flops
+from lm.checkpoint import Checkpointer
+from lm.model import Transformer
+from lm.run import REPO_ROOT, RunDir, markdown_table, plot_history, pyplot, save_figure
+from lm.trainer import Trainer
+
+log = logging.getLogger(__name__)
+
+
+def attention_mask(batch: dict) -> jax.Array:
+  """`[B, S, S]` keys each query may see (the model adds causality): its own document
+  (`segment_ids` > 0), and every `global_keys` position (a sink token)."""
+  seg = batch["segment_ids"]
+  same = (seg[:, :, None] == seg[:, None, :]) & (seg[:, None, :] > 0)
+  return same | (batch["global_keys"][:, None, :] > 0)
+
+
+def lm_loss(model, batch: dict, cfg) -> tuple[jax.Array, dict]:
+  """Mean next-token cross-entropy over `loss_mask`, plus `z_loss` * mean(log Z)^2 (PaLM's
+  auxiliary loss keeping the softmax normaliser near 1; 0 = off).
+
+  Metrics: `loss` (what is optimised), `nll` (mean cross-entropy, nats/token), `nll_sum` and
+  `n_tokens` (so held-out means can be token-weighted across batches), `log_z` (mean |log Z|).
+  """
+  logits = model(batch["tokens"], batch["positions"], attention_mask(batch))[0]
+  log_z = jax.nn.logsumexp(logits, axis=-1)
+  target_logit = jnp.take_along_axis(logits, batch["targets"][..., None], axis=-1)[..., 0]
+  nll = log_z - target_logit
+  w = batch["loss_mask"].astype(jnp.float32)
+  n = jnp.maximum(w.sum(), 1.0)
+  mean_nll = (nll * w).sum() / n
+  z_coef = float(cfg.get("z_loss", 0.0)) if cfg is not None else 0.0
+  loss = mean_nll + z_coef * ((log_z**2) * w).sum() / n
+  return loss, {"loss": loss, "nll": mean_nll, "nll_sum": (nll * w).sum(), "n_tokens": w.sum(),
+                "log_z": (jnp.abs(log_z) * w).sum() / n}
+
+
+def model_config(config, vocab_size: int) -> lm_config.ModelConfig:
+  """The preset with the config's overrides, the store's vocabulary (padded to
+  `model.vocab_multiple`) and a context that fits `data.seq_len`."""
+  m = config.model
+  overrides = dict(m.get("overrides") or {})
+  multiple = int(m.get("vocab_multiple", 1))
+  overrides["vocab_size"] = -(-vocab_size // multiple) * multiple
+  overrides.setdefault("max_seq_len", max(int(config.data.seq_len),
+                                          lm_config.PRESETS[m.preset].max_seq_len))
+  cfg = lm_config.preset(m.preset, **overrides)
+  return cfg.replace(dtype=m.get("dtype", "float32"), scan_layers=bool(m.get("scan_layers", False)),
+                     remat=m.get("remat", "none"))
+
+
+def init_loss_prediction(cfg: lm_config.ModelConfig) -> float:
+  """Expected loss at initialisation: the final RMSNorm makes |h|^2 = d, so the logits h.E_v of
+  N(0, s^2) embedding rows are N(0, s^2 d) (s = 0.02, tied head), and for V of them
+  E[log sum exp] ~ ln V + s^2 d / 2 while the target's logit averages 0."""
+  from lm.layers import _INIT_STD
+
+  return math.log(cfg.vocab_size) + _INIT_STD**2 * cfg.d_model / 2
+
+
+def _store_dir(config):
+  path = config.corpus.get("store") or f"runs/corpora/{config.corpus.name}"
+  return REPO_ROOT / path if not path.startswith("/") else path
+
+
+def validation_loss(trainer: Trainer, windows: corpus.Windows, batch_size: int,
+                    max_batches: int | None) -> dict:
+  """Token-weighted held-out cross-entropy over the validation windows."""
+  m = trainer.evaluate(corpus.eval_batches(windows, batch_size, max_batches))
+  nll = m["nll_sum"] / max(m["n_tokens"], 1e-9)
+  return {"loss": nll, "ppl": math.exp(min(nll, 50.0)), "log_z": m["log_z"]}
+
+
+def _sample(model, tokenizer, prompt_ids: list[int], n: int, seq_len: int, seed: int,
+            temperature: float = 0.8) -> str:
+  """A short sample for the report: ancestral sampling over the last `seq_len` tokens."""
+  ids = list(prompt_ids)
+  key = jax.random.key(seed)
+  fwd = nnx.jit(lambda m, t: m(t)[0][0, -1])
+  for _ in range(n):
+    window = ids[-seq_len:]
+    window = [window[0]] * (seq_len - len(window)) + window  # static shape: repeat the first
+    logits = fwd(model, jnp.asarray([window], jnp.int32))
+    key, sub = jax.random.split(key)
+    ids.append(int(jax.random.categorical(sub, logits / temperature)))
+  return tokenizer.decode(ids)
+
+
+def run(config, run_dir: RunDir, mesh=None) -> dict:
+  store = corpus.open_or_build(_store_dir(config), config.corpus)
+  run_dir.write_json("corpus_manifest.json",
+                     {k: v for k, v in store.manifest.items() if k != "documents"})
+  seq_len = int(config.data.seq_len)
+  sink = config.data.get("sink_token")
+  sink = None if sink is None or sink < 0 else int(sink)
+  train_tokens, train_docs = store.split_stream("train")
+  val_tokens, val_docs = store.split_stream("val", config.data.get("val_sources") or None)
+  train_w = corpus.Windows(train_tokens, train_docs, seq_len, sink)
+  val_w = corpus.Windows(val_tokens, val_docs, seq_len, sink)
+
+  cfg = model_config(config, store.vocab_size)
+  model = Transformer(cfg, rngs=nnx.Rngs(params=int(config.model.get("seed", 0))))
+  fpt = flops.flops_per_token(cfg, seq_len)
+  trainer = Trainer(model, lm_loss, config.loss, config.train, trainable=nnx.Param, mesh=mesh,
+                    flops_per_token=fpt.total)
+  train_iter = iter(corpus.packed_dataset(train_w, batch_size=config.train.batch_size,
+                                          seed=int(config.train.seed)))
+  eval_bs = int(config.train.get("eval_batch_size", config.train.batch_size))
+  max_eval = config.train.get("eval_batches") or None
+  stats = {
+      "train_tokens": int(len(train_tokens)), "val_tokens": int(len(val_tokens)),
+      "train_windows": len(train_w), "val_windows": len(val_w), "seq_len": seq_len,
+      "sink_token": sink, "n_params": cfg.n_params,
+      "flops_per_token": {"learnable": fpt.learnable, "attention": fpt.attention,
+                          "total": fpt.total,
+                          "nanogpt": flops.flops_per_token(cfg, seq_len, "nanogpt").total},
+      "epochs": config.train.steps * config.train.batch_size / len(train_w),
+  }
+  run_dir.write_json("data_stats.json", stats)
+  log.info("model %s: %s parameters; %.3g train FLOPs/token; %s train / %s val tokens; "
+           "%.2f epochs", cfg.name, f"{cfg.n_params:,}", fpt.total, f"{len(train_tokens):,}",
+           f"{len(val_tokens):,}", stats["epochs"])
+
+  ckpt = Checkpointer(run_dir.path / "checkpoints",
+                      max_to_keep=config.train.get("keep_checkpoints", 2))
+  evaluate = lambda: validation_loss(trainer, val_w, eval_bs, max_eval)
+  t0 = time.time()
+  history = trainer.fit(train_iter, run_dir=run_dir, ckpt=ckpt, evaluate=evaluate,
+                        resume=getattr(run_dir, "resume", False))
+  wall = time.time() - t0
+  ckpt.close()
+  final = validation_loss(trainer, val_w, eval_bs, None)  # every validation window
+  if not run_dir.primary:
+    return {}
+  baselines = corpus.bigram_nll(train_tokens, val_tokens, store.vocab_size)
+  plots = plot_history(history, ["loss", "nll", "tokens_per_s", "tflops_per_s", "mfu",
+                                 "grad_norm", "lr", "log_z"], run_dir)
+  plots.append(_plot_curve(history, baselines, run_dir))
+  tokenizer = corpus.tokenizer_from_json(store.tokenizer_meta)
+  sample = ""
+  if config.get("sample_tokens", 0):
+    prompt = val_tokens[:min(seq_len // 2, 16)].tolist()
+    sample = _sample(trainer.model, tokenizer, prompt, int(config.sample_tokens), seq_len,
+                     int(config.train.seed))
+  summary = {
+      "model": cfg.name, "n_params": cfg.n_params, "steps": trainer.step, "wall_s": wall,
+      "compile_s": trainer.times.compile_s, "tokens_per_s": trainer.times.tokens_per_s,
+      "tflops_per_s": trainer.times.tokens_per_s * fpt.total / 1e12,
+      "val_loss": final["loss"], "val_ppl": final["ppl"],
+      "bigram_val_loss": baselines["bigram"]["nll"], "unigram_val_loss": baselines["unigram"]["nll"],
+      "baselines": baselines, "init_loss_predicted": init_loss_prediction(cfg),
+      "skipped_steps": int(sum(h.get("train/skipped", 0) for h in history)),
+      "data": stats,
+  }
+  evals = [h for h in history if "eval/loss" in h]
+  if evals:
+    summary["val_loss_at_start"] = evals[0]["eval/loss"]
+  run_dir.write_json("summary.json", summary)
+  unit = "char" if store.tokenizer_meta["kind"] == "char" else "token"
+  rows = [{"model": f"ours ({cfg.name}, {cfg.n_params:,} params)", f"val nats/{unit}": final["loss"]},
+          {"model": "bigram (add-alpha, same split)", f"val nats/{unit}": baselines["bigram"]["nll"]},
+          {"model": "unigram (same split)", f"val nats/{unit}": baselines["unigram"]["nll"]}]
+  report = [
+      f"# Pretraining run: {cfg.name}\n",
+      f"{cfg.n_layers} layers, d {cfg.d_model}, {cfg.n_heads} heads ({cfg.n_kv_heads} kv), ffn "
+      f"{cfg.d_ff}, vocabulary {cfg.vocab_size} ({store.tokenizer_meta['kind']}), context "
+      f"{seq_len}, {cfg.n_params:,} parameters, compute {cfg.dtype}.\n",
+      f"Corpus {', '.join(store.manifest['sources'])}: {len(train_tokens):,} train / "
+      f"{len(val_tokens):,} validation tokens (split `{store.manifest['split_rule']}`, "
+      f"{store.manifest['overlap_documents']} documents in both); {trainer.step} steps of batch "
+      f"{config.train.batch_size} = {stats['epochs']:.2f} epochs.\n",
+      f"Wall {wall:.0f} s; first step (compile) {trainer.times.compile_s:.1f} s; steady "
+      f"{trainer.times.tokens_per_s:,.0f} tokens/s = {summary['tflops_per_s'] * 1e3:.1f} GFLOP/s "
+      f"at {fpt.total:.3g} train FLOPs/token (lm.flops, causal convention).\n",
+      "## Validation loss (every validation window, token-weighted)\n",
+      markdown_table(rows),
+      f"\nLoss at initialisation: predicted {summary['init_loss_predicted']:.3f}, measured "
+      f"{summary.get('val_loss_at_start', float('nan')):.3f}.\n",
+      (f"## Sample (temperature 0.8)\n\n```\n{sample}\n```\n" if sample else ""),
+      "## Plots\n",
+      *[f"![{p}](plots/{p})\n" for p in plots],
+  ]
+  run_dir.write_report("\n".join(report))
+  return {k: v for k, v in summary.items() if isinstance(v, (int, float, str))}
+
+
+def _plot_curve(history: list[dict], baselines: dict, run_dir: RunDir) -> str:
+  plt = pyplot()
+  fig, ax = plt.subplots(figsize=(6.5, 4))
+  tr = [(h["step"], h["train/nll"]) for h in history if "train/nll" in h]
+  ev = [(h["step"], h["eval/loss"]) for h in history if "eval/loss" in h]
+  if tr:
+    ax.plot(*zip(*tr), alpha=0.6, label="train (batch)")
+  if ev:
+    ax.plot(*zip(*ev), "o-", label="validation")
+  for name, style in (("bigram", "--"), ("unigram", ":")):
+    ax.axhline(baselines[name]["nll"], color="gray", linestyle=style, label=f"{name} baseline")
+  ax.set_xlabel("step")
+  ax.set_ylabel("cross-entropy (nats)")
+  ax.set_ylim(top=max(baselines["unigram"]["nll"] * 1.15, min([v for _, v in ev] or [10]) + 0.5))
+  ax.grid(alpha=0.3)
+  ax.legend()
+  save_figure(fig, run_dir.plots / "loss_curve.png", dpi=110)
+  return "loss_curve.png"
+
