@@ -43,6 +43,7 @@ TASKS = {
     "decode_sweep": "decode.sweep:run",
     "train": "align.train:run",
     "pretrain": "lm.pretrain:run",
+    "sinks": "lm.sinks:run",
     "align_eval": "align.evals.compare:run",
     "toy_superposition": "sae.toy:run",
     "usae": "sae.experiment:run",

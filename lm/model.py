@@ -130,6 +130,18 @@ class Attention(nnx.Module):
   def __call__(self, x_bsd, cos_bsh, sin_bsh, mask_bst, kv=None, index=None):
     cfg = self.cfg
     b, s, _ = x_bsd.shape
+    probs, v_t, kv = self.probabilities(x_bsd, cos_bsh, sin_bsh, mask_bst, kv, index)
+    kh, g, hd, t = cfg.n_kv_heads, cfg.n_heads // cfg.n_kv_heads, cfg.head_dim, v_t.shape[2]
+    out = jnp.einsum("bkqt,bkth->bkqh", probs.reshape(b, kh, g * s, t).astype(v_t.dtype), v_t)
+    out = out.reshape(b, kh, g, s, hd).transpose(0, 3, 1, 2, 4).reshape(b, s, cfg.n_heads, hd)
+    return self.o_proj(out), kv
+
+  def probabilities(self, x_bsd, cos_bsh, sin_bsh, mask_bst, kv=None, index=None):
+    """Attention weights `[B, kv_heads, G, S, T]` (float32; head n = kv head n // G, member
+    n % G), the values `[B, kv_heads, T, H]` and the updated (k, v) cache arrays. With sinks the
+    weights of a query sum to 1 minus the mass on its sink column."""
+    cfg = self.cfg
+    b, s, _ = x_bsd.shape
     g = cfg.n_heads // cfg.n_kv_heads
     q = apply_rope(self.q_proj(x_bsd), cos_bsh, sin_bsh)
     k = apply_rope(self.k_proj(x_bsd), cos_bsh, sin_bsh)
@@ -158,9 +170,7 @@ class Attention(nnx.Module):
       probs = jax.nn.softmax(jnp.concatenate([scores, sink], axis=-1), axis=-1)[..., :-1]
     else:
       probs = jax.nn.softmax(scores, axis=-1)
-    out = jnp.einsum("bkqt,bkth->bkqh", probs.reshape(b, kh, g * s, t).astype(v_t.dtype), v_t)
-    out = out.reshape(b, kh, g, s, hd).transpose(0, 3, 1, 2, 4).reshape(b, s, cfg.n_heads, hd)
-    return self.o_proj(out), kv
+    return probs, v_t, kv
 
 
 class MLP(nnx.Module):
@@ -244,6 +254,37 @@ class Transformer(nnx.Module):
     if stop_after is not None and cache is not None:
       raise ValueError("stop_after ends the pass early, which leaves a KV cache half written; "
                        "capture layers from a pass without a cache.")
+    valid_bs, key_valid_bt, index, masks, cos, sin = self._prepare(tokens_bs, positions_bs,
+                                                                   attn_mask, cache)
+    b, s = tokens_bs.shape
+    x = constrain(self.embed(tokens_bs), ("act_batch", "act_seq", "act_embed"))
+    last = cfg.n_layers - 1 if stop_after is None else stop_after
+    if cache is None and (cfg.scan_layers or cfg.remat != "none"):
+      x, residual = self._stack_without_cache(x, cos, sin, masks, capture, last)
+    else:
+      residual = {}
+      new_k, new_v = [], []
+      for i in range(last + 1):
+        kv = None if cache is None else (cache.k[i], cache.v[i])
+        x, kv = self.layers[i](x, cos, sin, masks[cfg.layer_types[i]], kv, index)
+        x = constrain(x, ("act_batch", "act_seq", "act_embed"))
+        if i in capture:
+          residual[i] = x
+        if kv is not None:
+          new_k.append(kv[0])
+          new_v.append(kv[1])
+      if cache is not None:
+        cache = KVCache(
+            k=tuple(new_k), v=tuple(new_v), mask_bt=key_valid_bt,
+            index=cache.index + s,
+            lengths_b=cache.lengths_b + valid_bs.sum(axis=1).astype(jnp.int32),
+        )
+    hidden = self.final_norm(x) if stop_after is None else None
+    return Trunk(hidden, cache, residual)
+
+  def _prepare(self, tokens_bs, positions_bs, attn_mask, cache):
+    """(valid_bs, key_valid_bt, cache index, {"full"|"sliding": [B, S, T] mask}, cos, sin)."""
+    cfg = self.cfg
     b, s = tokens_bs.shape
     if attn_mask is None:
       valid_bs = jnp.ones((b, s), bool)
@@ -289,30 +330,28 @@ class Transformer(nnx.Module):
       masks["sliding"] = full_bst & window_bst
 
     cos, sin = rope_tables(cfg, positions_bs)
-    x = constrain(self.embed(tokens_bs), ("act_batch", "act_seq", "act_embed"))
-    last = cfg.n_layers - 1 if stop_after is None else stop_after
-    if cache is None and (cfg.scan_layers or cfg.remat != "none"):
-      x, residual = self._stack_without_cache(x, cos, sin, masks, capture, last)
-    else:
-      residual = {}
-      new_k, new_v = [], []
-      for i in range(last + 1):
-        kv = None if cache is None else (cache.k[i], cache.v[i])
-        x, kv = self.layers[i](x, cos, sin, masks[cfg.layer_types[i]], kv, index)
-        x = constrain(x, ("act_batch", "act_seq", "act_embed"))
-        if i in capture:
-          residual[i] = x
-        if kv is not None:
-          new_k.append(kv[0])
-          new_v.append(kv[1])
-      if cache is not None:
-        cache = KVCache(
-            k=tuple(new_k), v=tuple(new_v), mask_bt=key_valid_bt,
-            index=cache.index + s,
-            lengths_b=cache.lengths_b + valid_bs.sum(axis=1).astype(jnp.int32),
-        )
-    hidden = self.final_norm(x) if stop_after is None else None
-    return Trunk(hidden, cache, residual)
+    return valid_bs, key_valid_bt, index, masks, cos, sin
+
+  def attention_maps(self, tokens_bs, positions_bs=None, attn_mask=None, layers=None
+                     ) -> dict[int, jax.Array]:
+    """Attention weights `[B, n_heads, S, T]` (float32) of each layer in `layers` (default all),
+    from one unrolled pass without a cache. With `attention_sinks` a query's weights sum to 1
+    minus the mass its head puts on the sink column."""
+    cfg = self.cfg
+    _check_inputs(cfg, tokens_bs, positions_bs, attn_mask, None)
+    layers = range(cfg.n_layers) if layers is None else sorted(int(i) for i in layers)
+    _, _, _, masks, cos, sin = self._prepare(tokens_bs, positions_bs, attn_mask, None)
+    x = self.embed(tokens_bs)
+    maps = {}
+    for i in range(max(layers) + 1):
+      block = self.layers[i]
+      mask = masks[cfg.layer_types[i]]
+      if i in layers:
+        probs = block.attn.probabilities(block.input_norm(x), cos, sin, mask)[0]
+        b, k, g, s, t = probs.shape
+        maps[i] = probs.reshape(b, k * g, s, t)
+      x, _ = block(x, cos, sin, mask)
+    return maps
 
   def _stack_without_cache(self, x, cos, sin, masks, capture, last):
     """Blocks 0..last, each under `cfg.remat`; with `cfg.scan_layers` every run of blocks between

@@ -229,3 +229,22 @@ def _plot_curve(history: list[dict], baselines: dict, run_dir: RunDir) -> str:
   save_figure(fig, run_dir.plots / "loss_curve.png", dpi=110)
   return "loss_curve.png"
 
+
+
+def load_run(workdir) -> tuple[Transformer, object]:
+  """(model at the run's last checkpoint, its tokenizer) from a `pretrain` run directory."""
+  import json
+  from pathlib import Path
+
+  import ml_collections
+
+  workdir = Path(workdir)
+  config = ml_collections.ConfigDict(json.loads((workdir / "config.json").read_text()))
+  manifest = json.loads((workdir / "corpus_manifest.json").read_text())
+  model = Transformer(model_config(config, int(manifest["tokenizer"]["vocab_size"])),
+                      rngs=nnx.Rngs(0))
+  with Checkpointer(workdir / "checkpoints") as ckpt:
+    if ckpt.latest_step is None:
+      raise FileNotFoundError(f"{workdir} has no checkpoint; train it first.")
+    ckpt.restore(nnx.state(model, nnx.Param), step=ckpt.latest_step)
+  return model, corpus.tokenizer_from_json(manifest["tokenizer"])

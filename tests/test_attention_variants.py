@@ -162,3 +162,37 @@ def test_cached_decode_equals_full_forward(variant, prefill):
   np.testing.assert_allclose(cached_bsv[real], full_bsv[real], atol=1e-5, rtol=0)
   assert int(cache.index) == SEQ
   np.testing.assert_array_equal(np.asarray(cache.lengths_b), LENGTHS)
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_attention_maps_equal_the_reference_weights(variant):
+  """`attention_maps` of layer 0 = the float64 reference's softmax weights (sink column dropped,
+  so rows sum to 1 minus the sink's mass); every layer's maps are causal and masked alike."""
+  cfg = _cfg(**VARIANTS[variant])
+  model = _model(cfg)
+  p = _params(model)
+  tokens_bs, mask_bs = _padded_batch()
+  maps = model.attention_maps(jnp.asarray(tokens_bs), attn_mask=jnp.asarray(mask_bs))
+  assert sorted(maps) == list(range(cfg.n_layers))
+  b, n = 0, LENGTHS[0]
+  x = p["embed.embedding"][tokens_bs[b]]
+  h = _rms(x, p["layers.0.input_norm.scale"], cfg.rms_eps)
+  pos = np.arange(n)
+  q = _rope(np.einsum("sd,dnh->snh", h, p["layers.0.attn.q_proj.kernel"]), pos, cfg.rope_theta)
+  k = _rope(np.einsum("sd,dkh->skh", h, p["layers.0.attn.k_proj.kernel"]), pos, cfg.rope_theta)
+  group = cfg.n_heads // cfg.n_kv_heads
+  got = np.asarray(maps[0][b])
+  for head in range(cfg.n_heads):
+    scores = q[:, head] @ k[:, head // group].T / np.sqrt(cfg.head_dim)
+    i = np.arange(n)
+    allowed = i[None, :] <= i[:, None]
+    if cfg.layer_types[0] == "sliding":
+      allowed &= ((i[:, None] - i[None, :]) < cfg.sliding_window) | (i[None, :] < cfg.sink_tokens)
+    scores = np.where(allowed, scores, -np.inf)
+    cols = [scores]
+    if cfg.attention_sinks:
+      cols.append(np.full((n, 1), p["layers.0.attn.sinks"][head]))
+    full = np.concatenate(cols, axis=1)
+    w = np.exp(full - full.max(axis=1, keepdims=True))
+    w = (w / w.sum(axis=1, keepdims=True))[:, :n]
+    np.testing.assert_allclose(got[head], w, atol=1e-5)

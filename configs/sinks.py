@@ -1,0 +1,42 @@
+"""Attention sinks (task `sinks`, code in `lm/sinks.py`): per layer and head, where attention
+goes (first token, self, local window, entropy, Gu et al.'s sink rate, the most-attended key's
+kind), heatmaps, and a StreamingLLM-style perplexity table (dense / window only / 1-8 sink tokens +
+window / dense first layers + window) for each model in `models`: hub names or aliases, or
+`pretrain` run directories (their last checkpoint).
+
+  python launch.py --config=configs/sinks.py:cpu --workdir=runs/sinks
+  python launch.py --config=configs/sinks.py:cpu --workdir=runs/sinks-ours \\
+      --config.models='("runs/pretrain-char",)'
+
+Variants: `smoke` (SmolLM2, 4 sequences, one window, 512 tokens), `cpu` (SmolLM2-135M-Instruct:
+Gu et al.'s setting of 100 sequences x 64 tokens; windows 64 and 256 in contexts of 1024 over
+the first 4,096 tokens of WikiText-2 test and tiny Shakespeare's validation tail), `gpu_full`
+(windows 256 and 1024 in contexts of 2048 over 32,768 tokens of each).
+"""
+
+import ml_collections
+
+VARIANTS = ("smoke", "cpu", "gpu_full")
+
+
+def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+  variant = arg or "cpu"
+  if variant not in VARIANTS:
+    raise ValueError(f"unknown variant {variant!r}; use one of {VARIANTS}.")
+  c = ml_collections.ConfigDict()
+  c.task = "sinks"
+  c.variant = variant
+  c.models = ("smollm2-135m-instruct",)
+  c.analysis = ml_collections.ConfigDict({"source": "wikitext-2-test", "n_sequences": 100,
+                                          "seq_len": 64, "local": 4})
+  c.streaming = ml_collections.ConfigDict({
+      "streams": ["wikitext-2-test", "tinyshakespeare"], "windows": [64, 256],
+      "sinks": [1, 2, 4, 8], "dense_first": 2, "context": 1024, "n_tokens": 4096,
+      "batch_size": 4})
+  if variant == "smoke":
+    c.analysis.n_sequences = 4
+    c.streaming.update(streams=["wikitext-2-test"], windows=[32], sinks=[1, 4], context=128,
+                       n_tokens=512)
+  elif variant == "gpu_full":
+    c.streaming.update(windows=[256, 1024], context=2048, n_tokens=32768, batch_size=8)
+  return c
