@@ -10,8 +10,9 @@ window / dense first layers + window) for each model in `models`: hub names or a
 
 Variants: `smoke` (SmolLM2, 4 sequences, one window, 512 tokens), `cpu` (SmolLM2-135M-Instruct:
 Gu et al.'s setting of 100 sequences x 64 tokens; windows 64 and 256 in contexts of 1024 over
-the first 4,096 tokens of WikiText-2 test and tiny Shakespeare's validation tail), `gpu_full`
-(windows 256 and 1024 in contexts of 2048 over 32,768 tokens of each).
+the first 4,096 tokens of WikiText-2 test and tiny Shakespeare's validation tail; 2,048 tokens of
+WikiText-2 test decoded through a rolling cache of 0/1/4 sinks + 256), `gpu_full` (windows 256 and
+1024 in contexts of 2048 over 32,768 tokens of each; 16,384 tokens through 4 + 1020).
 """
 
 import ml_collections
@@ -33,10 +34,15 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       "streams": ["wikitext-2-test", "tinyshakespeare"], "windows": [64, 256],
       "sinks": [1, 2, 4, 8], "dense_first": 2, "context": 1024, "n_tokens": 4096,
       "batch_size": 4})
+  # one long stream decoded through the rolling sink + window cache (lm/streaming.py)
+  c.stream_decode = ml_collections.ConfigDict({"stream": "wikitext-2-test", "window": 256,
+                                               "sinks": [0, 1, 4], "n_tokens": 2048})
   if variant == "smoke":
     c.analysis.n_sequences = 4
     c.streaming.update(streams=["wikitext-2-test"], windows=[32], sinks=[1, 4], context=128,
                        n_tokens=512)
+    c.stream_decode.update(window=32, sinks=[0, 4], n_tokens=160)
   elif variant == "gpu_full":
     c.streaming.update(windows=[256, 1024], context=2048, n_tokens=32768, batch_size=8)
+    c.stream_decode.update(window=1020, sinks=[0, 1, 4], n_tokens=16384)
   return c

@@ -18,8 +18,9 @@ change only the mask (same weights, same positions): dense; window W only; k sin
 dense in the first N layers and window-only elsewhere (llm_exploration's hybrid). Windows of
 `context` tokens advance by `context - W`, so every scored token past the first window has at
 least W tokens of context and the variants differ there; this ablates access, not length
-extrapolation (positions stay inside the model's context; rolling-cache decoding beyond it is
-`decode`'s job).
+extrapolation (positions stay inside the model's context). `streaming_decode` decodes one long
+stream through StreamingLLM's rolling sink + window cache (`lm.streaming`), which does go beyond
+the context.
 """
 
 from __future__ import annotations
@@ -271,6 +272,34 @@ def _plots(stats: HeadStats, example: np.ndarray, example_layers, label: str, ou
   return files
 
 
+def streaming_decode(model, tokenizer, d) -> list[dict]:
+  """Perplexity of one long stream decoded token by token through the rolling cache
+  (`lm.streaming`) for each sink count, next to the dense model (sliding windows of the model's
+  context, at most the stream, advancing by half of it) and to dense windows of the cache's size
+  recomputed every quarter of it (StreamingLLM's "sliding window with re-computation")."""
+  from lm import streaming
+
+  if not d.get("n_tokens"):
+    return []
+  ids = _encode(tokenizer, _stream_text(d.stream))[:int(d.n_tokens)]
+  ctx = min(len(ids), model.cfg.max_seq_len)
+  dense = scoring.perplexity(model, ids, window=ctx, stride=max(ctx // 2, 1)).perplexity
+  rows = [{"cache": f"dense (context {ctx}, stride {max(ctx // 2, 1)})", "tokens": len(ids),
+           "perplexity": dense, "vs dense": 1.0}]
+  cache = int(d.window) + max(int(k) for k in d.sinks)
+  if cache < ctx:  # StreamingLLM's oracle: recompute over the last `cache` tokens
+    stride = max(cache // 4, 1)
+    ppl = scoring.perplexity(model, ids, window=cache, stride=stride).perplexity
+    rows.append({"cache": f"dense recomputed over the last {cache} (stride {stride})",
+                 "tokens": len(ids), "perplexity": ppl, "vs dense": ppl / dense})
+  for k in d.sinks:
+    ppl = streaming.streaming_perplexity(model, ids, window=int(d.window), sinks=int(k))
+    rows.append({"cache": f"{k} sinks + window {d.window}", "tokens": len(ids),
+                 "perplexity": ppl, "vs dense": ppl / dense})
+    log.info("streaming %s: %.3f (dense %.3f)", rows[-1]["cache"], ppl, dense)
+  return rows
+
+
 def run(config, run_dir, mesh=None) -> dict:
   import csv
 
@@ -306,12 +335,13 @@ def run(config, run_dir, mesh=None) -> dict:
     table = streaming_table(model, streams, windows=windows, sinks=list(s.sinks),
                             dense_first=int(s.dense_first), context=context,
                             batch_size=int(s.batch_size)) if windows else []
+    decode_rows = streaming_decode(model, tok, config.stream_decode)
     result = {"sink_rate": rates, "first_by_layer": stats.first.mean(axis=1),
               "argmax_by_layer": dict(zip(ARGMAX_KINDS, stats.argmax.T)),
               "mean": {"first": float(stats.first.mean()), "self": float(stats.self_.mean()),
                        "local": float(stats.local.mean()), "entropy": float(stats.entropy.mean()),
                        "sink_column": float(stats.sink_column.mean())},
-              "streaming": table, "context": context}
+              "streaming": table, "context": context, "streaming_decode": decode_rows}
     run_dir.write_json(f"sinks/{label}/sink_rate.json", result)
     summary[label] = result
     report += [
@@ -332,6 +362,10 @@ def run(config, run_dir, mesh=None) -> dict:
          f"advance by context - W; {', '.join(f'{k}: {len(v):,} tokens' for k, v in streams.items())})\n\n"
          + markdown_table([{k: v for k, v in r.items() if not k.endswith("_tokens")}
                            for r in table], floatfmt=".2f") if table else ""),
+        (f"\n### Rolling sink + window KV cache (StreamingLLM decoding, positions re-indexed in "
+         f"the cache) over {config.stream_decode.n_tokens:,} tokens of "
+         f"{config.stream_decode.stream}\n\n" + markdown_table(decode_rows, floatfmt=".2f")
+         if decode_rows else ""),
         *[f"\n![{p}](sinks/{label}/{p})\n" for p in plots],
     ]
   run_dir.write_json("summary.json", summary)

@@ -95,3 +95,6 @@ def test_sinks_smoke_run_on_smollm2(tmp_path, shared_data):
   assert table["window 32"] > 1.5 * table["dense"]  # window only loses the sink
   assert table["1 sink + window 32"] < table["window 32"]
   assert "Perplexity under attention-access variants" in (work / "report.md").read_text()
+  # the rolling cache: 4 sinks keep the stream near dense; window only does not
+  dec = {r["cache"]: r["vs dense"] for r in result["streaming_decode"]}
+  assert dec["4 sinks + window 32"] < 0.5 * dec["0 sinks + window 32"]
