@@ -10,6 +10,8 @@ Variants:
   batch 12, 2,000 iterations, lr 1e-3 -> 1e-4 cosine, warm-up 100, beta2 0.99, dropout 0) on the
   modern block (RMSNorm, RoPE, SwiGLU with ffn 352 ~ the 4d GELU MLP's parameters), first 90% of
   the characters train / last 10% validation, as nanoGPT splits. nanoGPT's figure: val 1.88.
+- `cpu_char256`: the same model at a context of 256 for 1,500 steps (4.6M characters), the base of
+  the sink studies: `--config.model.sink=none|logit|zero|token` (lm/pretrain.py).
 - `cpu`: a small GPT-2-BPE model (4 layers, d 256, 4 heads / 2 kv, context 256) on the offline text
   (tiny Shakespeare, GSM8K train, hh-rlhf test dialogues, AlpacaEval; documents split 95/5 by text
   hash); WikiText-2 stays out for evaluation.
@@ -22,7 +24,7 @@ Variants:
 
 import ml_collections
 
-VARIANTS = ("smoke", "cpu_char", "cpu", "gpu_full")
+VARIANTS = ("smoke", "cpu_char", "cpu_char256", "cpu", "gpu_full")
 # the offline text in GPT-2 BPE (WikiText-2 is kept out: it is the evaluation set)
 OFFLINE_BPE = {"name": "offline-gpt2", "tokenizer": "gpt2",
                "sources": ["tinyshakespeare", "gsm8k", "hh-rlhf", "alpaca-eval"],
@@ -42,12 +44,13 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       "name": "shakespeare-char", "store": "", "tokenizer": "char",
       "sources": ["tinyshakespeare"], "split": "tail", "val_fraction": 0.1, "seed": 0,
       "append_eos": False})
-  # sink_token: an id prepended to every row that every query may attend to (-1: none)
-  c.data = ml_collections.ConfigDict({"seq_len": 64, "sink_token": -1, "val_sources": []})
+  c.data = ml_collections.ConfigDict({"seq_len": 64, "val_sources": []})
   c.model = ml_collections.ConfigDict({
       "preset": "tiny", "overrides": {"d_model": 128, "n_layers": 4, "n_heads": 4,
                                       "n_kv_heads": 4, "d_ff": 352},
-      "vocab_multiple": 1, "dtype": "float32", "seed": 0, "scan_layers": False, "remat": "none"})
+      "vocab_multiple": 1, "dtype": "float32", "seed": 0, "scan_layers": False, "remat": "none",
+      # where attention may park (lm/pretrain.py): none | logit | zero | token
+      "sink": "none"})
   c.loss = ml_collections.ConfigDict({"z_loss": 0.0})
   c.train = ml_collections.ConfigDict({
       "steps": 2000, "batch_size": 12, "grad_accum": 1, "lr": 1e-3, "warmup_steps": 100,
@@ -56,12 +59,16 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       "eval_batches": 40, "checkpoint_every": 500, "keep_checkpoints": 2, "seed": 1337,
       "spike_factor": 0.0, "spike_warmup": 100, "spike_ema": 0.99})
   c.sample_tokens = 300
+  c.sink_rate_sequences = 16  # validation windows for the sink rate logged at every evaluation
   if variant == "smoke":
     c.model.overrides = {"d_model": 32, "n_layers": 2, "n_heads": 2, "n_kv_heads": 1, "d_ff": 64}
     c.train.update(steps=6, batch_size=4, warmup_steps=2, eval_every=3, eval_batch_size=8,
                    eval_batches=2, checkpoint_every=2)
     c.data.seq_len = 32
     c.sample_tokens = 20
+  elif variant == "cpu_char256":  # the sink variants' model: cpu_char at a context of 256
+    c.data.seq_len = 256
+    c.train.update(steps=1500, eval_every=250, eval_batch_size=16, eval_batches=20)
   elif variant == "cpu":
     c.corpus.update(OFFLINE_BPE)
     c.data.seq_len = 256

@@ -8,6 +8,14 @@ with the iterator state, exact `--resume`). Every step logs tokens/s and TFLOP/s
 "causal" convention; MFU where the device's peak is known). Held-out: the validation split's
 windows, token-weighted.
 
+`model.sink` picks how the model may park attention (the from-scratch variants of the sink
+studies): "none" (vanilla softmax), "logit" (one learned sink logit per head, gpt-oss), "zero"
+(that logit frozen at 0: softmax with a 1 in the denominator, StreamingLLM's "zero sink" /
+SoftMax_1), "token" (a dedicated sink token, one id past the corpus vocabulary, prepended to every
+row and visible to every query: StreamingLLM's learnable sink token). Every evaluation also
+logs the sink rate (Gu et al., eps 0.3, on `sink_rate_sequences` validation windows of up to 64
+tokens), so the run records when sinks emerge.
+
 The run directory holds the token store's manifest and split statistics, metrics, checkpoints,
 plots, `summary.json` (final validation loss next to the unigram and bigram baselines of the same
 split) and `report.md`.
@@ -21,6 +29,7 @@ import time
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from lm import config as lm_config
@@ -61,12 +70,21 @@ def lm_loss(model, batch: dict, cfg) -> tuple[jax.Array, dict]:
                 "log_z": (jnp.abs(log_z) * w).sum() / n}
 
 
+SINK_VARIANTS = ("none", "logit", "zero", "token")
+
+
 def model_config(config, vocab_size: int) -> lm_config.ModelConfig:
-  """The preset with the config's overrides, the store's vocabulary (padded to
-  `model.vocab_multiple`) and a context that fits `data.seq_len`."""
+  """The preset with the config's overrides, the store's vocabulary (+ 1 for a sink token, padded
+  to `model.vocab_multiple`) and a context that fits `data.seq_len`."""
   m = config.model
   overrides = dict(m.get("overrides") or {})
   multiple = int(m.get("vocab_multiple", 1))
+  sink = m.get("sink", "none")
+  if sink not in SINK_VARIANTS:
+    raise ValueError(f"model.sink={sink!r} is unknown; use one of {SINK_VARIANTS}.")
+  if sink in ("logit", "zero"):
+    overrides["attention_sinks"] = True
+  vocab_size += sink == "token"
   overrides["vocab_size"] = -(-vocab_size // multiple) * multiple
   overrides.setdefault("max_seq_len", max(int(config.data.seq_len),
                                           lm_config.PRESETS[m.preset].max_seq_len))
@@ -84,6 +102,13 @@ def init_loss_prediction(cfg: lm_config.ModelConfig) -> float:
   return math.log(cfg.vocab_size) + _INIT_STD**2 * cfg.d_model / 2
 
 
+def trainable(config):
+  """Every parameter, except the sink logits of the "zero" variant (they stay at 0)."""
+  if config.model.get("sink", "none") == "zero":
+    return nnx.All(nnx.Param, nnx.Not(nnx.PathContains("sinks")))
+  return nnx.Param
+
+
 def _store_dir(config):
   path = config.corpus.get("store") or f"runs/corpora/{config.corpus.name}"
   return REPO_ROOT / path if not path.startswith("/") else path
@@ -97,15 +122,27 @@ def validation_loss(trainer: Trainer, windows: corpus.Windows, batch_size: int,
   return {"loss": nll, "ppl": math.exp(min(nll, 50.0)), "log_z": m["log_z"]}
 
 
+def _sink_probe(windows: corpus.Windows, n: int):
+  """`[n, T]` validation tokens for the sink rate (T <= 64, the first n windows; None if n = 0)."""
+  if n <= 0:
+    return None
+  t = min(64, windows.seq_len)
+  rows = [windows[i]["tokens"][:t] for i in range(min(n, len(windows)))]
+  return np.stack(rows)
+
+
 def _sample(model, tokenizer, prompt_ids: list[int], n: int, seq_len: int, seed: int,
-            temperature: float = 0.8) -> str:
-  """A short sample for the report: ancestral sampling over the last `seq_len` tokens."""
+            vocab: int, prefix: list[int], temperature: float = 0.8) -> str:
+  """A short sample for the report: ancestral sampling over the corpus vocabulary (`vocab` ids),
+  each step reading `prefix` + the last tokens that fill `seq_len` (left-padded with the first
+  prompt token at the start, for one static shape)."""
   ids = list(prompt_ids)
   key = jax.random.key(seed)
-  fwd = nnx.jit(lambda m, t: m(t)[0][0, -1])
+  fwd = nnx.jit(lambda m, t: m(t)[0][0, -1, :vocab])
+  span = seq_len - len(prefix)
   for _ in range(n):
-    window = ids[-seq_len:]
-    window = [window[0]] * (seq_len - len(window)) + window  # static shape: repeat the first
+    window = ids[-span:]
+    window = prefix + [window[0]] * (span - len(window)) + window
     logits = fwd(model, jnp.asarray([window], jnp.int32))
     key, sub = jax.random.split(key)
     ids.append(int(jax.random.categorical(sub, logits / temperature)))
@@ -117,8 +154,7 @@ def run(config, run_dir: RunDir, mesh=None) -> dict:
   run_dir.write_json("corpus_manifest.json",
                      {k: v for k, v in store.manifest.items() if k != "documents"})
   seq_len = int(config.data.seq_len)
-  sink = config.data.get("sink_token")
-  sink = None if sink is None or sink < 0 else int(sink)
+  sink = store.vocab_size if config.model.get("sink", "none") == "token" else None
   train_tokens, train_docs = store.split_stream("train")
   val_tokens, val_docs = store.split_stream("val", config.data.get("val_sources") or None)
   train_w = corpus.Windows(train_tokens, train_docs, seq_len, sink)
@@ -127,8 +163,8 @@ def run(config, run_dir: RunDir, mesh=None) -> dict:
   cfg = model_config(config, store.vocab_size)
   model = Transformer(cfg, rngs=nnx.Rngs(params=int(config.model.get("seed", 0))))
   fpt = flops.flops_per_token(cfg, seq_len)
-  trainer = Trainer(model, lm_loss, config.loss, config.train, trainable=nnx.Param, mesh=mesh,
-                    flops_per_token=fpt.total)
+  trainer = Trainer(model, lm_loss, config.loss, config.train, trainable=trainable(config),
+                    mesh=mesh, flops_per_token=fpt.total)
   train_iter = iter(corpus.packed_dataset(train_w, batch_size=config.train.batch_size,
                                           seed=int(config.train.seed)))
   eval_bs = int(config.train.get("eval_batch_size", config.train.batch_size))
@@ -149,7 +185,16 @@ def run(config, run_dir: RunDir, mesh=None) -> dict:
 
   ckpt = Checkpointer(run_dir.path / "checkpoints",
                       max_to_keep=config.train.get("keep_checkpoints", 2))
-  evaluate = lambda: validation_loss(trainer, val_w, eval_bs, max_eval)
+  probe = _sink_probe(val_w, int(config.get("sink_rate_sequences", 16)))
+
+  def evaluate():
+    out = validation_loss(trainer, val_w, eval_bs, max_eval)
+    if probe is not None:
+      from lm import sinks
+
+      out["sink_rate"] = sinks.head_stats(trainer.model, probe).sink_rate(0.3)
+    return out
+
   t0 = time.time()
   history = trainer.fit(train_iter, run_dir=run_dir, ckpt=ckpt, evaluate=evaluate,
                         resume=getattr(run_dir, "resume", False))
@@ -160,14 +205,14 @@ def run(config, run_dir: RunDir, mesh=None) -> dict:
     return {}
   baselines = corpus.bigram_nll(train_tokens, val_tokens, store.vocab_size)
   plots = plot_history(history, ["loss", "nll", "tokens_per_s", "tflops_per_s", "mfu",
-                                 "grad_norm", "lr", "log_z"], run_dir)
+                                 "grad_norm", "lr", "log_z", "sink_rate"], run_dir)
   plots.append(_plot_curve(history, baselines, run_dir))
   tokenizer = corpus.tokenizer_from_json(store.tokenizer_meta)
   sample = ""
   if config.get("sample_tokens", 0):
     prompt = val_tokens[:min(seq_len // 2, 16)].tolist()
     sample = _sample(trainer.model, tokenizer, prompt, int(config.sample_tokens), seq_len,
-                     int(config.train.seed))
+                     int(config.train.seed), store.vocab_size, [sink] if sink is not None else [])
   summary = {
       "model": cfg.name, "n_params": cfg.n_params, "steps": trainer.step, "wall_s": wall,
       "compile_s": trainer.times.compile_s, "tokens_per_s": trainer.times.tokens_per_s,
@@ -231,8 +276,9 @@ def _plot_curve(history: list[dict], baselines: dict, run_dir: RunDir) -> str:
 
 
 
-def load_run(workdir) -> tuple[Transformer, object]:
-  """(model at the run's last checkpoint, its tokenizer) from a `pretrain` run directory."""
+def load_run(workdir) -> tuple[Transformer, object, list[int]]:
+  """(model at the run's last checkpoint, its tokenizer, the prefix every input starts with: its
+  sink token, or none) from a `pretrain` run directory."""
   import json
   from pathlib import Path
 
@@ -246,5 +292,6 @@ def load_run(workdir) -> tuple[Transformer, object]:
   with Checkpointer(workdir / "checkpoints") as ckpt:
     if ckpt.latest_step is None:
       raise FileNotFoundError(f"{workdir} has no checkpoint; train it first.")
-    ckpt.restore(nnx.state(model, nnx.Param), step=ckpt.latest_step)
-  return model, corpus.tokenizer_from_json(manifest["tokenizer"])
+    ckpt.restore(nnx.state(model, trainable(config)), step=ckpt.latest_step)
+  prefix = [int(manifest["tokenizer"]["vocab_size"])] if config.model.get("sink") == "token" else []
+  return model, corpus.tokenizer_from_json(manifest["tokenizer"]), prefix

@@ -149,21 +149,23 @@ def sliding_windows(n_tokens: int, window: int, stride: int) -> list[tuple[int, 
 
 
 def perplexity(model, token_ids: Sequence[int], *, window: int, stride: int,
-               batch_size: int = 4) -> PerplexityResult:
-  """Sliding-window perplexity of one long token stream (static shapes: one compile)."""
+               batch_size: int = 4, prefix: Sequence[int] = ()) -> PerplexityResult:
+  """Sliding-window perplexity of one long token stream (static shapes: one compile). `prefix`
+  (e.g. a model's sink token) starts every window, outside the `window` tokens of text."""
   inputs.token_array(np.asarray(token_ids), vocab_size=model.cfg.vocab_size, what="token_ids")
-  if window > model.cfg.max_seq_len:
-    raise inputs.InputError(f"window={window} is more than the model's max_seq_len "
-                            f"{model.cfg.max_seq_len}; use a window <= max_seq_len.")
+  prefix = [int(t) for t in prefix]
+  if window + len(prefix) > model.cfg.max_seq_len:
+    raise inputs.InputError(f"window={window} (+ a prefix of {len(prefix)}) is more than the "
+                            f"model's max_seq_len {model.cfg.max_seq_len}; use a smaller window.")
   ids = np.asarray(token_ids, np.int32).tolist()
   spans = sliding_windows(len(ids), window, stride)
   # Each window is a (context, scored tokens) row; a window's first token is never scored.
   firsts = [b + max(e - b - n, 1) for b, e, n in spans]
-  contexts = [ids[b:f] for (b, _, _), f in zip(spans, firsts)]
+  contexts = [prefix + ids[b:f] for (b, _, _), f in zip(spans, firsts)]
   scored = [ids[f:e] for (_, e, _), f in zip(spans, firsts)]
   graphdef, state = nnx.split(model)
   fn = lambda t, m, _: {"lp": _next_token_logprobs_jit(graphdef, state, t, m)}
-  rows = score_rows(fn, contexts, scored, batch_size=batch_size, multiple=window,
+  rows = score_rows(fn, contexts, scored, batch_size=batch_size, multiple=window + len(prefix),
                     desc="perplexity")
   nll_sum = -float(sum(np.sum(r["lp"], dtype=np.float64) for r in rows))
   return PerplexityResult(nll_sum, sum(map(len, scored)), len(spans), window, stride)

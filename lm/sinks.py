@@ -170,9 +170,11 @@ def variants(windows: Sequence[int], sinks: Sequence[int], dense_first: int
 
 def streaming_table(model, streams: dict[str, Sequence[int]], *, windows: Sequence[int],
                     sinks: Sequence[int] = (1, 2, 4, 8), dense_first: int = 2,
-                    context: int = 1024, batch_size: int = 4) -> list[dict]:
+                    context: int = 1024, batch_size: int = 4, prefix: Sequence[int] = ()
+                    ) -> list[dict]:
   """Rows {variant, window, sinks, <stream>: perplexity, ...}; see the module docstring. The
-  model's config is swapped per variant and restored after."""
+  model's config is swapped per variant and restored after. `prefix` (a sink token) starts every
+  context window and counts among its positions."""
   base = model.cfg
   rows = []
   try:
@@ -180,8 +182,9 @@ def streaming_table(model, streams: dict[str, Sequence[int]], *, windows: Sequen
       model.cfg = variant_config(base, w, **kw)
       row = {"variant": name, "window": w, "sinks": kw.get("sinks", 0)}
       for stream_name, ids in streams.items():
-        stride = context - w
-        res = scoring.perplexity(model, ids, window=context, stride=stride, batch_size=batch_size)
+        span = context - len(prefix)
+        res = scoring.perplexity(model, ids, window=span, stride=span - w, batch_size=batch_size,
+                                 prefix=prefix)
         row[stream_name] = res.perplexity
         row[f"{stream_name}_tokens"] = res.n_tokens
       log.info("%s: %s", name, {k: round(v, 3) for k, v in row.items() if isinstance(v, float)})
@@ -214,17 +217,18 @@ def _stream_text(name: str) -> str:
 
 
 def load_model(spec: str):
-  """(model, tokenizer, label): a pretraining run directory (its last checkpoint), or any name
-  `lm.hub.load` resolves (hub id, HF directory, .gguf, offline alias)."""
+  """(model, tokenizer, label, prefix): a pretraining run directory (its last checkpoint; prefix
+  = its sink token when it was trained with one), or any name `lm.hub.load` resolves (hub id, HF
+  directory, .gguf, offline alias)."""
   from pathlib import Path
 
   from lm import hub, pretrain
 
   if (Path(spec) / "corpus_manifest.json").exists():
-    model, tok = pretrain.load_run(spec)
-    return model, tok, Path(spec).name
+    model, tok, prefix = pretrain.load_run(spec)
+    return model, tok, Path(spec).name, prefix
   model, tok = hub.load(spec)
-  return model, tok, Path(spec).name.lower()
+  return model, tok, Path(spec).name.lower(), []
 
 
 def _plots(stats: HeadStats, example: np.ndarray, example_layers, label: str, out_dir) -> list[str]:
@@ -272,7 +276,7 @@ def _plots(stats: HeadStats, example: np.ndarray, example_layers, label: str, ou
   return files
 
 
-def streaming_decode(model, tokenizer, d) -> list[dict]:
+def streaming_decode(model, tokenizer, d, prefix: Sequence[int] = ()) -> list[dict]:
   """Perplexity of one long stream decoded token by token through the rolling cache
   (`lm.streaming`) for each sink count, next to the dense model (sliding windows of the model's
   context, at most the stream, advancing by half of it) and to dense windows of the cache's size
@@ -282,18 +286,21 @@ def streaming_decode(model, tokenizer, d) -> list[dict]:
   if not d.get("n_tokens"):
     return []
   ids = _encode(tokenizer, _stream_text(d.stream))[:int(d.n_tokens)]
-  ctx = min(len(ids), model.cfg.max_seq_len)
-  dense = scoring.perplexity(model, ids, window=ctx, stride=max(ctx // 2, 1)).perplexity
+  prefix = list(prefix)
+  ctx = min(len(ids), model.cfg.max_seq_len - len(prefix))
+  dense = scoring.perplexity(model, ids, window=ctx, stride=max(ctx // 2, 1),
+                             prefix=prefix).perplexity
   rows = [{"cache": f"dense (context {ctx}, stride {max(ctx // 2, 1)})", "tokens": len(ids),
            "perplexity": dense, "vs dense": 1.0}]
   cache = int(d.window) + max(int(k) for k in d.sinks)
   if cache < ctx:  # StreamingLLM's oracle: recompute over the last `cache` tokens
     stride = max(cache // 4, 1)
-    ppl = scoring.perplexity(model, ids, window=cache, stride=stride).perplexity
+    ppl = scoring.perplexity(model, ids, window=cache, stride=stride, prefix=prefix).perplexity
     rows.append({"cache": f"dense recomputed over the last {cache} (stride {stride})",
                  "tokens": len(ids), "perplexity": ppl, "vs dense": ppl / dense})
   for k in d.sinks:
-    ppl = streaming.streaming_perplexity(model, ids, window=int(d.window), sinks=int(k))
+    ppl = streaming.streaming_perplexity(model, prefix + ids, window=int(d.window),
+                                         sinks=int(k), skip=len(prefix))
     rows.append({"cache": f"{k} sinks + window {d.window}", "tokens": len(ids),
                  "perplexity": ppl, "vs dense": ppl / dense})
     log.info("streaming %s: %.3f (dense %.3f)", rows[-1]["cache"], ppl, dense)
@@ -312,11 +319,12 @@ def run(config, run_dir, mesh=None) -> dict:
                          f"window {a.local}. Sink rate = share of (layer, head) with Gu alpha_1 > "
                          "eps.\n"]
   for spec in config.models:
-    model, tok, label = load_model(spec)
+    model, tok, label, prefix = load_model(spec)
     out = run_dir.path / "sinks" / label
     out.mkdir(parents=True, exist_ok=True)
     ids = _encode(tok, _stream_text(a.source)[:400_000])
-    seqs = np.array([ids[i * a.seq_len:(i + 1) * a.seq_len] for i in range(a.n_sequences)])
+    n = a.seq_len - len(prefix)
+    seqs = np.array([prefix + ids[i * n:(i + 1) * n] for i in range(a.n_sequences)])
     if seqs.shape != (a.n_sequences, a.seq_len):
       raise ValueError(f"{a.source} gives fewer than {a.n_sequences} x {a.seq_len} tokens.")
     stats = head_stats(model, seqs, lambda x: tok.decode(x), local=int(a.local))
@@ -334,8 +342,8 @@ def run(config, run_dir, mesh=None) -> dict:
     streams = {name: _encode(tok, _stream_text(name))[:int(s.n_tokens)] for name in s.streams}
     table = streaming_table(model, streams, windows=windows, sinks=list(s.sinks),
                             dense_first=int(s.dense_first), context=context,
-                            batch_size=int(s.batch_size)) if windows else []
-    decode_rows = streaming_decode(model, tok, config.stream_decode)
+                            batch_size=int(s.batch_size), prefix=prefix) if windows else []
+    decode_rows = streaming_decode(model, tok, config.stream_decode, prefix)
     result = {"sink_rate": rates, "first_by_layer": stats.first.mean(axis=1),
               "argmax_by_layer": dict(zip(ARGMAX_KINDS, stats.argmax.T)),
               "mean": {"first": float(stats.first.mean()), "self": float(stats.self_.mean()),

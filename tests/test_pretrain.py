@@ -297,3 +297,26 @@ def test_spike_guard_skips_steps_above_the_running_mean():
                            zip(jax.tree.leaves(a), jax.tree.leaves(b)))
   assert moved(snapshots[0], snapshots[1])
   assert not moved(snapshots[1], snapshots[2]) and not moved(snapshots[2], snapshots[3])
+
+
+@pytest.mark.slow
+def test_sink_variants_train_and_load(tmp_path, shared_data):
+  """"zero" keeps the sink logits at 0 while the rest trains; "token" prepends one id past the
+  corpus vocabulary, and the run loads back with that prefix."""
+  store = tmp_path / "store"
+  for sink in ("zero", "token"):
+    work = tmp_path / sink
+    p = subprocess.run(launch_cmd("--config=configs/pretrain.py:smoke", f"--workdir={work}",
+                                  f"--config.corpus.store={store}", f"--config.model.sink={sink}",
+                                  "--config.train.steps=3"),
+                       cwd=REPO, env=launch_env(), capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, p.stderr[-3000:]
+    model, _, prefix = pretrain.load_run(work)
+    stats = json.loads((work / "data_stats.json").read_text())
+    assert "eval/sink_rate" in (work / "metrics.jsonl").read_text()
+    if sink == "zero":
+      assert prefix == [] and model.cfg.attention_sinks
+      for block in model.layers:
+        np.testing.assert_array_equal(np.asarray(block.attn.sinks[...]), 0.0)
+    else:
+      assert prefix == [65] and stats["sink_token"] == 65 and model.cfg.vocab_size == 66
