@@ -5,19 +5,24 @@ window / dense first layers + window) for each model in `models`: hub names or a
 `pretrain` run directories (their last checkpoint).
 
   python launch.py --config=configs/sinks.py:cpu --workdir=runs/sinks
-  python launch.py --config=configs/sinks.py:cpu --workdir=runs/sinks-ours \\
-      --config.models='("runs/pretrain-char",)'
+  python launch.py --config=configs/sinks.py:ours --workdir=runs/sinks-ours
 
 Variants: `smoke` (SmolLM2, 4 sequences, one window, 512 tokens), `cpu` (SmolLM2-135M-Instruct:
 Gu et al.'s setting of 100 sequences x 64 tokens; windows 64 and 256 in contexts of 1024 over
 the first 4,096 tokens of WikiText-2 test and tiny Shakespeare's validation tail; 2,048 tokens of
-WikiText-2 test decoded through a rolling cache of 0/1/4 sinks + 256), `gpu_full` (windows 256 and
-1024 in contexts of 2048 over 32,768 tokens of each; 16,384 tokens through 4 + 1020).
+WikiText-2 test decoded through a rolling cache of 0/1/4 sinks + 256), `ours` (the four
+`pretrain.py:cpu_char256` sink variants, trained first with `--config.model.sink=none|logit|zero|
+token --workdir=runs/char256-<sink>`: tiny Shakespeare's validation tail, windows 32 and 64 in
+contexts of 256, 2,048 characters = 8 contexts through 0/1/4 sinks + 60, and each run's sink rate
+over its training steps), `gpu_full` (windows 256 and 1024 in contexts of 2048 over 32,768 tokens
+of each; 16,384 tokens through 4 + 1020).
 """
 
 import ml_collections
 
-VARIANTS = ("smoke", "cpu", "gpu_full")
+VARIANTS = ("smoke", "cpu", "ours", "gpu_full")
+# pretrain.py:cpu_char256 with each model.sink variant (see the module docstring)
+OURS = tuple(f"runs/char256-{v}" for v in ("none", "logit", "zero", "token"))
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
@@ -42,6 +47,12 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.streaming.update(streams=["wikitext-2-test"], windows=[32], sinks=[1, 4], context=128,
                        n_tokens=512)
     c.stream_decode.update(window=32, sinks=[0, 4], n_tokens=160)
+  elif variant == "ours":  # character models of tiny Shakespeare, context 256
+    c.models = OURS
+    c.analysis.source = "tinyshakespeare"
+    c.streaming.update(streams=["tinyshakespeare"], windows=[32, 64], context=256,
+                       n_tokens=8192, batch_size=8)
+    c.stream_decode.update(stream="tinyshakespeare", window=60, sinks=[0, 1, 4], n_tokens=2048)
   elif variant == "gpu_full":
     c.streaming.update(windows=[256, 1024], context=2048, n_tokens=32768, batch_size=8)
     c.stream_decode.update(window=1020, sinks=[0, 1, 4], n_tokens=16384)

@@ -376,6 +376,44 @@ def run(config, run_dir, mesh=None) -> dict:
          if decode_rows else ""),
         *[f"\n![{p}](sinks/{label}/{p})\n" for p in plots],
     ]
+  curves = _training_curves(config.models)
+  if curves:
+    report += ["## Sink rate (eps 0.3) over pretraining steps\n",
+               f"![sink rate](plots/{_plot_curves(curves, run_dir)})\n"]
+    summary["sink_rate_over_steps"] = curves
   run_dir.write_json("summary.json", summary)
   run_dir.write_report("\n".join(report))
   return {}
+
+
+def _training_curves(specs) -> dict[str, list]:
+  """{run name: [(step, sink rate)]} from the `eval/sink_rate` of `pretrain` run directories."""
+  import json
+  from pathlib import Path
+
+  out = {}
+  for spec in specs:
+    path = Path(spec) / "metrics.jsonl"
+    if not path.exists():
+      continue
+    pts = [(r["step"], r["eval/sink_rate"]) for r in map(json.loads, path.read_text().splitlines())
+           if r.get("eval/sink_rate") is not None]
+    if pts:
+      out[Path(spec).name] = pts
+  return out
+
+
+def _plot_curves(curves: dict[str, list], run_dir) -> str:
+  from lm.run import pyplot, save_figure
+
+  plt = pyplot()
+  fig, ax = plt.subplots(figsize=(6, 3.5))
+  for name, pts in curves.items():
+    ax.plot(*zip(*pts), "o-", label=name)
+  ax.set_xlabel("training step")
+  ax.set_ylabel("sink rate (alpha_1 > 0.3)")
+  ax.set_ylim(-0.02, 1.02)
+  ax.grid(alpha=0.3)
+  ax.legend()
+  save_figure(fig, run_dir.plots / "sink_rate_over_steps.png")
+  return "sink_rate_over_steps.png"
