@@ -44,6 +44,7 @@ TASKS = {
     "train": "align.train:run",
     "pretrain": "lm.pretrain:run",
     "sinks": "lm.sinks:run",
+    "pipeline": "align.pipeline:run",
     "align_eval": "align.evals.compare:run",
     "toy_superposition": "sae.toy:run",
     "usae": "sae.experiment:run",
@@ -84,7 +85,7 @@ def main(argv):
   if task not in TASKS:
     raise app.UsageError(f"config.task={task!r} is unknown; known tasks: {sorted(TASKS)}")
 
-  if task in ("train", "pretrain"):
+  if task in ("train", "pretrain", "pipeline"):
     from lm.runtime import use_cpu_training_flags
 
     use_cpu_training_flags()  # before the backend starts

@@ -25,10 +25,20 @@ log = logging.getLogger(__name__)
 
 
 def load_model(model_cfg):
-  """(Transformer, tokenizer) through the one loader (`lm.hub.load`): real weights by `name`, or a
-  random `preset` (smoke runs) with the vocabulary of `tokenizer`; `scan_layers`/`remat` set how
-  the stack runs."""
-  if model_cfg.get("preset"):
+  """(Transformer, tokenizer) through the one loader (`lm.hub.load`): real weights by `name` (or a
+  `pretrain` run directory), or a random `preset` (smoke runs) with the vocabulary of `tokenizer`;
+  `scan_layers`/`remat` set how the stack runs."""
+  from pathlib import Path
+
+  if model_cfg.get("name") and (Path(model_cfg.name) / "corpus_manifest.json").exists():
+    from lm import pretrain  # a `pretrain` run directory: its last checkpoint
+
+    model, tok, prefix = pretrain.load_run(model_cfg.name)
+    if prefix or not hasattr(tok, "to_hf"):
+      raise ValueError(f"{model_cfg.name} was pretrained with a sink token or a character "
+                       "vocabulary; the alignment stages need a GPT-2 BPE model without one.")
+    tok = tok.to_hf()
+  elif model_cfg.get("preset"):
     model, tok = hub.load(preset=model_cfg.preset, tokenizer=model_cfg.tokenizer,
                           dtype=model_cfg.dtype, seed=model_cfg.get("seed", 0))
   else:

@@ -75,8 +75,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.model.overrides = {"d_model": 256, "n_layers": 4, "n_heads": 4, "n_kv_heads": 2,
                          "d_ff": 688}
     c.model.vocab_multiple = 64
-    c.train.update(steps=1500, batch_size=16, lr=1e-3, warmup_steps=100, b2=0.95,
-                   eval_every=250, eval_batch_size=16, eval_batches=20, checkpoint_every=250)
+    c.train.update(steps=600, batch_size=8, lr=1e-3, warmup_steps=60, b2=0.95,
+                   eval_every=100, eval_batch_size=16, eval_batches=20, checkpoint_every=100)
     c.sample_tokens = 60
   elif variant == "gpu_full":
     c.corpus.update(OFFLINE_BPE)

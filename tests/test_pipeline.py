@@ -1,0 +1,32 @@
+"""The pretrain -> SFT -> DPO -> verifier pipeline runs every stage from one config, each stage
+starting from the previous one's weights, and writes the evaluation table per stage."""
+
+import json
+import math
+import subprocess
+
+import pytest
+
+from tests_helpers import REPO, launch_cmd, launch_env
+
+
+@pytest.mark.slow
+def test_pipeline_smoke_runs_every_stage(tmp_path, shared_data):
+  work = tmp_path / "pipe"
+  r = subprocess.run(launch_cmd("--config=configs/pipeline.py:smoke", f"--workdir={work}",
+                                f"--config.stages.pretrain.overrides.corpus.store={tmp_path / 's'}"),
+                     cwd=REPO, env=launch_env(), capture_output=True, text=True, timeout=900)
+  assert r.returncode == 0, r.stderr[-3000:]
+  for stage in ("pretrain", "sft", "dpo", "verifier"):
+    assert (work / stage / "summary.json").exists(), stage
+  # SFT started from the pretraining run's checkpoint, DPO from SFT's export
+  sft = json.loads((work / "sft/config.json").read_text())
+  dpo = json.loads((work / "dpo/config.json").read_text())
+  assert sft["model"]["name"] == str(work / "pretrain")
+  assert dpo["model"]["name"] == str(work / "sft/model")
+  summary = json.loads((work / "summary.json").read_text())
+  assert [row["stage"] for row in summary["table"]] == ["pretrain", "sft", "dpo"]
+  for row in summary["table"]:
+    assert math.isfinite(row["wikitext2_test_ppl"]) and math.isfinite(
+        row["wikitext2_valid_lines_ppl"]) and 0 <= row["gsm8k_em"] <= 1
+  assert {row["method"] for row in summary["verifier"]} >= {"verifier", "majority", "oracle"}
