@@ -199,6 +199,11 @@ def streaming_table(model, streams: dict[str, Sequence[int]], *, windows: Sequen
 # The `sinks` task
 
 
+def token_text(tokenizer, prefix: Sequence[int] = ()):
+  """`ids -> text` for the census; a model's sink token (outside the tokenizer) reads "<sink>"."""
+  return lambda ids: "<sink>" if list(ids) == list(prefix[:1]) else tokenizer.decode(ids)
+
+
 def _encode(tokenizer, text: str) -> list[int]:
   out = tokenizer.encode(text)
   return list(out.ids if hasattr(out, "ids") else out)
@@ -327,7 +332,7 @@ def run(config, run_dir, mesh=None) -> dict:
     seqs = np.array([prefix + ids[i * n:(i + 1) * n] for i in range(a.n_sequences)])
     if seqs.shape != (a.n_sequences, a.seq_len):
       raise ValueError(f"{a.source} gives fewer than {a.n_sequences} x {a.seq_len} tokens.")
-    stats = head_stats(model, seqs, lambda x: tok.decode(x), local=int(a.local))
+    stats = head_stats(model, seqs, token_text(tok, prefix), local=int(a.local))
     with open(out / "mass.csv", "w", newline="") as fh:
       w = csv.DictWriter(fh, fieldnames=list(stats.rows()[0]))
       w.writeheader()

@@ -321,3 +321,8 @@ def test_sink_variants_train_and_load(tmp_path, shared_data):
         np.testing.assert_array_equal(np.asarray(block.attn.sinks[...]), 0.0)
     else:
       assert prefix == [65] and stats["sink_token"] == 65 and model.cfg.vocab_size == 66
+      from lm import sinks
+
+      _, tok, _, prefix = sinks.load_model(str(work))
+      seqs = np.array([prefix + tok.encode("To be, or not to be")])
+      assert sinks.head_stats(model, seqs, sinks.token_text(tok, prefix)).first.shape == (2, 2)
