@@ -292,6 +292,8 @@ def load_run(workdir) -> tuple[Transformer, object, list[int]]:
   with Checkpointer(workdir / "checkpoints") as ckpt:
     if ckpt.latest_step is None:
       raise FileNotFoundError(f"{workdir} has no checkpoint; train it first.")
-    ckpt.restore(nnx.state(model, trainable(config)), step=ckpt.latest_step)
+    state = nnx.state(model, trainable(config))
+    ckpt.restore(state, step=ckpt.latest_step)
+    nnx.update(model, state)
   prefix = [int(manifest["tokenizer"]["vocab_size"])] if config.model.get("sink") == "token" else []
   return model, corpus.tokenizer_from_json(manifest["tokenizer"]), prefix

@@ -273,6 +273,11 @@ def test_sigkill_and_resume_equals_uninterrupted(tmp_path, shared_data):
   assert sa == sb == 6
   for x, y in zip(jax.tree.leaves(pa), jax.tree.leaves(pb), strict=True):
     np.testing.assert_array_equal(x, y)
+  # the run loads back with its last checkpoint's weights (what the sinks and pipeline tasks use)
+  model, _, _ = pretrain.load_run(tmp_path / "full")
+  loaded = nnx.to_pure_dict(nnx.state(model, nnx.Param))
+  for x, y in zip(jax.tree.leaves(loaded), jax.tree.leaves(pa), strict=True):
+    np.testing.assert_array_equal(x, y)
 
 
 def test_spike_guard_skips_steps_above_the_running_mean():
