@@ -62,7 +62,9 @@ def _run_stage(name: str, stage_cfg, path: Path, task: str):
 
 
 def wikitext_perplexity(model, tokenizer, n_tokens: int | None) -> float:
-  ids = _encode(tokenizer, lm_data.load_wikitext("test"))[:n_tokens]
+  """WikiText-2 test: windows of the model's context advancing by half of it (the first
+  `n_tokens` tokens; 0 or None: all)."""
+  ids = _encode(tokenizer, lm_data.load_wikitext("test"))[:n_tokens or None]  # 0: every token
   ctx = min(model.cfg.max_seq_len, len(ids))
   return scoring.perplexity(model, ids, window=ctx, stride=max(ctx // 2, 1)).perplexity
 
