@@ -29,7 +29,10 @@ asserted). What else differs between the sides is the JSON's `differs`.
 
 On a GPU (when JAX sees one; JAX_PLATFORMS=cpu keeps ours on the CPU) ours runs there, e.g.
 `--preset modern-253m --dtype bfloat16 --seq 1024 --no_torch`, and the JSON adds its MFU against
-`lm.flops.peak_flops()`; the torch side always runs float32 on the CPU.
+`lm.flops.peak_flops()`. `--torch_device cuda --dtype bfloat16` races torch on the same GPU
+(bf16 autocast over float32 weights, sdpa, eager); `--attention_impl fused`, `--sink logit`,
+`--scan_layers`, `--remat` and `--nodocument_mask` pick ours' variant (benchmarks/gpu_pretrain.sh
+runs the set).
 
   python -m benchmarks.pretrain_step [--rounds 5 --warmup 1] [--quick] [--strict]
 
@@ -38,6 +41,7 @@ Progress goes to stderr; the last stdout line is one JSON object.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -58,7 +62,18 @@ flags.DEFINE_integer("seq", 256, "Tokens per row (context).")
 flags.DEFINE_string("preset", "tiny", "Model preset; configs/pretrain.py:cpu's overrides apply "
                     "only to its own preset ('tiny'), another preset runs as it is.")
 flags.DEFINE_string("dtype", "float32", "ours: compute dtype (bfloat16 needs --no_torch).")
+flags.DEFINE_enum("attention_impl", "unfused", ["unfused", "fused"],
+                  "ours: lm.model's materialised softmax, or lm.attention (cuDNN on a GPU)")
+flags.DEFINE_enum("sink", "none", ["none", "logit"], "ours: 'logit' adds a learned sink logit per "
+                  "head (the torch side has none: --no_torch)")
+flags.DEFINE_bool("document_mask", True, "ours: lm_loss's per-document mask (False: plain "
+                  "causal, as torch's side runs)")
+flags.DEFINE_bool("scan_layers", False, "ours: the layer stack as one lax.scan")
+flags.DEFINE_enum("remat", "none", ["none", "full", "dots", "dots_no_batch"], "ours: remat policy")
 flags.DEFINE_bool("no_torch", False, "Run ours alone (e.g. on a GPU, for MFU).")
+flags.DEFINE_enum("torch_device", "cpu", ["cpu", "cuda"],
+                  "torch side's device; on cuda it runs --dtype bfloat16 as torch.autocast over "
+                  "float32 weights (ours: bf16 compute over float32 masters)")
 flags.DEFINE_integer("torch_threads", 0, "torch intra-op threads (0: os.cpu_count()).")
 flags.DEFINE_enum("torch_adamw", "default", ["default", "foreach", "fused"],
                   "torch AdamW kernel: 'default' leaves fused and foreach unset (on CPU torch then "
@@ -72,7 +87,9 @@ FLAGS = flags.FLAGS
 GPT2_VOCAB = 50257
 SEED = 0
 TARGET_RATIO = 1.2
-FORWARD = ("rounds", "warmup", "batch", "seq", "preset", "dtype", "torch_threads", "torch_adamw")
+FORWARD = ("rounds", "warmup", "batch", "seq", "preset", "dtype", "torch_threads", "torch_adamw",
+           "torch_device",
+           "attention_impl", "sink", "scan_layers", "remat", "document_mask")
 
 
 def _config():
@@ -83,7 +100,8 @@ def _config():
   if FLAGS.preset != c.model.preset:
     c.model.preset = FLAGS.preset
     c.model.overrides = {}  # assigned, not update()d: ConfigDict.update merges nested dicts
-  c.model.dtype = FLAGS.dtype
+  c.model.update(dtype=FLAGS.dtype, attention_impl=FLAGS.attention_impl, sink=FLAGS.sink,
+                 scan_layers=FLAGS.scan_layers, remat=FLAGS.remat)
   c.data.seq_len = FLAGS.seq
   return c
 
@@ -137,8 +155,9 @@ def _ours_side() -> None:
   train_cfg = ml_collections.ConfigDict(dict(
       steps=_steps(), batch_size=FLAGS.batch, grad_accum=1, warmup_steps=0, schedule="constant",
       spike_factor=0.0, seed=0, **_optimizer()))
-  trainer = Trainer(Transformer(cfg, rngs=nnx.Rngs(params=SEED)), pretrain.lm_loss,
-                    ml_collections.ConfigDict({"z_loss": 0.0}), train_cfg, trainable=nnx.Param,
+  loss_cfg = ml_collections.ConfigDict({"z_loss": 0.0, "document_mask": FLAGS.document_mask})
+  trainer = Trainer(Transformer(cfg, rngs=nnx.Rngs(params=SEED)), pretrain.lm_loss, loss_cfg,
+                    train_cfg, trainable=nnx.Param,
                     flops_per_token=flops.flops_per_token(cfg, FLAGS.seq).total)
   harness.say(event="ready")
   for batch in batches:
@@ -160,7 +179,10 @@ def _torch_side() -> None:
   torch.manual_seed(SEED)
   config = transformers.LlamaConfig(**json.loads(FLAGS.hf_config), attn_implementation="sdpa",
                                     use_cache=False)
-  model = transformers.LlamaForCausalLM(config).float().train()
+  device = torch.device(FLAGS.torch_device)
+  model = transformers.LlamaForCausalLM(config).float().to(device).train()
+  autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if FLAGS.dtype == "bfloat16"
+              else contextlib.nullcontext())
   opt_cfg = _optimizer()
   params = list(model.parameters())  # the tied embedding once
   groups = [{"params": [p for p in params if p.ndim >= 2], "weight_decay": opt_cfg["weight_decay"]},
@@ -168,18 +190,19 @@ def _torch_side() -> None:
   kernel = {} if FLAGS.torch_adamw == "default" else {FLAGS.torch_adamw: True}
   opt = torch.optim.AdamW(groups, lr=opt_cfg["lr"], betas=(opt_cfg["b1"], opt_cfg["b2"]),
                           eps=opt_cfg["eps"], **kernel)
-  batches = [(torch.from_numpy(b["tokens"]).long(), torch.from_numpy(b["targets"]).long())
-             for b in _batches()]
+  batches = [(torch.from_numpy(b["tokens"]).long().to(device),
+              torch.from_numpy(b["targets"]).long().to(device)) for b in _batches()]
   harness.say(event="ready")
   for tokens_bs, targets_bs in batches:
     harness.wait_go()
     t0 = time.perf_counter()
     opt.zero_grad(set_to_none=True)
-    loss = model(input_ids=tokens_bs, labels=targets_bs, shift_labels=targets_bs).loss
+    with autocast:
+      loss = model(input_ids=tokens_bs, labels=targets_bs, shift_labels=targets_bs).loss
     loss.backward()
     torch.nn.utils.clip_grad_norm_(params, opt_cfg["grad_clip"])
     opt.step()
-    value = loss.item()
+    value = loss.item()  # waits for the step (on cuda too: the optimizer step is queued before)
     harness.say(event="step", s=time.perf_counter() - t0, loss=value)
   harness.say(event="done", peak_rss_mb=harness.max_rss_mb(), threads=torch.get_num_threads(),
               attn_implementation=model.config._attn_implementation,
@@ -246,8 +269,10 @@ def _differs(res: dict) -> str:
       "initialisation: both N(0, 0.02) matrices and unit norms from different RNGs (the speed "
       "does not depend on the values)",
   ]
-  if ours["backend"] != "cpu":
-    parts.append(f"device: ours on {ours['backend']} ({ours['device_kind']}), torch on the CPU")
+  if ours["backend"] != "cpu" or FLAGS.torch_device != "cpu":
+    parts.append(f"device: ours on {ours['backend']} ({ours['device_kind']}), torch on "
+                 f"{FLAGS.torch_device}" + (" with bf16 autocast (eager, no torch.compile)"
+                                            if FLAGS.dtype == "bfloat16" else ""))
   return "; ".join(parts)
 
 
@@ -258,12 +283,17 @@ def main(argv):
   if FLAGS.side:
     {"ours": _ours_side, "torch": _torch_side}[FLAGS.side]()
     return
-  if FLAGS.dtype != "float32" and not FLAGS.no_torch:
-    raise app.UsageError("the torch side runs float32; add --no_torch for another --dtype")
+  if FLAGS.sink != "none" and not FLAGS.no_torch:
+    raise app.UsageError("the torch side has no sink logits; add --no_torch for --sink")
+  torch_dtypes = ("float32", "bfloat16") if FLAGS.torch_device == "cuda" else ("float32",)
+  if FLAGS.dtype not in torch_dtypes and not FLAGS.no_torch:
+    raise app.UsageError(f"the torch side runs float32 (bfloat16 autocast with --torch_device "
+                         f"cuda); add --no_torch for --dtype {FLAGS.dtype}")
   from lm import flops, weights
 
   cfg = _model_config()
-  FLAGS.hf_config = json.dumps(weights.config_to_hf(cfg))
+  if not FLAGS.no_torch:
+    FLAGS.hf_config = json.dumps(weights.config_to_hf(cfg))
   fpt = flops.flops_per_token(cfg, FLAGS.seq)
   start = {} if FLAGS.no_torch else {"torch": lambda: _side("torch")}
   start["ours"] = lambda: _side("ours")

@@ -18,8 +18,9 @@ Variants:
 - `gpu_full`: the Modern LLM recipe on `modern-253m` (d 1024, 12 layers, 16 heads, ffn 4096,
   context 1024, tied embeddings; vocabulary padded to 50304): AdamW 3e-4 (beta 0.9/0.95), wd 0.1,
   clip 1.0, warm-up 500 then cosine to 3e-5, batch 128 x 1024 as micro 32 x 4, bf16 compute over
-  float32 masters, 40k steps. Offline it trains on the same text as `cpu` (about 3.7M tokens: many
-  epochs); with a hub, point corpus.sources at a real corpus.
+  float32 masters, 40k steps, a learned sink logit per head kept on under the fused (cuDNN)
+  attention that the Modern LLM run had to give sinks up for. Offline it trains on the same text
+  as `cpu` (about 3.7M tokens: many epochs); with a hub, point corpus.sources at a real corpus.
 """
 
 import ml_collections
@@ -49,9 +50,13 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       "preset": "tiny", "overrides": {"d_model": 128, "n_layers": 4, "n_heads": 4,
                                       "n_kv_heads": 4, "d_ff": 352},
       "vocab_multiple": 1, "dtype": "float32", "seed": 0, "scan_layers": False, "remat": "none",
+      # "unfused" (the reference; fastest on a CPU) or "fused" (lm/attention.py: cuDNN on a GPU)
+      "attention_impl": "unfused",
       # where attention may park (lm/pretrain.py): none | logit | zero | token
       "sink": "none"})
-  c.loss = ml_collections.ConfigDict({"z_loss": 0.0})
+  # document_mask False: attend across packed documents (nanoGPT's way; a fused kernel's plain
+  # causal mask) instead of within each
+  c.loss = ml_collections.ConfigDict({"z_loss": 0.0, "document_mask": True})
   c.train = ml_collections.ConfigDict({
       "steps": 2000, "batch_size": 12, "grad_accum": 1, "lr": 1e-3, "warmup_steps": 100,
       "schedule": "cosine", "min_lr_ratio": 0.1, "weight_decay": 0.1, "grad_clip": 1.0,
@@ -82,7 +87,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.corpus.update(OFFLINE_BPE)
     c.data.seq_len = 1024
     c.model.update(preset="modern-253m", overrides={}, vocab_multiple=64, dtype="bfloat16",
-                   scan_layers=True, remat="dots_no_batch")
+                   scan_layers=True, remat="none", attention_impl="fused", sink="logit")
     c.train.update(steps=40_000, batch_size=128, grad_accum=4, lr=3e-4, warmup_steps=500,
                    min_lr_ratio=0.1, b2=0.95, eval_every=1000, eval_batch_size=32,
                    eval_batches=20, checkpoint_every=1000, spike_factor=3.0, spike_warmup=1000)

@@ -12,6 +12,7 @@ ROPE_KINDS = ("default", "linear", "dynamic", "llama3", "yarn")
 # "none": keep every activation; "full": keep only each block's input, recompute the rest;
 # "dots": keep matmul outputs; "dots_no_batch": keep matmul outputs without batch dimensions.
 REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")
+ATTENTION_IMPLS = ("unfused", "fused")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -69,9 +70,12 @@ class ModelConfig:
   name: str = "custom"
   # Execution, not architecture (same logits either way): run the layer stack as one `lax.scan`
   # over stacked layer weights (one block compiled, not n_layers; without a KV cache only), and
-  # what each block keeps for the backward pass (REMAT_POLICIES).
+  # what each block keeps for the backward pass (REMAT_POLICIES), and the attention used without
+  # a KV cache: "unfused" (the probabilities materialised; the parity reference, fastest on a CPU)
+  # or "fused" (`lm.attention`: cuDNN flash attention on a GPU in bf16/fp16, XLA's elsewhere).
   scan_layers: bool = False
   remat: str = "none"
+  attention_impl: str = "unfused"
 
   def __post_init__(self):
     if self.head_dim is None:
@@ -101,6 +105,9 @@ class ModelConfig:
       raise ValueError(f"head_dim={self.head_dim} must be even for RoPE.")
     if self.remat not in REMAT_POLICIES:
       raise ValueError(f"remat={self.remat!r} is not a policy; use one of {REMAT_POLICIES}.")
+    if self.attention_impl not in ATTENTION_IMPLS:
+      raise ValueError(f"attention_impl={self.attention_impl!r} is unknown; use one of "
+                       f"{ATTENTION_IMPLS}.")
 
   @property
   def n_params(self) -> int:

@@ -22,6 +22,7 @@ import numpy as np
 from flax import nnx
 
 from lm import inputs
+from lm.attention import fused_attention
 from lm.config import ModelConfig
 from lm.layers import Embed, Linear, RMSNorm, apply_rope, param, rope_tables
 from lm.sharding import constrain
@@ -128,7 +129,13 @@ class Attention(nnx.Module):
     )
 
   def __call__(self, x_bsd, cos_bsh, sin_bsh, mask_bst, kv=None, index=None):
+    """`mask_bst` None (fused path only): plain causal attention."""
     cfg = self.cfg
+    if cfg.attention_impl == "fused" and kv is None:
+      q = apply_rope(self.q_proj(x_bsd), cos_bsh, sin_bsh)
+      k = apply_rope(self.k_proj(x_bsd), cos_bsh, sin_bsh)
+      sinks = None if self.sinks is None else self.sinks[...]
+      return self.o_proj(fused_attention(q, k, self.v_proj(x_bsd), mask_bst, sinks)), None
     b, s, _ = x_bsd.shape
     probs, v_t, kv = self.probabilities(x_bsd, cos_bsh, sin_bsh, mask_bst, kv, index)
     kh, g, hd, t = cfg.n_kv_heads, cfg.n_heads // cfg.n_kv_heads, cfg.head_dim, v_t.shape[2]
@@ -254,8 +261,8 @@ class Transformer(nnx.Module):
     if stop_after is not None and cache is not None:
       raise ValueError("stop_after ends the pass early, which leaves a KV cache half written; "
                        "capture layers from a pass without a cache.")
-    valid_bs, key_valid_bt, index, masks, cos, sin = self._prepare(tokens_bs, positions_bs,
-                                                                   attn_mask, cache)
+    valid_bs, key_valid_bt, index, masks, cos, sin = self._prepare(
+        tokens_bs, positions_bs, attn_mask, cache, fused=cfg.attention_impl == "fused")
     b, s = tokens_bs.shape
     x = constrain(self.embed(tokens_bs), ("act_batch", "act_seq", "act_embed"))
     last = cfg.n_layers - 1 if stop_after is None else stop_after
@@ -282,8 +289,12 @@ class Transformer(nnx.Module):
     hidden = self.final_norm(x) if stop_after is None else None
     return Trunk(hidden, cache, residual)
 
-  def _prepare(self, tokens_bs, positions_bs, attn_mask, cache):
-    """(valid_bs, key_valid_bt, cache index, {"full"|"sliding": [B, S, T] mask}, cos, sin)."""
+  def _prepare(self, tokens_bs, positions_bs, attn_mask, cache, fused=False):
+    """(valid_bs, key_valid_bt, cache index, {"full"|"sliding": [B, S, T] mask}, cos, sin).
+
+    `fused`: the mask of full layers is None when it is plain causal (no cache, no attn_mask,
+    every layer full), so `lm.attention` runs the kernel's own causal mask and builds no mask.
+    """
     cfg = self.cfg
     b, s = tokens_bs.shape
     if attn_mask is None:
@@ -316,7 +327,9 @@ class Transformer(nnx.Module):
     full_bst = causal_st[None] & key_valid_bt[:, None, :]
     if extra_mask is not None:
       full_bst = full_bst & extra_mask
-    masks = {"full": full_bst}
+    plain_causal = (fused and cache is None and attn_mask is None
+                    and "sliding" not in cfg.layer_types)
+    masks = {"full": None if plain_causal else full_bst}
     if "sliding" in cfg.layer_types:
       window_bst = ((q_slot[:, None] - k_slot[None, :]) < cfg.sliding_window)[None]
       if cfg.sink_tokens:

@@ -54,10 +54,17 @@ def lm_loss(model, batch: dict, cfg) -> tuple[jax.Array, dict]:
   """Mean next-token cross-entropy over `loss_mask`, plus `z_loss` * mean(log Z)^2 (PaLM's
   auxiliary loss keeping the softmax normaliser near 1; 0 = off).
 
+  `document_mask` (default True): each token attends within its own document, RoPE restarting
+  there; False attends causally across the packed documents with positions 0..S-1 (nanoGPT's
+  convention), which lets a fused kernel run its plain causal mask.
+
   Metrics: `loss` (what is optimised), `nll` (mean cross-entropy, nats/token), `nll_sum` and
   `n_tokens` (so held-out means can be token-weighted across batches), `log_z` (mean |log Z|).
   """
-  logits = model(batch["tokens"], batch["positions"], attention_mask(batch))[0]
+  if cfg is None or cfg.get("document_mask", True):
+    logits = model(batch["tokens"], batch["positions"], attention_mask(batch))[0]
+  else:
+    logits = model(batch["tokens"])[0]
   log_z = jax.nn.logsumexp(logits, axis=-1)
   target_logit = jnp.take_along_axis(logits, batch["targets"][..., None], axis=-1)[..., 0]
   nll = log_z - target_logit
@@ -90,7 +97,8 @@ def model_config(config, vocab_size: int) -> lm_config.ModelConfig:
                                           lm_config.PRESETS[m.preset].max_seq_len))
   cfg = lm_config.preset(m.preset, **overrides)
   return cfg.replace(dtype=m.get("dtype", "float32"), scan_layers=bool(m.get("scan_layers", False)),
-                     remat=m.get("remat", "none"))
+                     remat=m.get("remat", "none"),
+                     attention_impl=m.get("attention_impl", "unfused"))
 
 
 def init_loss_prediction(cfg: lm_config.ModelConfig) -> float:

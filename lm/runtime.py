@@ -64,7 +64,11 @@ CPU_TRAINING_XLA_FLAGS = ("--xla_cpu_enable_concurrency_optimized_scheduler=fals
 
 def use_cpu_training_flags() -> None:
   """Add `CPU_TRAINING_XLA_FLAGS` to `XLA_FLAGS` (those the user set win). Call before the first
-  JAX computation: XLA reads the variable once, when the backend starts. GPU/TPU ignore them."""
+  JAX computation: XLA reads the variable once, when the backend starts. Nothing is added when
+  `JAX_PLATFORMS` names no cpu (a GPU/TPU run whose XLA may not know these flags)."""
+  platforms = os.environ.get("JAX_PLATFORMS", "")
+  if platforms and "cpu" not in platforms.split(","):
+    return
   current = os.environ.get("XLA_FLAGS", "")
   set_names = {f.split("=")[0] for f in current.split()}
   extra = [f for f in CPU_TRAINING_XLA_FLAGS if f.split("=")[0] not in set_names]
