@@ -344,14 +344,16 @@ def trend(values, window: int = 10) -> dict[str, float]:
 
 def finish(config, model, tokenizer, eval_examples, run_dir) -> dict:
   """After an online run: trends of the training reward (and PPO's value loss and explained
-  variance) over the first vs last 10 steps, from the whole `metrics.jsonl` (a resumed run counts
-  every step), held-out start vs end, and the median step time split; into `rl_summary.json`
+  variance) over the first vs last 10 rollouts (the first inner iteration of each: the critic on
+  fresh samples), from the whole `metrics.jsonl` (a resumed run counts every step), held-out start vs end, and the median step time split; into `rl_summary.json`
   and a report section."""
   del model, tokenizer, eval_examples
   import json
 
   records = [json.loads(line) for line in (run_dir.path / "metrics.jsonl").read_text().splitlines()
              if line.strip()]
+  # one value per rollout: its first inner iteration (μ > 1 refits the same rollout after it)
+  records = [r for r in records if not r.get("train/inner_iteration")]
   series = {name: [v for _, v in _series(records, f"train/{name}")]
             for name in ("reward", "value_loss", "explained_variance")}
   trends = {name: trend(values) for name, values in series.items() if values}

@@ -170,14 +170,21 @@ class Attention(nnx.Module):
     else:
       scores = jnp.einsum("bkqh,bkth->bkqt", q, k_t, preferred_element_type=jnp.float32)
     scores = scores.reshape(b, kh, g, s, t) * (hd**-0.5)
-    scores = jnp.where(mask_bst[:, None, None], scores, _NEG)
-    if self.sinks is not None:
-      sink = self.sinks[...].astype(jnp.float32).reshape(1, kh, g, 1, 1)
-      sink = jnp.broadcast_to(sink, scores.shape[:-1] + (1,))
-      probs = jax.nn.softmax(jnp.concatenate([scores, sink], axis=-1), axis=-1)[..., :-1]
-    else:
-      probs = jax.nn.softmax(scores, axis=-1)
-    return probs, v_t, kv
+    return attention_weights(scores, mask_bst[:, None, None], self.sinks), v_t, kv
+
+
+def attention_weights(scores_bkgst: jax.Array, visible, sinks: nnx.Param | None) -> jax.Array:
+  """Softmax over the last axis of scaled scores `[B, kv_heads, G, S, T]` (float32) where
+  `visible` (broadcastable bool), with the per-head sink logits (`[n_heads]`, head = kv head * G +
+  member) as an extra column dropped after the softmax. Every unfused attention computes its
+  weights here (the model's, the streaming cache's)."""
+  scores = jnp.where(visible, scores_bkgst, _NEG)
+  if sinks is None:
+    return jax.nn.softmax(scores, axis=-1)
+  b, kh, g, s, _ = scores.shape
+  sink = sinks[...].astype(jnp.float32).reshape(1, kh, g, 1, 1)
+  sink = jnp.broadcast_to(sink, (b, kh, g, s, 1))
+  return jax.nn.softmax(jnp.concatenate([scores, sink], axis=-1), axis=-1)[..., :-1]
 
 
 class MLP(nnx.Module):

@@ -31,8 +31,7 @@ from flax import nnx
 
 from lm import inputs
 from lm.layers import apply_rope, rope_tables
-
-_NEG = float(np.finfo(np.float32).min)
+from lm.model import attention_weights
 
 
 def _check(cfg, window: int, sinks: int) -> None:
@@ -78,16 +77,11 @@ def _layer_step(block, cfg, h_b1d, t, cache, window: int, sinks: int):
   n_win_valid = jnp.minimum(jnp.maximum(t + 1 - sinks, 0), window)
   slots = jnp.arange(sinks + window)
   valid = jnp.where(slots < sinks, slots < n_sink_valid, (slots - sinks) < n_win_valid)
-  qg = q.reshape(b, kh, g, hd).astype(jnp.float32)
-  scores = jnp.einsum("bkgh,bkth->bkgt", qg, keys.astype(jnp.float32)) * (hd**-0.5)
-  scores = jnp.where(valid[None, None, None], scores, _NEG)
-  if a.sinks is not None:  # gpt-oss sink logits: an extra column dropped after the softmax
-    col = jnp.broadcast_to(a.sinks[...].astype(jnp.float32).reshape(1, kh, g, 1), (b, kh, g, 1))
-    probs = jax.nn.softmax(jnp.concatenate([scores, col], axis=-1), axis=-1)[..., :-1]
-  else:
-    probs = jax.nn.softmax(scores, axis=-1)
-  out = jnp.einsum("bkgt,bkth->bkgh", probs, values.astype(jnp.float32)).reshape(b, 1,
-                                                                                 cfg.n_heads, hd)
+  qg = q.reshape(b, kh, g, 1, hd).astype(jnp.float32)
+  scores = jnp.einsum("bkgsh,bkth->bkgst", qg, keys.astype(jnp.float32)) * (hd**-0.5)
+  probs = attention_weights(scores, valid, a.sinks)
+  out = jnp.einsum("bkgst,bkth->bskgh", probs, values.astype(jnp.float32)).reshape(
+      b, 1, cfg.n_heads, hd)
   h_b1d = h_b1d + a.o_proj(out.astype(h_b1d.dtype))
   h_b1d = h_b1d + block.mlp(block.post_attn_norm(h_b1d))
   return h_b1d, (ks, vs, kw, vw)

@@ -80,14 +80,33 @@ def weight_decay_mask(params):
 
 
 def make_optimizer(cfg) -> optax.GradientTransformation:
-  """Global-norm clipping then AdamW; weight decay by `weight_decay_mask`."""
+  """Global-norm clipping then AdamW; weight decay by `weight_decay_mask`; `lr_multipliers`
+  (parameter-path substring -> factor, e.g. {"value": 10.0} for PPO's value head) scale those
+  parameters' updates, i.e. their learning rate and decoupled decay."""
   parts = []
   if cfg.get("grad_clip"):
     parts.append(optax.clip_by_global_norm(cfg.grad_clip))
   parts.append(optax.adamw(make_schedule(cfg), b1=cfg.get("b1", 0.9), b2=cfg.get("b2", 0.999),
                            eps=cfg.get("eps", 1e-8), weight_decay=cfg.get("weight_decay", 0.0),
                            mask=weight_decay_mask))
+  multipliers = dict(cfg.get("lr_multipliers") or {})
+  if multipliers:
+    parts.append(_scale_by_path(multipliers))
   return optax.chain(*parts)
+
+
+def _scale_by_path(multipliers: dict[str, float]) -> optax.GradientTransformation:
+  """Multiply each update by the factor of the first key of `multipliers` that is a substring of
+  its state path ("backbone/embed/embedding"; a Variable's own `.value` attribute is no part)."""
+  def factor(path) -> float:
+    name = "/".join(str(k.key) for k in path if isinstance(k, jax.tree_util.DictKey))
+    return next((float(m) for key, m in multipliers.items() if key in name), 1.0)
+
+  def scale(updates, params=None):
+    del params
+    return jax.tree_util.tree_map_with_path(lambda path, u: u * factor(path), updates)
+
+  return optax.stateless(scale)
 
 
 def _check_train_config(cfg, n_batch_shards: int) -> None:

@@ -291,3 +291,20 @@ def test_weight_decay_follows_logical_axes():
   nonzero = {"/".join(map(str, k)) for k, v in params.flat_state()
              if float(jnp.abs(v.get_value()).max()) > 0}  # LoRA B starts at 0: decay leaves it
   assert moved == decayed & nonzero and "layers/0/attn/q_proj/lora_a" in moved
+
+
+def test_lr_multipliers_scale_only_the_named_parameters_updates():
+  """train.lr_multipliers {"value": 10}: the value head's AdamW update is 10x, the rest 1x."""
+  from lm.heads import PolicyWithValue
+
+  model = PolicyWithValue(_model(), rngs=nnx.Rngs(1))
+  params = nnx.state(model, nnx.Param)
+  grads = jax.tree.map(lambda x: jnp.full_like(x, 0.5), params)
+  base, scaled = (make_optimizer(_train_cfg(grad_clip=0.0, weight_decay=0.0, **kw))
+                  for kw in ({}, {"lr_multipliers": {"value": 10.0}}))
+  u0 = _flat(nnx.State(base.update(grads, base.init(params), params)[0]))
+  u1 = _flat(nnx.State(scaled.update(grads, scaled.init(params), params)[0]))
+  assert u0.keys() == u1.keys() and "value/kernel" in u0
+  for name in u0:
+    np.testing.assert_allclose(u1[name], u0[name] * (10.0 if name == "value/kernel" else 1.0),
+                               rtol=1e-6, err_msg=name)
