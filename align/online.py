@@ -328,7 +328,10 @@ def _series(records: list[dict], key: str) -> list[tuple[int, float]]:
 
 def trend(values, window: int = 10) -> dict[str, float]:
   """First `window` vs last `window` values: means, standard errors (ddof 1) and
-  z = (last - first) / sqrt(se_first² + se_last²)."""
+  z = (last - first) / sqrt(se_first² + se_last²); and the least-squares slope over all values
+  (per index), its standard error (residual variance with n - 2 degrees of freedom) and
+  t = slope / se. The windows compare ends; the slope uses every rollout, so a series that rises
+  before it falls (PPO's value loss follows the returns' variance) is judged on its whole course."""
   v = np.asarray(values, np.float64)
   w = min(window, len(v) // 2)
   if w < 2:
@@ -336,10 +339,16 @@ def trend(values, window: int = 10) -> dict[str, float]:
   a, b = v[:w], v[-w:]
   se_a, se_b = a.std(ddof=1) / np.sqrt(w), b.std(ddof=1) / np.sqrt(w)
   spread = np.hypot(se_a, se_b)
+  x = np.arange(len(v)) - (len(v) - 1) / 2
+  slope = float(x @ (v - v.mean()) / (x @ x))
+  resid = v - v.mean() - slope * x
+  slope_se = float(np.sqrt(resid @ resid / (len(v) - 2) / (x @ x)))
   return {"window": w, "first_mean": float(a.mean()), "first_se": float(se_a),
           "last_mean": float(b.mean()), "last_se": float(se_b),
           "diff": float(b.mean() - a.mean()),
-          "z": float((b.mean() - a.mean()) / spread) if spread > 0 else float("nan")}
+          "z": float((b.mean() - a.mean()) / spread) if spread > 0 else float("nan"),
+          "slope": slope, "slope_se": slope_se,
+          "slope_t": slope / slope_se if slope_se > 0 else float("nan")}
 
 
 def finish(config, model, tokenizer, eval_examples, run_dir) -> dict:
@@ -365,13 +374,15 @@ def finish(config, model, tokenizer, eval_examples, run_dir) -> dict:
   out = {"trends": trends, "eval_reward_start": evals[0][1] if evals else float("nan"),
          "eval_reward_end": evals[-1][1] if evals else float("nan"), "median_step_time": times}
   run_dir.write_json("rl_summary.json", out)
-  lines = ["## Trends (first vs last steps, ± standard error)\n"]
+  lines = ["## Trends (one value per rollout: first vs last rollouts ± standard error, and the "
+           "least-squares slope over all of them)\n"]
   for name, t in trends.items():
     if "z" in t:
       lines.append(
-          f"Training {name}, first {t['window']} steps {t['first_mean']:.4f} ± "
-          f"{t['first_se']:.4f}, last {t['window']} steps {t['last_mean']:.4f} ± "
-          f"{t['last_se']:.4f}: difference {t['diff']:+.4f}, z = {t['z']:.2f}.\n")
+          f"Training {name}, first {t['window']} rollouts {t['first_mean']:.4f} ± "
+          f"{t['first_se']:.4f}, last {t['window']} rollouts {t['last_mean']:.4f} ± "
+          f"{t['last_se']:.4f}: difference {t['diff']:+.4f}, z = {t['z']:.2f}; slope "
+          f"{t['slope']:+.3g} ± {t['slope_se']:.2g} per rollout, t = {t['slope_t']:.2f}.\n")
   lines.append(f"Held-out reward (greedy unless eval.sample) {out['eval_reward_start']:.3f} at "
                f"step 0 → {out['eval_reward_end']:.3f} at the end.\n")
   lines.append("Median step time: rollout {rollout_s:.2f} s, rewards and batch {scoring_s:.3f} s, "

@@ -5,8 +5,9 @@
 #
 #   OUT=/tmp/gpu bash benchmarks/gpu_pretrain.sh [ROUNDS]
 #
-# If a `.whl/` folder of wheels is present (packages the machine lacks: flax, ml_collections,
-# grain and its needs), they are installed into /tmp/site first. Writes $OUT/env.txt,
+# If a `.whl/` folder of wheels is present (packages the machine lacks: ml_collections, grain,
+# array_record, portpicker; not flax: the machine's flax 0.12.10 works with its jax 0.11.2, and
+# flax 0.12.8 fails to import there), they are installed into a fresh /tmp/site first. Writes $OUT/env.txt,
 # $OUT/parity.log, $OUT/bench.jsonl (one benchmark JSON per line) and $OUT/bench.err; prints a
 # table last.
 set -u
@@ -17,6 +18,7 @@ SEQ=${SEQ:-1024}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 JAX_PLATFORMS=${JAX_PLATFORMS:-cuda}
 if [ -d .whl ]; then
+  rm -rf /tmp/site
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
     --target /tmp/site .whl/*.whl || exit 1
   export PYTHONPATH=/tmp/site

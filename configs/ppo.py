@@ -33,9 +33,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   if c.variant == "smoke":
     c.rollout.update(prompts_per_step=4, critic_warmup=1)
   elif c.variant == "cpu":
-    # TRL's num_ppo_epochs 4: four optimizer steps on each rollout of 16, 50 rollouts
+    # TRL's num_ppo_epochs 4: four optimizer steps on each rollout of 16, 100 rollouts
     c.rollout.update(prompts_per_step=16, critic_warmup=3, num_iterations=4)
-    c.train.update(steps=200, warmup_steps=12, eval_every=100, checkpoint_every=100)
+    c.train.update(steps=400, warmup_steps=12, eval_every=100, checkpoint_every=100)
   else:
     c.rollout.update(prompts_per_step=64, critic_warmup=10, num_iterations=4)
     c.train.update(steps=4 * c.train.steps, warmup_steps=4 * c.train.warmup_steps,

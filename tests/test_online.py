@@ -155,6 +155,10 @@ def test_reward_trend_by_hand():
   assert t["first_mean"] == 0.5 and t["last_mean"] == 1.5
   np.testing.assert_allclose([t["first_se"], t["z"]], [0.288675, 1 / np.hypot(0.288675, 0.288675)],
                              rtol=1e-5)
+  # slope over x = 0..8: Sxx 60, Σ(x - 4)·y = 10 → 1/6; SST 37 - 9·(13/9)² = 18.2222, explained
+  # 60/36 = 1.6667, residual 16.5556 over 7 degrees of freedom → se sqrt(2.36508 / 60) = .198540
+  np.testing.assert_allclose([t["slope"], t["slope_se"], t["slope_t"]],
+                             [1 / 6, 0.198540, (1 / 6) / 0.198540], rtol=1e-5)
   assert online.trend([1.0, 2.0]) == {"window": 1}
 
 
