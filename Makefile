@@ -41,15 +41,16 @@ bench: $(TEST_STAMP)
 	$(BIN)/python -m benchmarks.forward
 
 # The stability study (README): the reward model, LoRA-DPO, GRPO on the reward model at 1x and 10x
-# the learning rate (configs/align_eval.py STUDY_RUNS; a run with a summary.json is kept), then
-# align_eval side by side. About 1.5 hours on 2 CPU cores.
+# the learning rate (configs/align_eval.py STUDIES; a run with a summary.json is kept), then
+# align_eval side by side. STUDY=cpu: about 1.5 hours on 2 CPU cores; STUDY=gpu_full: PA5's settings.
+STUDY ?= cpu
 stability: $(RUN_STAMP)
-	@$(BIN)/python -c "from configs.align_eval import STUDY_RUNS as r; print('\n'.join(' '.join(v) for v in r.values()))" | \
+	@$(BIN)/python -c "from configs.align_eval import STUDIES as s; print('\n'.join(' '.join(v) for v in s['$(STUDY)'].values()))" | \
 	while read -r cfg dir; do \
 	  if [ -f "$$dir/summary.json" ]; then echo "kept $$dir"; \
 	  else $(BIN)/python launch.py --config=$$cfg --workdir=$$dir < /dev/null || exit 1; fi; \
 	done
-	$(BIN)/python launch.py --config=configs/align_eval.py:stability --workdir=runs/stability-$(shell date +%Y%m%d-%H%M%S)
+	$(BIN)/python launch.py --config=configs/align_eval.py:$(if $(filter gpu_full,$(STUDY)),stability_gpu,stability) --workdir=runs/stability-$(STUDY)-$(shell date +%Y%m%d-%H%M%S)
 
 # Renew the pins: resolve pyproject.toml afresh in a scratch venv (newest releases the ranges allow),
 # freeze it, drop local version labels (torch's +cpu) so the pins also resolve off this machine.

@@ -8,7 +8,9 @@ learning rate `grpo.py:rm_cpu_10x`, side by side, with the `reward.py:cpu` rewar
 hacking probes; train the four runs first), `cpu` (default; SmolLM2-135M-Instruct vs the LoRA-DPO adapter of `dpo.py:cpu` in
 `runs/dpo-cpu/adapter`, which must exist: train it first; 24 AlpacaEval prompts, 96 new tokens,
 minutes here), `standin` (cpu with a labelled STAND-IN random LoRA instead of the adapter), `smoke` (random tiny models with a byte tokenizer, seconds, for
-tests), `gpu_full` (the seeds' settings: 400 prompts, 256 new tokens, whole WikiText-2 test).
+tests), `gpu_full` (the seeds' settings: 400 prompts, 256 new tokens, whole WikiText-2 test),
+`stability_gpu` (the stability study at gpu_full scale, 128 new tokens as PA5: `make stability
+STUDY=gpu_full` trains its four runs first).
 
 `models`: a list of `{name, model, adapter, stand_in_lora}`; `model` is a hub id, path, offline
 alias or `tiny:SEED`; `adapter` a PEFT LoRA directory (loaded by `lm.lora.load_peft`);
@@ -20,17 +22,21 @@ exists (labelled "stand-in" in the report). Replace the stand-in entry by
 
 import ml_collections
 
+from configs import grpo
+
 _BASE = "HuggingFaceTB/SmolLM2-135M-Instruct"
 # Written by `launch.py --config=configs/dpo.py:cpu --workdir=runs/dpo-cpu`.
 DPO_CPU_ADAPTER = "runs/dpo-cpu/adapter"
-# The stability study's runs: name -> (--config, --workdir); align_eval.py:stability reads their
-# adapters and the reward model.
-STUDY_RUNS = {
-    "reward model": ("configs/reward.py:cpu", "runs/rm-cpu"),
-    "lora-dpo": ("configs/dpo.py:cpu", "runs/dpo-cpu"),
-    "grpo-rm": ("configs/grpo.py:rm_cpu", "runs/grpo-rm-cpu"),
-    "grpo-rm-10x-lr": ("configs/grpo.py:rm_cpu_10x", "runs/grpo-rm-10x-cpu"),
-}
+# The stability study's runs at each scale: name -> (--config, --workdir); align_eval.py:stability
+# (and :stability_gpu) reads their adapters and the reward model. `make stability [STUDY=gpu_full]`
+# trains them.
+STUDIES = {
+    scale: {
+        "reward model": (f"configs/reward.py:{scale}", grpo.RM_RUNS[scale]),
+        "lora-dpo": (f"configs/dpo.py:{scale}", f"runs/dpo-{tag}"),
+        "grpo-rm": (f"configs/grpo.py:rm_{scale}", f"runs/grpo-rm-{tag}"),
+        "grpo-rm-10x-lr": (f"configs/grpo.py:rm_{scale}_10x", f"runs/grpo-rm-10x-{tag}"),
+    } for scale, tag in (("cpu", "cpu"), ("gpu_full", "gpu"))}
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
@@ -82,20 +88,23 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.perplexity.text.update(max_tokens=512, window=128, stride=64)
     c.kl.update(text_tokens=256, window=128, stride=64)
     c.hacking.update(n=None, batch_size=4, max_response_tokens=64)
-  elif variant == "gpu_full":
+  elif variant in ("gpu_full", "stability_gpu"):
     c.prompts.n = 400
     c.decode.update(max_new_tokens=256, batch_size=64)
     c.perplexity.update(max_chars=10**8, pairs_n=400, max_response_tokens=512, batch_size=32)
     c.perplexity.text.update(max_tokens=10**8, window=1024, stride=512, batch_size=16)
     c.kl.update(text_tokens=32_768, window=1024, stride=512, batch_size=16)
     c.hacking.update(n=None, batch_size=32, max_response_tokens=512)
-  elif variant == "stability":
+  if variant.startswith("stability"):
+    runs = STUDIES["gpu_full" if variant == "stability_gpu" else "cpu"]
     c.models = [c.models[0]] + [
         {"name": name, "model": _BASE, "adapter": f"{workdir}/adapter", "stand_in_lora": None}
-        for name, (_, workdir) in STUDY_RUNS.items() if name != "reward model"]
-    c.reward_run = STUDY_RUNS["reward model"][1]
-    c.hacking.n = None  # all 24: the reward model scores every model's own answers too
-  elif variant not in ("cpu", "standin"):
-    raise ValueError(f"unknown align_eval variant {variant!r}; use smoke, cpu, standin, stability "
-                     "or gpu_full.")
+        for name, (_, workdir) in runs.items() if name != "reward model"]
+    c.reward_run = runs["reward model"][1]
+    c.hacking.n = None  # every prompt: the reward model scores every model's own answers too
+    if variant == "stability_gpu":
+      c.decode.max_new_tokens = 128  # PA5's max.new.tokens, as the GRPO runs sampled
+  if variant not in ("smoke", "cpu", "standin", "gpu_full", "stability", "stability_gpu"):
+    raise ValueError(f"unknown align_eval variant {variant!r}; use smoke, cpu, standin, stability, "
+                     "stability_gpu or gpu_full.")
   return c

@@ -9,23 +9,29 @@ prompts with the current policy (`decode/`, eval mode), scores them with `config
 the rows (`align/losses/grpo.py`; the stream in `align/online.py`). `:cpu` is the seeded
 arithmetic task (operands up to 20) on SmolLM2-135M-Instruct with LoRA; `:gpu_full` is GSM8K at the from-scratch
 trainer's settings (G 8, T 0.9, top-k 50, top-p 0.9, β 0.04 with k3, ε 0.2, lr 5e-5 linear, clip 1).
+`:rm_cpu` / `:rm_cpu_10x` and `:rm_gpu_full` / `:rm_gpu_full_10x` are the stability study's GRPO
+runs on a reward model (`make stability`, `make stability STUDY=gpu_full`).
 """
 
 import ml_collections
 
-from configs.train_base import base
+from configs.train_base import VARIANTS, base
 
 
 # The stability study's GRPO runs (README "The stability study"): reward-model reward on open
-# instructions, LoRA as dpo.py:cpu's; rm_cpu_10x is the same at ten times the learning rate.
-STUDY = {"rm_cpu": 5e-4, "rm_cpu_10x": 5e-3}  # dpo.py:cpu's lr, and ten times it
-# Written by `launch.py --config=configs/reward.py:cpu --workdir=runs/rm-cpu`.
-RM_CPU_RUN = "runs/rm-cpu"
+# instructions, LoRA as dpo.py's; the _10x variant is the same at ten times the learning rate.
+# variant -> (scale, learning rate): dpo.py's lr at that scale, and ten times it.
+STUDY = {"rm_cpu": ("cpu", 5e-4), "rm_cpu_10x": ("cpu", 5e-3),
+         "rm_gpu_full": ("gpu_full", 2e-5), "rm_gpu_full_10x": ("gpu_full", 2e-4)}
+# The reward model each scale reads: `launch.py --config=configs/reward.py:SCALE --workdir=RUN`.
+RM_RUNS = {"cpu": "runs/rm-cpu", "gpu_full": "runs/rm-gpu"}
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   study = arg in STUDY
-  c = base("align.losses.grpo", "cpu" if study else arg)
+  if arg is not None and not study and arg not in VARIANTS:
+    raise ValueError(f"unknown grpo variant {arg!r}; use one of {VARIANTS + tuple(STUDY)}.")
+  c = base("align.losses.grpo", STUDY[arg][0] if study else arg)
   c.prompts = ml_collections.ConfigDict({
       "name": "arith", "n_train": 400, "n_eval": 64, "seed": 0, "max_operand": 20,
       "max_prompt_tokens": 256, "system": "", "prompt_suffix": ""})
@@ -63,6 +69,27 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     # a random model never answers: the length penalty gives its groups reward variance to train on
     c.rewards.length_penalty = 0.5
     c.reward_args.length_penalty = {"limit": 3}
+  elif study:
+    scale, lr = STUDY[arg]
+    c.variant = arg
+    # AlpacaEval instructions: align_eval's prompts (its first 24, or 400 at gpu_full) are
+    # skipped, the last 16 held out
+    c.prompts.update(name="instructions", source="alpaca_eval", skip_first=24, n_train=400,
+                     n_eval=16)
+    # G 4 as the PA5 report; T 1: the policy's own distribution, as align_eval's KL samples
+    c.rollout.update(prompts_per_step=4, num_generations=4, max_new_tokens=64, temperature=1.0)
+    c.rewards = ml_collections.ConfigDict({"reward_model": 1.0})
+    c.reward_args = ml_collections.ConfigDict({"reward_model": {"run_dir": RM_RUNS[scale]}})
+    c.lora.update(rank=8, alpha=16.0)  # dpo.py's adapter shape (dropout 0 in rollouts)
+    c.train.update(steps=30, lr=lr, eval_every=15, checkpoint_every=15)
+    if scale == "gpu_full":
+      # PA5's settings: 128 new tokens (room for EOS: the :cpu runs were cut at 64), the 389
+      # instructions align_eval.py:stability_gpu's 400 leave besides the 16 held out, ~4 epochs
+      c.prompts.update(skip_first=400, n_train=389)
+      c.rollout.max_new_tokens = 128
+      c.train.update(steps=400, warmup_steps=20, grad_accum=1, eval_every=100,
+                     checkpoint_every=100)
+      c.eval.batch_size = 16
   elif c.variant == "gpu_full":
     c.prompts.update(name="gsm8k", n_train=7473, n_eval=256, max_prompt_tokens=384,
                      prompt_suffix="\nGive the final answer after '####'.")
@@ -72,15 +99,4 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.train.update(steps=500, lr=5e-5, warmup_steps=0, schedule="linear", min_lr_ratio=0.0,
                    eval_every=100, checkpoint_every=100, grad_accum=4)
     c.eval.batch_size = 64
-  elif study:
-    c.variant = arg
-    # AlpacaEval instructions: align_eval's first 24 are skipped, the last 16 held out
-    c.prompts.update(name="instructions", source="alpaca_eval", skip_first=24, n_train=400,
-                     n_eval=16)
-    # G 4 as the PA5 report; T 1: the policy's own distribution, as align_eval's KL samples
-    c.rollout.update(prompts_per_step=4, num_generations=4, max_new_tokens=64, temperature=1.0)
-    c.rewards = ml_collections.ConfigDict({"reward_model": 1.0})
-    c.reward_args = ml_collections.ConfigDict({"reward_model": {"run_dir": RM_CPU_RUN}})
-    c.lora.update(rank=8, alpha=16.0)  # dpo.py:cpu's adapter shape (dropout 0 in rollouts)
-    c.train.update(steps=30, lr=STUDY[arg], eval_every=15, checkpoint_every=15)
   return c
