@@ -107,6 +107,31 @@ def test_reward_model_scores_the_ids_preference_training_encodes(smollm2):
   assert out[0] != out[1]
 
 
+def test_reward_model_cuts_a_long_prompt_from_the_left_as_training_does(smollm2_gguf):
+  """A (prompt, completion) longer than the reward model's max_seq_len is scored as the chosen
+  row `encode_preference` builds at max_length = max_seq_len: the prompt's start is cut, the
+  reply kept; a reply longer than the context keeps one prompt token."""
+  from flax import nnx
+
+  import lm
+  from lm import heads, hub
+
+  tok = hub.load_tokenizer(smollm2_gguf)
+  backbone = lm.Transformer(lm.preset("tiny", vocab_size=len(tok), max_seq_len=48),
+                            rngs=nnx.Rngs(0))
+  rm = heads.RewardModel(backbone, rngs=nnx.Rngs(1))
+  long_q = "Tell me about rivers. " * 12
+  pairs = [(long_q, "Rivers flow to the sea."), ("Hi?", "word " * 80), ("Short?", "Yes.")]
+  records = [{"prompt": [{"role": "user", "content": q}], "chosen": a, "rejected": "No."}
+             for q, a in pairs]
+  encoded, stats = encoding.encode_preference(records, tok, max_length=48)
+  assert stats["n_prompt_truncated"] == 2 and stats["n_examples"] == 3
+  trained_on = [ex["tokens"][0][ex["attn_mask"][0] > 0].tolist() for ex in encoded]
+  assert all(len(r) <= 48 for r in trained_on) and len(trained_on[0]) == 48
+  out = scorers.score(scorers.reward_model(rm, tok), [q for q, _ in pairs], [a for _, a in pairs])
+  np.testing.assert_allclose(out, heads.score_ids(rm, trained_on), rtol=1e-6, atol=1e-6)
+
+
 def test_load_reward_model_names_what_is_missing(tmp_path):
   with pytest.raises(FileNotFoundError, match="not a reward run's directory"):
     scorers.load_reward_model(tmp_path)
