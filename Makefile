@@ -45,6 +45,7 @@ bench: $(TEST_STAMP)
 # align_eval side by side. STUDY=cpu: about 1.5 hours on 2 CPU cores; STUDY=gpu_full: PA5's settings.
 STUDY ?= cpu
 stability: $(RUN_STAMP)
+	@$(BIN)/python -c "import sys; from configs.align_eval import STUDIES as s; '$(STUDY)' in s or sys.exit('STUDY=$(STUDY) is unknown; use STUDY=' + ' or STUDY='.join(s) + '.')"
 	@$(BIN)/python -c "from configs.align_eval import STUDIES as s; print('\n'.join(' '.join(v) for v in s['$(STUDY)'].values()))" | \
 	while read -r cfg dir; do \
 	  if [ -f "$$dir/summary.json" ]; then echo "kept $$dir"; \
