@@ -95,15 +95,13 @@ def reward_model(rm: heads.RewardModel, tokenizer, *, batch_size: int = 8,
   the preference pairs it was trained on), scored by `lm.heads.score_ids` in eval mode. A row
   longer than the model's `max_seq_len` loses the start of its prompt, as the preference data
   pipeline cuts them; the reply is kept."""
-  max_len = int(rm.cfg.max_seq_len)
-  max_response_tokens = min(max_response_tokens, max_len - 1)
 
   def scorer(prompts, completions, **columns):
     del columns  # dataset columns (an online-RL task's answers) are not the model's inputs
     p_ids, r_ids = hub.encode_pairs(tokenizer, list(zip(prompts, completions)),
-                                    max_response_tokens=max_response_tokens)
-    rows = [p[max(0, len(p) + len(r) - max_len):] + r for p, r in zip(p_ids, r_ids)]
-    return heads.score_ids(rm, rows, batch_size=batch_size)
+                                    max_response_tokens=max_response_tokens,
+                                    max_length=int(rm.cfg.max_seq_len))
+    return heads.score_ids(rm, [p + r for p, r in zip(p_ids, r_ids)], batch_size=batch_size)
 
   scorer.__qualname__ = "reward_model"
   return scorer

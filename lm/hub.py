@@ -170,16 +170,25 @@ def encode_chat(tokenizer, user_text: str, system: str | None = None) -> list[in
   return list(ids)
 
 
-def encode_pairs(tokenizer, pairs: Sequence[tuple[str, str]], *, max_response_tokens: int
-                 ) -> tuple[list[list[int]], list[list[int]]]:
+def encode_pairs(tokenizer, pairs: Sequence[tuple[str, str]], *, max_response_tokens: int,
+                 max_length: int | None = None) -> tuple[list[list[int]], list[list[int]]]:
   """(prompt ids, response ids) per (instruction, response) pair: the instruction as one user turn
-  in the chat template (`encode_chat`), the response + end-of-turn, cut to `max_response_tokens`."""
+  in the chat template (`encode_chat`), the response + end-of-turn, cut to `max_response_tokens`.
+  With `max_length` (a model's context), a longer pair loses the start of its prompt, as the
+  preference data pipeline cuts them (`align.encoding`): the response is kept, up to
+  max_length - 1 tokens."""
+  if max_length is not None:
+    max_response_tokens = min(max_response_tokens, max_length - 1)
   end = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
   prompts, responses = [], []
   for instruction, response in pairs:
-    prompts.append(encode_chat(tokenizer, instruction))
     ids = tokenizer.encode(response, add_special_tokens=False)
-    responses.append((list(ids) + end)[:max_response_tokens])
+    r = (list(ids) + end)[:max_response_tokens]
+    p = encode_chat(tokenizer, instruction)
+    if max_length is not None:
+      p = p[max(0, len(p) + len(r) - max_length):]
+    prompts.append(p)
+    responses.append(r)
   return prompts, responses
 
 
