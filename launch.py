@@ -42,8 +42,8 @@ TASKS = {
     "quickstart": "decode.quickstart:run",
     "decode_sweep": "decode.sweep:run",
     "train": "align.train:run",
-    "pretrain": "lm.pretrain:run",
-    "sinks": "lm.sinks:run",
+    "pretrain": "lm.pretrain.task:run",
+    "sinks": "lm.pretrain.sinks:run",
     "pipeline": "align.pipeline:run",
     "align_eval": "align.evals.compare:run",
     "toy_superposition": "sae.toy:run",
@@ -86,7 +86,7 @@ def main(argv):
     raise app.UsageError(f"config.task={task!r} is unknown; known tasks: {sorted(TASKS)}")
 
   if task in ("train", "pretrain", "pipeline"):
-    from lm.runtime import use_cpu_training_flags
+    from lm.train.runtime import use_cpu_training_flags
 
     use_cpu_training_flags()  # before the backend starts
   import jax
@@ -99,7 +99,7 @@ def main(argv):
     jax.distributed.initialize(coordinator_address=_COORDINATOR.value,
                                num_processes=_NUM_PROCESSES.value, process_id=_PROCESS_ID.value)
   from lm import sharding
-  from lm.run import RunDir
+  from lm.train.rundir import RunDir
 
   mesh_cfg = config.get("mesh") or {}
   mesh = sharding.make_mesh(**{k: mesh_cfg.get(k, d) for k, d in
@@ -125,7 +125,7 @@ def main(argv):
 
 if __name__ == "__main__":
   sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-  from lm.runtime import reexec_with_cpu_allocator
+  from lm.train.runtime import reexec_with_cpu_allocator
 
   reexec_with_cpu_allocator()  # glibc reads its tunables at start-up, before JAX allocates
   flags.mark_flags_as_required(["config", "workdir"])

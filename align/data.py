@@ -1,8 +1,9 @@
-"""The alignment data pipeline: `build(data_cfg, tokenizer, kind)` from a `default_config()`.
+"""The alignment data pipeline: `build(data_cfg, tokenizer, kind)` from a config's `data` section
+(its fields and defaults: `configs.train_base.data_config`).
 
 `align.records.load_records` (local file, HF hub name, offline alias) -> `normalize_rows` ->
 `split_holdout` -> `align.encoding.encode_sft` / `encode_preference` (chat template, truncation)
--> `lm.batching.pad_examples` (static length S) -> `lm.batching.make_dataset` (grain: shuffle,
+-> `lm.data.batching.pad_examples` (static length S) -> `lm.data.batching.make_dataset` (grain: shuffle,
 repeat, optional packing, batch; checkpointable iterator). DPO's shared-prompt layout lives in
 `align.losses.shared_prompt`.
 """
@@ -15,34 +16,9 @@ import ml_collections
 
 from align.encoding import encode_preference, encode_sft
 from align.records import load_records, normalize_rows, split_holdout
-from lm.batching import make_dataset, pad_examples, sequence_length
+from lm.data.batching import make_dataset, pad_examples, sequence_length
 
 log = logging.getLogger(__name__)
-
-
-def default_config() -> ml_collections.ConfigDict:
-  """Data settings read by `build`; configs/*.py start from this and override fields."""
-  c = ml_collections.ConfigDict()
-  c.source = "hh-rlhf"  # local .json/.jsonl(.gz) path, HF dataset name, or offline "hh-rlhf"
-  c.split = "train"  # HF split (ultrafeedback_binarized: "train_prefs"); ignored by files
-  c.n = ml_collections.config_dict.placeholder(int)  # first n raw rows; None = all
-  c.format = "auto"  # see normalize_sft / normalize_preference
-  c.on_error = "fail"  # "skip": malformed rows are left out, counted in stats and logged
-  c.max_length = 512  # tokens per sequence, prompt + response
-  c.max_prompt_length = ml_collections.config_dict.placeholder(int)  # None = only max_length
-  c.truncation = "keep_response"  # or "drop" (rows over a limit are counted and left out)
-  c.pad_multiple = 0  # 0: S = max_length; k > 0: S = longest example rounded up to k (<= max)
-  c.pack = False  # SFT only: first-fit pack examples into rows of S
-  # DPO only: each pair as one [prompt | chosen | rejected] segment packed into rows (the prompt
-  # is scored once); rows x width planned over the run's batches (`plan_shared_layout`)
-  c.share_prompt = False
-  c.share_prompt_width = 0  # 0: the longest pair segment rounded up to 64 tokens
-  c.n_eval = 64  # held-out records (drawn by seed) for eval
-  c.seed = 0  # holdout draw, shuffle order, packing bins
-  c.shuffle = True
-  c.num_epochs = ml_collections.config_dict.placeholder(int)  # None = repeat forever
-  c.batch_size = 8
-  return c
 
 
 def build(data_cfg: ml_collections.ConfigDict, tokenizer, kind: str, *,

@@ -30,8 +30,8 @@ import numpy as np
 
 from lm import data as lm_data
 from lm import scoring
-from lm.corpus import encode_text
-from lm.run import RunDir, markdown_table
+from lm.hub.vocab import encode_text
+from lm.train.rundir import RunDir, markdown_table
 
 log = logging.getLogger(__name__)
 
@@ -54,7 +54,7 @@ def _run_stage(name: str, stage_cfg, path: Path, task: str):
   if (path / "summary.json").exists():
     log.info("stage %s: kept %s", name, path)
     return json.loads((path / "summary.json").read_text())
-  module, fn = {"pretrain": ("lm.pretrain", "run"), "train": ("align.train", "run")}[task]
+  module, fn = {"pretrain": ("lm.pretrain.task", "run"), "train": ("align.train", "run")}[task]
   stage_dir = RunDir(path, stage_cfg, resume=(path / "config.json").exists())
   try:
     return getattr(import_module(module), fn)(stage_cfg, stage_dir)

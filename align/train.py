@@ -16,10 +16,12 @@ import jax
 from flax import nnx
 
 from align import algorithm, data
-from lm import batching, hub, lora
-from lm.checkpoint import Checkpointer
-from lm.run import RunDir, is_scalar, markdown_table, plot_history
-from lm.trainer import Trainer
+from lm import hub, lora
+from lm.hub import vocab
+from lm.data import batching
+from lm.train.checkpoint import Checkpointer
+from lm.train.rundir import RunDir, is_scalar, markdown_table, plot_history
+from lm.train.trainer import Trainer
 
 log = logging.getLogger(__name__)
 
@@ -28,21 +30,16 @@ def load_model(model_cfg):
   """(Transformer, tokenizer) through the one loader (`lm.hub.load`): real weights by `name` (or a
   `pretrain` run directory), or a random `preset` (smoke runs) with the vocabulary of `tokenizer`;
   `scan_layers`/`remat` set how the stack runs."""
-  from pathlib import Path
-
-  if model_cfg.get("name") and (Path(model_cfg.name) / "corpus_manifest.json").exists():
-    from lm import pretrain  # a `pretrain` run directory: its last checkpoint
-
-    model, tok, prefix = pretrain.load_run(model_cfg.name)
-    if prefix or not hasattr(tok, "to_hf"):
-      raise ValueError(f"{model_cfg.name} was pretrained with a sink token or a character "
-                       "vocabulary; the alignment stages need a GPT-2 BPE model without one.")
-    tok = tok.to_hf()
-  elif model_cfg.get("preset"):
+  if model_cfg.get("preset"):
     model, tok = hub.load(preset=model_cfg.preset, tokenizer=model_cfg.tokenizer,
                           dtype=model_cfg.dtype, seed=model_cfg.get("seed", 0))
   else:
     model, tok = hub.load(model_cfg.name, dtype=model_cfg.dtype)
+  if isinstance(tok, (vocab.CharTokenizer, vocab.BPETokenizer)):  # a `pretrain` run directory
+    if tok.prefix_ids or not isinstance(tok, vocab.BPETokenizer):
+      raise ValueError(f"{model_cfg.name} was pretrained with a sink token or a character "
+                       "vocabulary; the alignment stages need a GPT-2 BPE model without one.")
+    tok = tok.to_hf()
   model.cfg = model.cfg.replace(scan_layers=bool(model_cfg.get("scan_layers", False)),
                                 remat=model_cfg.get("remat", "none"))
   return model, tok
@@ -62,7 +59,7 @@ def _export(config, algo: algorithm.Algorithm, model, tokenizer, run_dir: RunDir
     lora.export_peft(backbone, path, cfg=lora.LoraConfig.from_config(config.lora),
                      base_model_name_or_path=config.model.get("name") or config.model.preset)
   else:
-    from lm import weights
+    from lm.hub import weights
 
     path = run_dir.path / "model"
     if lora.count_params(backbone, nnx.LoRAParam):

@@ -195,7 +195,7 @@ def score_problems(rm, tokenizer, problems: Sequence[dict], *, max_length: int,
 
 
 def _plot(result: dict, path) -> None:
-  from lm.run import pyplot, save_figure
+  from lm.train.rundir import pyplot, save_figure
 
   plt = pyplot()
   names = list(result["methods"])

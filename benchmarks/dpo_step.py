@@ -31,7 +31,7 @@ from pathlib import Path
 from absl import app, flags, logging
 
 from benchmarks import harness
-from lm import runtime
+from lm.train import runtime
 
 flags.DEFINE_integer("rounds", 5, "Timed steps per side, alternating the sides.")
 flags.DEFINE_integer("warmup", 1, "Untimed steps per side before the rounds (ours: the compile).")
@@ -149,8 +149,8 @@ def _ours_side(batches_path: str) -> None:
   from align import losses
   from align.losses import shared_prompt
   from lm import hub, lora
-  from lm.runtime import use_cpu_training_flags
-  from lm.trainer import Trainer
+  from lm.train.runtime import use_cpu_training_flags
+  from lm.train.trainer import Trainer
 
   use_cpu_training_flags()  # as launch.py does for training runs
 
@@ -213,7 +213,8 @@ def main(argv):
   if FLAGS.side:
     _trl_side(FLAGS.batches) if FLAGS.side == "trl" else _ours_side(FLAGS.batches)
     return
-  from lm import hub, weights
+  from lm import hub
+  from lm.hub import weights
 
   with tempfile.TemporaryDirectory() as tmp:
     model, tok = hub.load_pretrained(MODEL)

@@ -2,7 +2,7 @@
 
 Ours: `lm.trainer.Trainer` on `lm.pretrain.lm_loss`, the model of configs/pretrain.py:cpu (preset
 `tiny` with its overrides: d 256, 4 layers, 4 heads / 2 kv, ffn 688, GPT-2's 50,257 ids padded to
-50,304, tied embeddings, RoPE 10000, RMSNorm 1e-5, no biases) through `lm.pretrain.model_config`,
+50,304, tied embeddings, RoPE 10000, RMSNorm 1e-5, no biases) through `lm.hub.runs.model_config`,
 context `--seq` (256), batch `--batch` (8), that config's optimizer (clip 1.0, AdamW lr 1e-3,
 betas 0.9 / 0.95, wd 0.1 on matrices) at a constant learning rate, no accumulation, float32.
 Torch: `transformers.LlamaForCausalLM` from the same shapes (`lm.weights.config_to_hf`),
@@ -51,7 +51,7 @@ import time
 from absl import app, flags, logging
 
 from benchmarks import harness
-from lm import runtime
+from lm.train import runtime
 
 flags.DEFINE_integer("rounds", 5, "Timed steps per side, alternating the sides.")
 flags.DEFINE_integer("warmup", 1, "Untimed steps per side before the rounds (ours: the compile).")
@@ -108,9 +108,9 @@ def _config():
 
 def _model_config():
   """The model `lm.pretrain.run` would build: GPT-2's vocabulary padded to the config's multiple."""
-  from lm import pretrain
+  from lm.hub import runs
 
-  return pretrain.model_config(_config(), GPT2_VOCAB)
+  return runs.model_config(_config(), GPT2_VOCAB)
 
 
 def _optimizer() -> dict:
@@ -146,9 +146,11 @@ def _ours_side() -> None:
   import ml_collections
   from flax import nnx
 
-  from lm import flops, pretrain
+  from lm.train import flops
+
+  from lm.pretrain import task as pretrain
   from lm.model import Transformer
-  from lm.trainer import Trainer
+  from lm.train.trainer import Trainer
 
   cfg = _model_config()
   batches = _batches()
@@ -289,7 +291,8 @@ def main(argv):
   if FLAGS.dtype not in torch_dtypes and not FLAGS.no_torch:
     raise app.UsageError(f"the torch side runs float32 (bfloat16 autocast with --torch_device "
                          f"cuda); add --no_torch for --dtype {FLAGS.dtype}")
-  from lm import flops, weights
+  from lm.train import flops
+  from lm.hub import weights
 
   cfg = _model_config()
   if not FLAGS.no_torch:

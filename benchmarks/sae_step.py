@@ -43,7 +43,7 @@ import time
 from absl import app, flags, logging
 
 from benchmarks import harness
-from lm import runtime
+from lm.train import runtime
 
 flags.DEFINE_integer("rounds", 5, "Timed rounds per side, alternating the sides.")
 flags.DEFINE_integer("warmup", 1, "Untimed rounds per side before the timed ones.")

@@ -10,9 +10,32 @@ LoRA r=8 α=16 dropout 0.05, a few dozen steps on the offline hh-rlhf pairs, min
 
 import ml_collections
 
-from align.data import default_config as data_config
-
 VARIANTS = ("smoke", "cpu", "gpu_full")
+
+
+def data_config() -> ml_collections.ConfigDict:
+  """The `data` section every training config starts from: the fields `align.data.build` reads."""
+  c = ml_collections.ConfigDict()
+  c.source = "hh-rlhf"  # local .json/.jsonl(.gz) path, HF dataset name, or offline "hh-rlhf"
+  c.split = "train"  # HF split (ultrafeedback_binarized: "train_prefs"); ignored by files
+  c.n = ml_collections.config_dict.placeholder(int)  # first n raw rows; None = all
+  c.format = "auto"  # see normalize_sft / normalize_preference
+  c.on_error = "fail"  # "skip": malformed rows are left out, counted in stats and logged
+  c.max_length = 512  # tokens per sequence, prompt + response
+  c.max_prompt_length = ml_collections.config_dict.placeholder(int)  # None = only max_length
+  c.truncation = "keep_response"  # or "drop" (rows over a limit are counted and left out)
+  c.pad_multiple = 0  # 0: S = max_length; k > 0: S = longest example rounded up to k (<= max)
+  c.pack = False  # SFT only: first-fit pack examples into rows of S
+  # DPO only: each pair as one [prompt | chosen | rejected] segment packed into rows (the prompt
+  # is scored once); rows x width planned over the run's batches (`plan_shared_layout`)
+  c.share_prompt = False
+  c.share_prompt_width = 0  # 0: the longest pair segment rounded up to 64 tokens
+  c.n_eval = 64  # held-out records (drawn by seed) for eval
+  c.seed = 0  # holdout draw, shuffle order, packing bins
+  c.shuffle = True
+  c.num_epochs = ml_collections.config_dict.placeholder(int)  # None = repeat forever
+  c.batch_size = 8
+  return c
 
 
 def base(algorithm: str, variant: str | None) -> ml_collections.ConfigDict:

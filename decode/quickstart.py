@@ -9,7 +9,7 @@ import numpy as np
 
 from decode.rollout import rollout
 from lm import data, hub, scoring
-from lm.run import RunDir, markdown_table, pyplot, save_figure
+from lm.train.rundir import RunDir, markdown_table, pyplot, save_figure
 
 plt = pyplot()
 

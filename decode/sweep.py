@@ -23,7 +23,7 @@ from decode.engine import StopRules, stop_token_sequences
 from decode.rollout import pad_id_of, rollout
 from decode.sampling import GREEDY, Sampler
 from lm import data, hub, scoring
-from lm.run import RunDir, markdown_table, pyplot, save_figure
+from lm.train.rundir import RunDir, markdown_table, pyplot, save_figure
 
 plt = pyplot()
 

@@ -140,7 +140,7 @@ def train(config, run_dir, models: _Models, train_stores, standardise, mesh=None
           ) -> tuple[dict, int]:
   """Trains every model to `epochs`; returns the final state and the step it started from (0, or
   the checkpoint's step when resumed)."""
-  from lm.checkpoint import Checkpointer
+  from lm.train.checkpoint import Checkpointer
 
   t = config.train
   n_sources = len(train_stores)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from lm.run import markdown_table, pyplot, save_figure
+from lm.train.rundir import markdown_table, pyplot, save_figure
 
 
 def _r2_heatmap(plt, r2, names, title, path):

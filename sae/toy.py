@@ -276,7 +276,7 @@ def run(config, run_dir, mesh) -> dict:
   """Launch task `toy_superposition`: trains each setting of `config.settings`, writes plots,
   `results.json` (phase agreement, D* per density, final losses), metrics and `report.md`."""
   del mesh
-  from lm.run import markdown_table, pyplot, save_figure
+  from lm.train.rundir import markdown_table, pyplot, save_figure
 
   plt = pyplot()
   key = jax.random.key(int(config.seed))

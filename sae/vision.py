@@ -33,7 +33,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from lm.weights import WeightsError, build_module
+from lm.hub.weights import WeightsError, build_module
 from sae import torch_pickle
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)

@@ -26,7 +26,7 @@ import pytest  # noqa: E402
 
 @pytest.fixture(scope="session")
 def shared_data() -> Path:
-  from lm.run import shared_data_dir
+  from lm.data import shared_data_dir
 
   path = shared_data_dir()
   if path is None:

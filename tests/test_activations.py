@@ -10,7 +10,7 @@ import ml_collections
 import numpy as np
 import pytest
 
-from lm.run import RunDir
+from lm.train.rundir import RunDir
 from sae import activations, experiment
 
 

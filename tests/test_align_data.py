@@ -12,7 +12,8 @@ import pytest
 from align import data as D
 from align import encoding
 from align import records as rec
-from lm import batching
+from configs import train_base
+from lm.data import batching
 
 FIX = Path(__file__).resolve().parent / "fixtures" / "align"
 IM_END = "<|im_end|>"
@@ -282,7 +283,7 @@ def test_split_holdout_and_eval_batches():
 
 
 def test_build_preference_and_packed_sft(tok):
-  cfg = D.default_config()
+  cfg = train_base.data_config()
   cfg.source, cfg.on_error, cfg.n_eval, cfg.batch_size = str(FIX / "hh_rlhf.jsonl"), "skip", 1, 1
   cfg.max_length, cfg.pad_multiple = 256, 64
   with pytest.raises(rec.MalformedRowError, match="row 2"):

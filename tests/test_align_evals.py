@@ -15,6 +15,7 @@ import lm
 from align.evals import compare, kl, perplexity, perturb, verbosity
 from decode import scorers
 from lm import scoring
+from lm.hub import vocab
 from tests_helpers import REPO, launch_cmd, launch_env
 
 LN2 = math.log(2.0)
@@ -288,7 +289,7 @@ def test_delta_stats_and_text_scorer():
 
 
 def test_implicit_reward_of_policy_equal_to_reference_is_zero():
-  model, tok = _tiny(), compare.ByteTokenizer()
+  model, tok = _tiny(), vocab.ByteTokenizer()
   fn = perturb.implicit_reward_scorer(model, model, tok, beta=0.1, batch_size=2)
   np.testing.assert_allclose(fn(["Hi?", "Name a river."], ["Hello.", "The Nile."]), 0.0,
                              atol=1e-6)
@@ -300,7 +301,7 @@ def test_reference_log_probs_from_the_policy_pass_equal_the_reference_alone():
   stand_in = {"rank": 2, "alpha": 4.0, "b_std": 0.5, "seed": 1}
   policy = compare.load_entry({"name": "p", "model": "tiny:0", "stand_in_lora": stand_in})
   base = compare.load_entry({"name": "r", "model": "tiny:0"})
-  tok = compare.ByteTokenizer()
+  tok = vocab.ByteTokenizer()
   prompts, responses = ["Hi?", "Name a river."], ["Hello.", "The Nile."]
   implicit, avg_p, avg_q = perturb.log_ratio_scorers(policy["model"], policy["reference"], tok,
                                                      beta=0.5, batch_size=2)

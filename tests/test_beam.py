@@ -10,7 +10,7 @@ transformers = pytest.importorskip("transformers")
 from decode import beam  # noqa: E402
 from decode.beam import BeamSearch, beam_search  # noqa: E402
 from decode.engine import left_pad  # noqa: E402
-from lm import weights  # noqa: E402
+from lm.hub import weights  # noqa: E402
 from lm.scoring import token_logprobs  # noqa: E402
 
 W = 4

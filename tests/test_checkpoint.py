@@ -9,7 +9,7 @@ from flax import nnx
 
 import lm
 from lm import sharding
-from lm.checkpoint import Checkpointer
+from lm.train.checkpoint import Checkpointer
 
 
 def test_save_restore_same_logits_and_opt_state(tmp_path):

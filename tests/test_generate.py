@@ -14,7 +14,7 @@ from tests_helpers import random_hf_llama
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
-from lm import weights  # noqa: E402
+from lm.hub import weights  # noqa: E402
 
 PROMPTS = [[5, 17, 33, 2, 9, 100, 7], [41, 8], [3, 3, 90, 12, 250]]
 

@@ -9,7 +9,7 @@ from flax import nnx
 
 import lm
 from align import losses
-from lm.trainer import Trainer
+from lm.train.trainer import Trainer
 from decode.beam import BeamSearch, beam_search
 from decode.engine import generate
 from lm import inputs, scoring

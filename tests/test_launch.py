@@ -7,7 +7,7 @@ import subprocess
 import pytest
 
 from align import verifier
-from lm.run import RunDir, WorkdirExistsError
+from lm.train.rundir import RunDir, WorkdirExistsError
 from tests_helpers import REPO, launch_cmd, launch_env
 
 

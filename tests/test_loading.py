@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 
 import lm
-from lm import hub, weights
+from lm import hub
+from lm.hub import names, weights
 
 
 def test_unknown_name_lists_what_was_tried():
@@ -20,13 +21,13 @@ def test_unknown_hub_repo_without_fallback(monkeypatch):
   def offline(repo_id):
     raise ConnectionError("offline")
 
-  monkeypatch.setattr(hub, "_hub_download", offline)
+  monkeypatch.setattr(names, "_hub_download", offline)
   with pytest.raises(hub.ModelNotFoundError, match="hub someone/unknown-model: ConnectionError"):
     hub.resolve("someone/unknown-model")
 
 
 def test_hub_id_falls_back_to_offline_copy(monkeypatch, smollm2_gguf):
-  monkeypatch.setattr(hub, "_hub_download", lambda repo: (_ for _ in ()).throw(OSError("offline")))
+  monkeypatch.setattr(names, "_hub_download", lambda repo: (_ for _ in ()).throw(OSError("offline")))
   assert hub.resolve("HuggingFaceTB/SmolLM2-135M-Instruct") == smollm2_gguf
 
 

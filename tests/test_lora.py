@@ -11,7 +11,8 @@ from flax import nnx
 
 import lm
 from lm import lora
-from lm import scoring, weights
+from lm import scoring
+from lm.hub import weights
 
 TOKENS_BS = np.array([[5, 17, 99, 3, 42, 7, 250, 11], [1, 2, 3, 4, 5, 6, 7, 8]], np.int32)
 # tiny preset: D=64, F=128, N=4, K=2, H=16, 2 layers, tied 256-token embedding

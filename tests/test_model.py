@@ -167,7 +167,7 @@ def test_rope_and_preset_errors():
     lm.RopeScaling(kind="ntk")
   with pytest.raises(ValueError, match=r"Unknown model preset 'huge'.*'tiny'"):
     lm.preset("huge")
-  from lm import weights
+  from lm.hub import weights
   with pytest.raises(ValueError, match=r"'longrope' is not supported"):
     weights.config_from_hf(dict(
         model_type="llama", vocab_size=8, hidden_size=8, num_hidden_layers=1,

@@ -12,7 +12,7 @@ from align import online
 from align.losses import grpo
 from configs import grpo as grpo_config
 from lm import data, lora, sharding
-from lm.trainer import Trainer
+from lm.train.trainer import Trainer
 
 
 def _config(**rollout):

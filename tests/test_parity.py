@@ -11,7 +11,7 @@ torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
 import lm  # noqa: E402
-from lm import weights  # noqa: E402
+from lm.hub import weights  # noqa: E402
 from tests_helpers import scrambled  # noqa: E402
 
 TOL = 1e-4

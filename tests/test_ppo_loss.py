@@ -111,7 +111,7 @@ def test_ppo_stream_and_critic_warmup_move_only_the_value_head(smollm2_gguf):
   from align.train import load_model
   from configs import ppo as ppo_config
   from lm import heads, lora
-  from lm.trainer import Trainer
+  from lm.train.trainer import Trainer
 
   config = ppo_config.get_config("smoke")
   config.rollout.critic_warmup = 1

@@ -15,8 +15,11 @@ import pytest
 from flax import nnx
 
 import lm
-from lm import corpus, flops, pretrain
-from lm.checkpoint import Checkpointer
+from lm.hub import runs, vocab
+from lm.pretrain import corpus
+from lm.pretrain import task as pretrain
+from lm.train import flops
+from lm.train.checkpoint import Checkpointer
 from tests_helpers import REPO, launch_cmd, launch_env, scrambled
 
 
@@ -178,7 +181,7 @@ def test_bigram_baseline_by_hand():
 def test_store_splits_whole_documents_and_refuses_overlap(tmp_path):
   docs = [corpus.Document("a", f"document number {i} " * 3) for i in range(60)]
   docs.append(corpus.Document("a", docs[0].text))  # an exact duplicate shares its twin's split
-  tok = corpus.CharTokenizer.fit("".join(d.text for d in docs) + "$")
+  tok = vocab.CharTokenizer.fit("".join(d.text for d in docs) + "$")
   tok.eos_id = tok.encode("$")[0]
   store = corpus.build_store(tmp_path / "s", docs, tok, split="hash", val_fraction=0.2)
   m = store.manifest
@@ -211,7 +214,7 @@ def test_packed_iterator_resumes_exactly():
 
 def test_gpt2_tokenizer_is_openais():
   try:
-    tok = corpus.gpt2_tokenizer()
+    tok = vocab.gpt2_tokenizer()
   except FileNotFoundError as e:
     pytest.skip(f"GPT-2 BPE files not installed: {e}")
   assert tok.vocab_size == 50257 and tok.encode("Hello world") == [15496, 995]
@@ -274,7 +277,7 @@ def test_sigkill_and_resume_equals_uninterrupted(tmp_path, shared_data):
   for x, y in zip(jax.tree.leaves(pa), jax.tree.leaves(pb), strict=True):
     np.testing.assert_array_equal(x, y)
   # the run loads back with its last checkpoint's weights (what the sinks and pipeline tasks use)
-  model, _, _ = pretrain.load_run(tmp_path / "full")
+  model, _, _ = runs.load_run(tmp_path / "full")
   loaded = nnx.to_pure_dict(nnx.state(model, nnx.Param))
   for x, y in zip(jax.tree.leaves(loaded), jax.tree.leaves(pa), strict=True):
     np.testing.assert_array_equal(x, y)
@@ -285,7 +288,7 @@ def test_spike_guard_skips_steps_above_the_running_mean():
   the optimizer state stop moving and the step reports skipped = 1; before, they move."""
   import ml_collections
 
-  from lm.trainer import Trainer
+  from lm.train.trainer import Trainer
 
   toks, doc = _docs_stream([400], vocab=64)
   windows = corpus.Windows(toks, doc, 16)
@@ -317,7 +320,7 @@ def test_sink_variants_train_and_load(tmp_path, shared_data):
                                   "--config.train.steps=3"),
                        cwd=REPO, env=launch_env(), capture_output=True, text=True, timeout=600)
     assert p.returncode == 0, p.stderr[-3000:]
-    model, _, prefix = pretrain.load_run(work)
+    model, _, prefix = runs.load_run(work)
     stats = json.loads((work / "data_stats.json").read_text())
     assert "eval/sink_rate" in (work / "metrics.jsonl").read_text()
     if sink == "zero":
@@ -326,8 +329,8 @@ def test_sink_variants_train_and_load(tmp_path, shared_data):
         np.testing.assert_array_equal(np.asarray(block.attn.sinks[...]), 0.0)
     else:
       assert prefix == [65] and stats["sink_token"] == 65 and model.cfg.vocab_size == 66
-      from lm import sinks
+      from lm.pretrain import sink_stats, sinks
 
       _, tok, _, prefix = sinks.load_model(str(work))
       seqs = np.array([prefix + tok.encode("To be, or not to be")])
-      assert sinks.head_stats(model, seqs, sinks.token_text(tok, prefix)).first.shape == (2, 2)
+      assert sink_stats.head_stats(model, seqs, sinks.token_text(tok, prefix)).first.shape == (2, 2)

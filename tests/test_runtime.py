@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from lm import runtime
+from lm.train import runtime
 
 pytestmark = pytest.mark.skipif(not runtime._glibc_linux(), reason="glibc Linux only")
 

@@ -10,7 +10,7 @@ import pytest
 from flax import nnx
 
 import lm
-from lm import sinks
+from lm.pretrain import sink_stats, sinks
 from tests_helpers import REPO, launch_cmd, launch_env, scrambled
 
 
@@ -25,7 +25,7 @@ def _seqs(n=3, t=10, seed=0):
 def test_head_stats_follow_their_formulas():
   model = _model(attention_sinks=True)
   seqs = _seqs()
-  stats = sinks.head_stats(model, seqs, local=2, batch_size=2)  # the last batch is padded
+  stats = sink_stats.head_stats(model, seqs, local=2, batch_size=2)  # the last batch is padded
   a = np.stack([np.asarray(m) for _, m in sorted(model.attention_maps(jnp.asarray(seqs)).items())
                 ]).astype(np.float64)  # [L, n, N, T, T]
   t = seqs.shape[1]
@@ -49,12 +49,12 @@ def test_head_stats_follow_their_formulas():
 def test_argmax_census_names_the_key():
   """Token kinds from their text; the census counts the first token and the query itself apart."""
   text = {1: "a", 2: ",", 3: "\n", 4: "word"}
-  kinds = sinks.token_kinds(lambda ids: "".join(text[i] for i in ids), np.array([[1, 2, 3, 4]]))
+  kinds = sink_stats.token_kinds(lambda ids: "".join(text[i] for i in ids), np.array([[1, 2, 3, 4]]))
   np.testing.assert_array_equal(kinds, [[4, 1, 2, 4]])
   # a model whose every query attends to the first token: a sliding window of 1 + 1 sink token
   model = _model(sliding_window=1, sink_tokens=1)
   seqs = _seqs(n=2, t=6)
-  stats = sinks.head_stats(model, seqs)
+  stats = sink_stats.head_stats(model, seqs)
   # each query t >= 1 sees exactly {0, t}: the argmax is "first" or "self", never another key
   assert np.allclose(stats.argmax[:, 0] + stats.argmax[:, 3], 1.0)
   np.testing.assert_allclose(stats.first + stats.self_, 1.0, atol=1e-6)

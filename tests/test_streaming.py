@@ -9,7 +9,7 @@ import pytest
 from flax import nnx
 
 import lm
-from lm.streaming import streaming_logprobs
+from lm.pretrain.streaming import streaming_logprobs
 from lm.layers import apply_rope, rope_tables
 from lm.scoring import next_token_logprobs
 from tests_helpers import scrambled

@@ -5,7 +5,9 @@ import json
 
 import pytest
 
-from lm import hub, tokenizer
+from lm import hub
+
+from lm.hub import tokenizer
 
 
 @pytest.fixture(scope="module")
@@ -143,7 +145,7 @@ def test_split_regex_and_bos_follow_the_file_as_transformers_does(tmp_path, smol
   pytest.importorskip("torch", reason="transformers' GGUF tokenizer imports torch (parity extra)")
   from transformers import AutoTokenizer
 
-  from lm import weights
+  from lm.hub import weights
 
   path = tmp_path / f"{pre}.gguf"
   _write_tokenizer_gguf(path, tokenizer.gguf_metadata(weights.open_gguf(smollm2_gguf)), pre)

@@ -18,10 +18,10 @@ from flax import nnx
 
 from align import losses
 from lm import lora
-from lm.trainer import NonFiniteLossError, Trainer, make_optimizer
+from lm.train.trainer import NonFiniteLossError, Trainer, make_optimizer
 from lm import config as lm_config
 from lm import sharding
-from lm.checkpoint import Checkpointer
+from lm.train.checkpoint import Checkpointer
 from lm.model import Transformer
 from tests_helpers import REPO, launch_cmd, launch_env
 
@@ -148,7 +148,7 @@ def test_nan_loss_stops_naming_step_and_keeps_last_good_checkpoint(tmp_path):
 def test_diagnostics_of_any_shape_average_over_micro_batches_and_reach_the_run_files(tmp_path):
   """A loss may return arrays beside its scalars: each is the mean over micro-batches (train) and
   over batches (eval), comes back as numpy, and `metrics.jsonl` holds it as a list."""
-  from lm.run import RunDir
+  from lm.train.rundir import RunDir
 
   def with_diagnostics(model, batch, cfg):
     loss, metrics = losses.get("sft")(model, batch, cfg)
@@ -252,7 +252,7 @@ def test_sigkill_and_resume_equals_uninterrupted(tmp_path, shared_data, algo):
 
 def test_cpu_training_flags_keep_the_users(monkeypatch):
   """Training XLA flags are added once; a flag the user already set keeps the user's value."""
-  from lm.runtime import CPU_TRAINING_XLA_FLAGS, use_cpu_training_flags
+  from lm.train.runtime import CPU_TRAINING_XLA_FLAGS, use_cpu_training_flags
 
   name = CPU_TRAINING_XLA_FLAGS[0].split("=")[0]
   monkeypatch.setenv("XLA_FLAGS", f"{name}=true --xla_dump_to=/tmp/x")
@@ -266,7 +266,7 @@ def test_cpu_training_flags_keep_the_users(monkeypatch):
 
 def test_weight_decay_follows_logical_axes():
   """Kernels, embeddings and LoRA factors decay; norms, biases (2-D q/k/v ones too) and sinks not."""
-  from lm.trainer import weight_decay_mask
+  from lm.train.trainer import weight_decay_mask
 
   model = Transformer(lm_config.preset("tiny", attention_bias=True, mlp_bias=True,
                                        attention_sinks=True), rngs=nnx.Rngs(0))

@@ -19,7 +19,7 @@ def launch_cmd(*args: str) -> list[str]:
 
 def launch_env(**extra: str) -> dict[str, str]:
   """The environment launch.py would re-exec itself with, so it runs in this one process."""
-  from lm.runtime import cpu_allocator_env
+  from lm.train.runtime import cpu_allocator_env
 
   return cpu_allocator_env(dict(os.environ, JAX_PLATFORMS="cpu", **extra))
 

@@ -30,51 +30,14 @@ from decode.rollout import rollout
 from decode.scorers import Scorer
 from decode.sampling import GREEDY, Sampler
 from lm import data, hub
-from lm.config import preset
 from lm.layers import Linear
-from lm.model import Transformer
-from lm.run import RunDir
+from lm.train.rundir import RunDir
 
 log = logging.getLogger(__name__)
 
 
-class ByteTokenizer:
-  """UTF-8 bytes as token ids (vocab 256, id 0 = end/pad) for random `tiny:SEED` models."""
-
-  eos_token_id = pad_token_id = 0
-  unk_token_id = None
-
-  def encode(self, text: str, add_special_tokens: bool = False) -> list[int]:
-    del add_special_tokens
-    return [b for b in text.encode("utf-8") if b]
-
-  def __call__(self, text: str) -> dict[str, list[int]]:
-    return {"input_ids": self.encode(text)}
-
-  def decode(self, ids, skip_special_tokens: bool = True) -> str:
-    del skip_special_tokens
-    return bytes(int(i) for i in ids if 0 < int(i) < 256).decode("utf-8", errors="replace")
-
-  def apply_chat_template(self, messages, add_generation_prompt=True, tokenize=True):
-    text = "".join(f"<{m['role']}>\n{m['content']}\n" for m in messages)
-    text += "<assistant>\n" if add_generation_prompt else ""
-    return self.encode(text) if tokenize else text
-
-  def convert_tokens_to_ids(self, token: str):
-    del token
-    return None
-
-
 def _plain(entry) -> dict:
   return entry.to_dict() if hasattr(entry, "to_dict") else dict(entry)
-
-
-def load_model(spec: str, *, dtype: str = "float32"):
-  """(model, tokenizer) for a hub id / path / alias, or `tiny:SEED` (random, byte tokenizer)."""
-  if spec.startswith("tiny:"):
-    cfg = preset("tiny", max_seq_len=512, dtype=dtype, param_dtype=dtype)
-    return Transformer(cfg, rngs=nnx.Rngs(int(spec.split(":")[1]))), ByteTokenizer()
-  return hub.load(spec, dtype=dtype)
 
 
 def add_stand_in_lora(model, *, rank: int, alpha: float, b_std: float, seed: int,
@@ -110,7 +73,7 @@ def load_entry(entry: Mapping, *, dtype: str = "float32", cache: dict | None = N
     raise ValueError(f"model entry {e['name']!r}: give an adapter or a stand_in_lora, not both.")
   cache = {} if cache is None else cache
   if e["model"] not in cache:
-    cache[e["model"]] = load_model(e["model"], dtype=dtype)
+    cache[e["model"]] = hub.load(e["model"], dtype=dtype)
   model, tok = cache[e["model"]]
   if e.get("adapter") or e.get("stand_in_lora"):
     model = nnx.clone(model)  # the cached base stays adapter-free for other entries

@@ -16,7 +16,7 @@ from typing import Sequence
 import numpy as np
 
 from lm import scoring
-from lm.run import shared_data_dir
+from lm.data import shared_data_dir
 
 
 def text_perplexity(model, tokenizer, text: str, *, max_tokens: int, window: int, stride: int,

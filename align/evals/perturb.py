@@ -29,7 +29,7 @@ from decode import scorers
 from decode.scorers import Scorer
 from lm import scoring
 from lm.hub import encode_pairs
-from lm.run import pyplot, save_figure
+from lm.train.rundir import pyplot, save_figure
 
 plt = pyplot()
 

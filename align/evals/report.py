@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from align.evals import verbosity
-from lm.run import markdown_table
+from lm.train.rundir import markdown_table
 
 
 def _stand_in_note(entries) -> list[str]:

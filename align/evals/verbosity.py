@@ -19,7 +19,7 @@ from typing import Mapping, Sequence
 import numpy as np
 
 from decode.metrics import length_stats
-from lm.run import pyplot, save_figure
+from lm.train.rundir import pyplot, save_figure
 
 plt = pyplot()
 

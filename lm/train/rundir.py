@@ -17,21 +17,9 @@ import numpy as np
 
 log = logging.getLogger(__name__)
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-
 
 class WorkdirExistsError(FileExistsError):
   pass
-
-
-def shared_data_dir() -> Path | None:
-  """`$POSTLAB_DATA`, or `../shared/data` beside the repository; None where absent."""
-  env = os.environ.get("POSTLAB_DATA")
-  for candidate in ([Path(env)] if env else []) + [REPO_ROOT.parent / "shared" / "data",
-                                                   Path.cwd().parent / "shared" / "data"]:
-    if candidate.is_dir():
-      return candidate
-  return None
 
 
 def _to_jsonable(x: Any):

@@ -5,11 +5,22 @@ from __future__ import annotations
 import gzip
 import json
 import logging
+import os
 from pathlib import Path
 
-from lm.run import shared_data_dir
-
 log = logging.getLogger(__name__)
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+
+
+def shared_data_dir() -> Path | None:
+  """`$POSTLAB_DATA`, or `../shared/data` beside the repository; None where absent."""
+  env = os.environ.get("POSTLAB_DATA")
+  for candidate in ([Path(env)] if env else []) + [REPO_ROOT.parent / "shared" / "data",
+                                                   Path.cwd().parent / "shared" / "data"]:
+    if candidate.is_dir():
+      return candidate
+  return None
 
 
 def shared_file(rel: str) -> Path | None:

@@ -1,10 +1,10 @@
 """Pretraining from scratch: the `pretrain` task behind `launch.py`, and its loss.
 
-The corpus (`lm.corpus`) is tokenised once into a token store; packed windows of `data.seq_len`
+The corpus (`lm.pretrain.corpus`) is tokenised once into a token store; packed windows of `data.seq_len`
 tokens train a randomly initialised decoder (`model.preset` + `model.overrides`, its vocabulary
 the store's, optionally padded to a multiple of `model.vocab_multiple`) on the one trainer
-(`lm.trainer.Trainer`: accumulation, clipping, warm-up + cosine, loss-spike guard, checkpoints
-with the iterator state, exact `--resume`). Every step logs tokens/s and TFLOP/s (`lm.flops`,
+(`lm.train.trainer.Trainer`: accumulation, clipping, warm-up + cosine, loss-spike guard, checkpoints
+with the iterator state, exact `--resume`). Every step logs tokens/s and TFLOP/s (`lm.train.flops`,
 "causal" convention; MFU where the device's peak is known). Held-out: the validation split's
 windows, token-weighted.
 
@@ -33,11 +33,15 @@ import numpy as np
 from flax import nnx
 
 from lm import config as lm_config
-from lm import corpus, flops
-from lm.checkpoint import Checkpointer
+from lm.hub import vocab
+from lm.hub.runs import model_config, trainable
+from lm.pretrain import corpus, sink_stats
+from lm.train import flops
+from lm.train.checkpoint import Checkpointer
 from lm.model import Transformer
-from lm.run import REPO_ROOT, RunDir, markdown_table, plot_history, pyplot, save_figure
-from lm.trainer import Trainer
+from lm.data import REPO_ROOT
+from lm.train.rundir import RunDir, markdown_table, plot_history, pyplot, save_figure
+from lm.train.trainer import Trainer
 
 log = logging.getLogger(__name__)
 
@@ -77,30 +81,6 @@ def lm_loss(model, batch: dict, cfg) -> tuple[jax.Array, dict]:
                 "log_z": (jnp.abs(log_z) * w).sum() / n}
 
 
-SINK_VARIANTS = ("none", "logit", "zero", "token")
-
-
-def model_config(config, vocab_size: int) -> lm_config.ModelConfig:
-  """The preset with the config's overrides, the store's vocabulary (+ 1 for a sink token, padded
-  to `model.vocab_multiple`) and a context that fits `data.seq_len`."""
-  m = config.model
-  overrides = dict(m.get("overrides") or {})
-  multiple = int(m.get("vocab_multiple", 1))
-  sink = m.get("sink", "none")
-  if sink not in SINK_VARIANTS:
-    raise ValueError(f"model.sink={sink!r} is unknown; use one of {SINK_VARIANTS}.")
-  if sink in ("logit", "zero"):
-    overrides["attention_sinks"] = True
-  vocab_size += sink == "token"
-  overrides["vocab_size"] = -(-vocab_size // multiple) * multiple
-  overrides.setdefault("max_seq_len", max(int(config.data.seq_len),
-                                          lm_config.PRESETS[m.preset].max_seq_len))
-  cfg = lm_config.preset(m.preset, **overrides)
-  return cfg.replace(dtype=m.get("dtype", "float32"), scan_layers=bool(m.get("scan_layers", False)),
-                     remat=m.get("remat", "none"),
-                     attention_impl=m.get("attention_impl", "unfused"))
-
-
 def init_loss_prediction(cfg: lm_config.ModelConfig) -> float:
   """Expected loss at initialisation: the final RMSNorm makes |h|^2 = d, so the logits h.E_v of
   N(0, s^2) embedding rows are N(0, s^2 d) (s = 0.02, tied head), and for V of them
@@ -108,13 +88,6 @@ def init_loss_prediction(cfg: lm_config.ModelConfig) -> float:
   from lm.layers import _INIT_STD
 
   return math.log(cfg.vocab_size) + _INIT_STD**2 * cfg.d_model / 2
-
-
-def trainable(config):
-  """Every parameter, except the sink logits of the "zero" variant (they stay at 0)."""
-  if config.model.get("sink", "none") == "zero":
-    return nnx.All(nnx.Param, nnx.Not(nnx.PathContains("sinks")))
-  return nnx.Param
 
 
 def _store_dir(config):
@@ -198,9 +171,7 @@ def run(config, run_dir: RunDir, mesh=None) -> dict:
   def evaluate():
     out = validation_loss(trainer, val_w, eval_bs, max_eval)
     if probe is not None:
-      from lm import sinks
-
-      out["sink_rate"] = sinks.head_stats(trainer.model, probe).sink_rate(0.3)
+      out["sink_rate"] = sink_stats.head_stats(trainer.model, probe).sink_rate(0.3)
     return out
 
   t0 = time.time()
@@ -215,7 +186,7 @@ def run(config, run_dir: RunDir, mesh=None) -> dict:
   plots = plot_history(history, ["loss", "nll", "tokens_per_s", "tflops_per_s", "mfu",
                                  "grad_norm", "lr", "log_z", "sink_rate"], run_dir)
   plots.append(_plot_curve(history, baselines, run_dir))
-  tokenizer = corpus.tokenizer_from_json(store.tokenizer_meta)
+  tokenizer = vocab.tokenizer_from_json(store.tokenizer_meta)
   sample = ""
   if config.get("sample_tokens", 0):
     prompt = val_tokens[:min(seq_len // 2, 16)].tolist()
@@ -281,27 +252,3 @@ def _plot_curve(history: list[dict], baselines: dict, run_dir: RunDir) -> str:
   ax.legend()
   save_figure(fig, run_dir.plots / "loss_curve.png", dpi=110)
   return "loss_curve.png"
-
-
-
-def load_run(workdir) -> tuple[Transformer, object, list[int]]:
-  """(model at the run's last checkpoint, its tokenizer, the prefix every input starts with: its
-  sink token, or none) from a `pretrain` run directory."""
-  import json
-  from pathlib import Path
-
-  import ml_collections
-
-  workdir = Path(workdir)
-  config = ml_collections.ConfigDict(json.loads((workdir / "config.json").read_text()))
-  manifest = json.loads((workdir / "corpus_manifest.json").read_text())
-  model = Transformer(model_config(config, int(manifest["tokenizer"]["vocab_size"])),
-                      rngs=nnx.Rngs(0))
-  with Checkpointer(workdir / "checkpoints") as ckpt:
-    if ckpt.latest_step is None:
-      raise FileNotFoundError(f"{workdir} has no checkpoint; train it first.")
-    state = nnx.state(model, trainable(config))
-    ckpt.restore(state, step=ckpt.latest_step)
-    nnx.update(model, state)
-  prefix = [int(manifest["tokenizer"]["vocab_size"])] if config.model.get("sink") == "token" else []
-  return model, corpus.tokenizer_from_json(manifest["tokenizer"]), prefix

@@ -172,7 +172,7 @@ def from_gguf_metadata(meta: dict, *, source: str = "GGUF"):
 def from_gguf(reader_or_path, *, source: str | None = None):
   """The tokenizer of a GGUF file (path or open `gguf.GGUFReader`), built without torch."""
   if isinstance(reader_or_path, (str, bytes)) or hasattr(reader_or_path, "__fspath__"):
-    from lm.weights import open_gguf
+    from lm.hub.weights import open_gguf
 
     source = source or str(reader_or_path)
     reader_or_path = open_gguf(reader_or_path)

@@ -37,7 +37,7 @@ import optax
 from flax import nnx
 
 from lm import inputs, lora, sharding
-from lm.checkpoint import Checkpointer
+from lm.train.checkpoint import Checkpointer
 
 log = logging.getLogger(__name__)
 
@@ -184,7 +184,7 @@ class Trainer:
     self._seed = int(train_cfg.get("seed", 0))
     self.flops_per_token = flops_per_token
     if flops_per_token:
-      from lm.flops import peak_flops
+      from lm.train.flops import peak_flops
 
       peak = peak_flops(self.mesh.devices.flat[0])
       self._peak = peak * self.mesh.devices.size if peak else None
