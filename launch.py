@@ -6,8 +6,10 @@
   python launch.py --config=configs/dpo.py:smoke --workdir=runs/mp --num_processes=2 \
       --process_id=0 --coordinator_address=127.0.0.1:12355 --cpu_devices=4
 
-Loads the (locked) config, starts multi-process JAX when launched that way, builds the mesh,
-writes the resolved config into the workdir and runs the task named by `config.task`.
+Loads the (locked) config, refuses it if it lacks a field its task reads (the task's schema: the
+default variant of the config module `configs.common.SCHEMAS` names), starts multi-process JAX
+when launched that way, builds the mesh, writes the resolved config into the workdir and runs the
+task named by `config.task`.
 """
 
 from __future__ import annotations
@@ -72,6 +74,20 @@ class _QuietLibraries(logging.Filter):
     return record.levelno >= logging.WARNING or "/orbax/" not in record.pathname
 
 
+def _check_fields(config) -> None:
+  """A field the task reads and the config lacks fails here, before anything starts."""
+  from configs import common
+
+  schema = common.schema_of(config)
+  if schema is None:
+    return
+  module = importlib.import_module(schema.removesuffix(".py").replace("/", "."))
+  try:
+    common.check_fields(config, module.get_config(), flags.FLAGS["config"].config_filename, schema)
+  except ValueError as e:
+    raise app.UsageError(str(e)) from None
+
+
 def main(argv):
   del argv
   for handler in logging.getLogger().handlers:
@@ -81,9 +97,10 @@ def main(argv):
     raise app.UsageError("--config is required, e.g. --config=configs/quickstart.py:cpu")
   if not _WORKDIR.value:
     raise app.UsageError("--workdir is required, e.g. --workdir=runs/quickstart")
-  task = config.get("task")
+  task = config.task if "task" in config else None
   if task not in TASKS:
     raise app.UsageError(f"config.task={task!r} is unknown; known tasks: {sorted(TASKS)}")
+  _check_fields(config)
 
   if task in ("train", "pretrain", "pipeline"):
     from lm.train.runtime import use_cpu_training_flags
@@ -101,9 +118,8 @@ def main(argv):
   from lm import sharding
   from lm.train.rundir import RunDir
 
-  mesh_cfg = config.get("mesh") or {}
-  mesh = sharding.make_mesh(**{k: mesh_cfg.get(k, d) for k, d in
-                               (("data", 1), ("fsdp", -1), ("tensor", 1))})
+  mesh = sharding.make_mesh(data=config.mesh.data, fsdp=config.mesh.fsdp,
+                            tensor=config.mesh.tensor)
   logging.info("process %d/%d, devices %s, mesh %s", jax.process_index(), jax.process_count(),
                jax.devices(), dict(mesh.shape))
   # Every process runs the task; process 0 alone writes the run directory (orbax coordinates

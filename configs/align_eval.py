@@ -22,7 +22,7 @@ exists (labelled "stand-in" in the report). Replace the stand-in entry by
 
 import ml_collections
 
-from configs import grpo
+from configs import common, grpo
 
 _BASE = "HuggingFaceTB/SmolLM2-135M-Instruct"
 # Written by `launch.py --config=configs/dpo.py:cpu --workdir=runs/dpo-cpu`.
@@ -37,17 +37,15 @@ STUDIES = {
         "grpo-rm": (f"configs/grpo.py:rm_{scale}", f"runs/grpo-rm-{tag}"),
         "grpo-rm-10x-lr": (f"configs/grpo.py:rm_{scale}_10x", f"runs/grpo-rm-10x-{tag}"),
     } for scale, tag in (("cpu", "cpu"), ("gpu_full", "gpu"))}
+VARIANTS = ("smoke", "cpu", "standin", "gpu_full", "stability", "stability_gpu")
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-  variant = arg or "cpu"
-  c = ml_collections.ConfigDict()
-  c.task = "align_eval"
-  c.variant = variant
+  c = common.header("align_eval", arg, VARIANTS)
+  variant = c.variant
   c.seed = 0
   c.reward_run = ""  # a reward run's --workdir: its reward model joins the hacking probes
   c.dtype = "float32"
-  c.mesh = ml_collections.ConfigDict({"data": 1, "fsdp": -1, "tensor": 1})
   # cpu: the trained LoRA-DPO adapter of dpo.py:cpu (train it first); standin: a labelled random
   # LoRA. The variant alone decides, never what happens to be on disk.
   policy = ({"name": "lora-dpo", "model": _BASE, "adapter": DPO_CPU_ADAPTER, "stand_in_lora": None}
@@ -104,7 +102,4 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.hacking.n = None  # every prompt: the reward model scores every model's own answers too
     if variant == "stability_gpu":
       c.decode.max_new_tokens = 128  # PA5's max.new.tokens, as the GRPO runs sampled
-  if variant not in ("smoke", "cpu", "standin", "gpu_full", "stability", "stability_gpu"):
-    raise ValueError(f"unknown align_eval variant {variant!r}; use smoke, cpu, standin, stability, "
-                     "stability_gpu or gpu_full.")
   return c

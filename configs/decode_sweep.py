@@ -9,17 +9,18 @@ Code: `decode/sweep.py` (task `decode_sweep`), over `decode/engine.py` and `deco
 
 import ml_collections
 
+from configs import common
+
+VARIANTS = ("smoke", "cpu", "gpu_full")
+
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-  variant = arg or "cpu"
-  c = ml_collections.ConfigDict()
-  c.task = "decode_sweep"
-  c.variant = variant
+  c = common.header("decode_sweep", arg, VARIANTS)
+  variant = c.variant
   c.seed = 0
   c.reward_run = ""  # a reward run's --workdir: its reward model scores the generations
   c.model = ml_collections.ConfigDict({"name": "HuggingFaceTB/SmolLM2-135M-Instruct",
                                        "dtype": "float32"})
-  c.mesh = ml_collections.ConfigDict({"data": 1, "fsdp": -1, "tensor": 1})
   c.prompts = ml_collections.ConfigDict({"source": "alpaca_eval", "n": 8})
   c.sweep = ml_collections.ConfigDict({
       "temperatures": [0.2, 0.5, 0.8, 1.0, 1.2],
@@ -40,6 +41,4 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   elif variant == "gpu_full":
     c.prompts.update(source="alpaca_cleaned", n=400)
     c.sweep.update(num_samples=10, batch_rows=256, score_batch=64)
-  elif variant != "cpu":
-    raise ValueError(f"unknown decode_sweep variant {variant!r}; use smoke, cpu or gpu_full.")
   return c

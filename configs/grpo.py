@@ -15,6 +15,7 @@ runs on a reward model (`make stability`, `make stability STUDY=gpu_full`).
 
 import ml_collections
 
+from configs import common
 from configs.train_base import VARIANTS, base
 
 
@@ -29,11 +30,13 @@ RM_RUNS = {"cpu": "runs/rm-cpu", "gpu_full": "runs/rm-gpu"}
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   study = arg in STUDY
-  if arg is not None and not study and arg not in VARIANTS:
-    raise ValueError(f"unknown grpo variant {arg!r}; use one of {VARIANTS + tuple(STUDY)}.")
+  common.variant_of(arg, VARIANTS + tuple(STUDY), "grpo")
   c = base("align.losses.grpo", STUDY[arg][0] if study else arg)
+  # name: arith | gsm8k | instructions (of `source`, after its first skip_first); prompts over
+  # max_prompt_tokens are left out (0 = no limit); system: a system message ("" = none)
   c.prompts = ml_collections.ConfigDict({
       "name": "arith", "n_train": 400, "n_eval": 64, "seed": 0, "max_operand": 20,
+      "source": "alpaca_eval", "skip_first": 0,
       "max_prompt_tokens": 256, "system": "", "prompt_suffix": ""})
   c.rollout = ml_collections.ConfigDict({
       "prompts_per_step": 4, "num_generations": 8, "max_new_tokens": 16, "temperature": 0.8,

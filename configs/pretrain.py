@@ -25,6 +25,8 @@ Variants:
 
 import ml_collections
 
+from configs import common
+
 VARIANTS = ("smoke", "cpu_char", "cpu_char256", "cpu", "gpu_full")
 # the offline text in GPT-2 BPE (WikiText-2 is kept out: it is the evaluation set)
 OFFLINE_BPE = {"name": "offline-gpt2", "tokenizer": "gpt2",
@@ -33,18 +35,14 @@ OFFLINE_BPE = {"name": "offline-gpt2", "tokenizer": "gpt2",
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-  variant = arg or "cpu_char"
-  if variant not in VARIANTS:
-    raise ValueError(f"unknown variant {variant!r}; use one of {VARIANTS}.")
-  c = ml_collections.ConfigDict()
-  c.task = "pretrain"
-  c.variant = variant
-  c.mesh = ml_collections.ConfigDict({"data": 1, "fsdp": -1, "tensor": 1})
+  c = common.header("pretrain", arg, VARIANTS, default="cpu_char")
+  variant = c.variant
   # the token store: built once under runs/corpora/<name> (or `store`), reused by later runs
   c.corpus = ml_collections.ConfigDict({
       "name": "shakespeare-char", "store": "", "tokenizer": "char",
       "sources": ["tinyshakespeare"], "split": "tail", "val_fraction": 0.1, "seed": 0,
       "append_eos": False})
+  # val_sources: the sources validated on ([] = every one)
   c.data = ml_collections.ConfigDict({"seq_len": 64, "val_sources": []})
   c.model = ml_collections.ConfigDict({
       "preset": "tiny", "overrides": {"d_model": 128, "n_layers": 4, "n_heads": 4,
@@ -57,13 +55,15 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # document_mask False: attend across packed documents (nanoGPT's way; a fused kernel's plain
   # causal mask) instead of within each
   c.loss = ml_collections.ConfigDict({"z_loss": 0.0, "document_mask": True})
+  # eval_batches: validation batches per evaluation in training (0 = all; the final one is all)
   c.train = ml_collections.ConfigDict({
       "steps": 2000, "batch_size": 12, "grad_accum": 1, "lr": 1e-3, "warmup_steps": 100,
       "schedule": "cosine", "min_lr_ratio": 0.1, "weight_decay": 0.1, "grad_clip": 1.0,
       "b1": 0.9, "b2": 0.99, "eps": 1e-8, "eval_every": 250, "eval_batch_size": 64,
       "eval_batches": 40, "checkpoint_every": 500, "keep_checkpoints": 2, "seed": 1337,
-      "spike_factor": 0.0, "spike_warmup": 100, "spike_ema": 0.99})
-  c.sample_tokens = 300
+      "spike_factor": 0.0, "spike_warmup": 100, "spike_ema": 0.99,
+      "lr_multipliers": {}})  # parameter-path substring -> learning-rate factor; {} = none
+  c.sample_tokens = 300  # a sample of this many tokens in the report (0 = none)
   c.sink_rate_sequences = 16  # validation windows for the sink rate logged at every evaluation
   if variant == "smoke":
     c.model.overrides = {"d_model": 32, "n_layers": 2, "n_heads": 2, "n_kv_heads": 1, "d_ff": 64}

@@ -9,16 +9,17 @@ Code: `decode/quickstart.py` (task `quickstart`).
 
 import ml_collections
 
+from configs import common
+
+VARIANTS = ("smoke", "cpu", "gpu_full")
+
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-  variant = arg or "cpu"
-  c = ml_collections.ConfigDict()
-  c.task = "quickstart"
-  c.variant = variant
+  c = common.header("quickstart", arg, VARIANTS)
+  variant = c.variant
   c.seed = 0
   c.model = ml_collections.ConfigDict({"name": "HuggingFaceTB/SmolLM2-135M-Instruct",
                                        "dtype": "float32"})
-  c.mesh = ml_collections.ConfigDict({"data": 1, "fsdp": -1, "tensor": 1})
   c.prompts = ml_collections.ConfigDict({
       "source": "alpaca_eval", "n": 4,
       "extra": ["What is the capital of France?"],
@@ -34,6 +35,4 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.prompts.n = 16
     c.decode.update(max_new_tokens=256, batch_size=16)
     c.perplexity.update(max_chars=10**8, max_tokens=10**8, window=1024, stride=512, batch_size=16)
-  elif variant != "cpu":
-    raise ValueError(f"unknown quickstart variant {variant!r}; use smoke, cpu or gpu_full.")
   return c

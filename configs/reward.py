@@ -13,6 +13,7 @@ from configs.train_base import base
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c = base("align.losses.reward", arg)
   c.loss.update(margin=0.0, center_coef=0.0)
+  c.train.report_pairs = 4  # held-out pairs whose texts and scores the report lists
   if c.variant == "cpu":
     c.train.lr = 1e-3
   return c

@@ -15,14 +15,15 @@ Code: `sae/experiment.py` (task `usae`), `sae/activations.py` (`lm_store`), `sae
 
 import ml_collections
 
+from configs import common
+
+VARIANTS = ("smoke", "cpu", "gpu_full")
+
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-  variant = arg or "cpu"
-  c = ml_collections.ConfigDict()
-  c.task = "usae"
-  c.variant = variant
+  c = common.header("usae", arg, VARIANTS)
+  variant = c.variant
   c.seed = 0
-  c.mesh = ml_collections.ConfigDict({"data": 1, "fsdp": -1, "tensor": 1})
   c.store_dir = "runs/activations"
   # skip_first: window positions left out (the sink positions' norms reach 100x the median)
   c.data = ml_collections.ConfigDict({"dataset": "wikitext-2", "seq_len": 128, "train_seqs": 400,
@@ -50,6 +51,4 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.data.update(train_seqs=1600, test_seqs=400, capture_batch=64)
     c.usae.update(n_latents=9216)
     c.train.update(epochs=20, seeds=[0, 1, 2], lrs=[1e-4, 3e-4, 1e-3])
-  elif variant != "cpu":
-    raise ValueError(f"variant {variant!r}: use smoke, cpu or gpu_full")
   return c

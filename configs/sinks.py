@@ -20,18 +20,16 @@ of each; 16,384 tokens through 4 + 1020).
 
 import ml_collections
 
+from configs import common
+
 VARIANTS = ("smoke", "cpu", "ours", "gpu_full")
 # pretrain.py:cpu_char256 with each model.sink variant (see the module docstring)
 OURS = tuple(f"runs/char256-{v}" for v in ("none", "logit", "zero", "token"))
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-  variant = arg or "cpu"
-  if variant not in VARIANTS:
-    raise ValueError(f"unknown variant {variant!r}; use one of {VARIANTS}.")
-  c = ml_collections.ConfigDict()
-  c.task = "sinks"
-  c.variant = variant
+  c = common.header("sinks", arg, VARIANTS)
+  variant = c.variant
   c.models = ("smollm2-135m-instruct",)
   c.analysis = ml_collections.ConfigDict({"source": "wikitext-2-test", "n_sequences": 100,
                                           "seq_len": 64, "local": 4})

@@ -14,6 +14,10 @@ Code: `sae/toy.py` (task `toy_superposition`).
 
 import ml_collections
 
+from configs import common
+
+VARIANTS = ("smoke", "cpu", "gpu_full")
+
 
 def _setting(name: str, kind: str, n_features: int, n_hidden: int, **kw):
   return ml_collections.ConfigDict({"name": name, "kind": kind, "n_features": n_features,
@@ -21,12 +25,9 @@ def _setting(name: str, kind: str, n_features: int, n_hidden: int, **kw):
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-  variant = arg or "cpu"
-  c = ml_collections.ConfigDict()
-  c.task = "toy_superposition"
-  c.variant = variant
+  c = common.header("toy_superposition", arg, VARIANTS)
+  variant = c.variant
   c.seed = 0
-  c.mesh = ml_collections.ConfigDict({"data": 1, "fsdp": -1, "tensor": 1})
   c.train = ml_collections.ConfigDict({"steps": 10_000, "batch": 1024, "lr": 1e-3,
                                        "weight_decay": 0.01, "chunks": 10})
   # density 1 − S of instance k of K: sparsity_base^(−k/(K−1))
@@ -51,6 +52,4 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.settings[2].update(instances=40, sparsity_base=1000.0)
     c.settings[3].update(grid=40, seeds=8, importance_min=0.05, importance_max=20.0,
                          density_min=0.001)
-  elif variant != "cpu":
-    raise ValueError(f"unknown toy_superposition variant {variant!r}; use smoke, cpu or gpu_full.")
   return c

@@ -10,6 +10,8 @@ LoRA r=8 α=16 dropout 0.05, a few dozen steps on the offline hh-rlhf pairs, min
 
 import ml_collections
 
+from configs import common
+
 VARIANTS = ("smoke", "cpu", "gpu_full")
 
 
@@ -40,18 +42,13 @@ def data_config() -> ml_collections.ConfigDict:
 
 def base(algorithm: str, variant: str | None) -> ml_collections.ConfigDict:
   """Shared settings; `algorithm` names the module holding the algorithm's code and record."""
-  variant = variant or "cpu"
-  if variant not in VARIANTS:
-    raise ValueError(f"unknown variant {variant!r}; use one of {VARIANTS}.")
-  c = ml_collections.ConfigDict()
-  c.task = "train"
-  c.variant = variant
+  c = common.header("train", variant, VARIANTS, what=algorithm.rsplit(".", 1)[-1])
+  variant = c.variant
   c.model = ml_collections.ConfigDict({
       "name": "HuggingFaceTB/SmolLM2-135M-Instruct", "dtype": "float32",
       "preset": "", "tokenizer": "smollm2-135m-instruct", "seed": 0,
       # how the layer stack runs (same numbers): one lax.scan, and lm.config.REMAT_POLICIES
       "scan_layers": False, "remat": "none"})
-  c.mesh = ml_collections.ConfigDict({"data": 1, "fsdp": -1, "tensor": 1})
   c.lora = ml_collections.ConfigDict({"rank": 8, "alpha": 16.0, "dropout": 0.05,
                                       "targets": "all-linear"})
   c.train = ml_collections.ConfigDict({
@@ -60,6 +57,11 @@ def base(algorithm: str, variant: str | None) -> ml_collections.ConfigDict:
       "b1": 0.9, "b2": 0.999, "eps": 1e-8, "eval_every": 0, "eval_batch_size": 16,
       "checkpoint_every": 10, "keep_checkpoints": 2, "seed": 0,
       "trainable": "lora", "trainable_pattern": ml_collections.config_dict.placeholder(str),
+      # parameter-path substring -> learning-rate factor (e.g. ppo.py's value head); {} = none
+      "lr_multipliers": {},
+      # a step whose loss exceeds spike_factor x its running mean (EMA spike_ema, after
+      # spike_warmup steps) is skipped; 0 = off
+      "spike_factor": 0.0, "spike_warmup": 100, "spike_ema": 0.99,
   })
   c.algorithm = algorithm  # e.g. "align.losses.dpo": its ALGORITHM record, run by align/train.py
   c.loss = ml_collections.ConfigDict()  # the algorithm's own settings (beta, margin, ...)

@@ -18,18 +18,19 @@ Code: `sae/experiment.py` (task `usae`), `sae/usae.py`, `sae/activations.py`, `s
 
 import ml_collections
 
+from configs import common
+
+VARIANTS = ("smoke", "cpu", "gpu_full")
+
 
 def _source(model: str, tap: str = "", pool: str = "mean"):
   return ml_collections.ConfigDict({"model": model, "tap": tap, "pool": pool})
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-  variant = arg or "cpu"
-  c = ml_collections.ConfigDict()
-  c.task = "usae"
-  c.variant = variant
+  c = common.header("usae", arg, VARIANTS)
+  variant = c.variant
   c.seed = 0
-  c.mesh = ml_collections.ConfigDict({"data": 1, "fsdp": -1, "tensor": 1})
   c.store_dir = "runs/activations"  # captured once, reused while the manifests match
   c.data = ml_collections.ConfigDict({"dataset": "cifar10", "train_per_class": 2000,
                                       "test_per_class": 1000, "capture_batch": 100})
@@ -60,6 +61,4 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.usae.update(rules=["official", "joint"])
     c.train.update(seeds=[0, 1, 2], log_every=100, checkpoint_every=2000)
     c.viz.update(steps=512, size=112, concepts=8)
-  elif variant != "cpu":
-    raise ValueError(f"variant {variant!r}: use smoke, cpu or gpu_full")
   return c

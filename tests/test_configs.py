@@ -1,12 +1,15 @@
-"""Every config variant builds, unknown variants are refused by name, and the stability study's
-runs point at each other: the GRPO runs read the reward model the study trains, align_eval reads
-the adapters the study writes, and no GRPO run trains on align_eval's prompts."""
+"""Every config variant builds, unknown variants are refused by name, every variant has the fields
+its task reads and a config that lacks one is refused at start-up naming it, and the stability
+study's runs point at each other: the GRPO runs read the reward model the study trains, align_eval
+reads the adapters the study writes, and no GRPO run trains on align_eval's prompts."""
 
 import importlib
+import subprocess
 
 import pytest
 
-from configs import align_eval, grpo
+from configs import align_eval, common, dpo, grpo
+from tests_helpers import REPO, launch_cmd, launch_env
 
 VARIANTS = {
     "align_eval": ["smoke", "cpu", "standin", "gpu_full", "stability", "stability_gpu"],
@@ -37,10 +40,49 @@ def test_every_variant_builds_and_an_unknown_one_is_named(name):
     module.get_config("nonsense")
 
 
+def _module(path: str):
+  return importlib.import_module(path.removesuffix(".py").replace("/", "."))
+
+
+@pytest.mark.parametrize("name", sorted(VARIANTS))
+def test_every_variant_has_the_fields_its_task_reads(name):
+  """The check launch.py runs passes every shipped variant: its schema (the task's config
+  module's default variant) holds no field the variant lacks."""
+  module = importlib.import_module(f"configs.{name}")
+  for variant in VARIANTS[name]:
+    config = module.get_config(variant)
+    schema = common.schema_of(config)
+    assert schema is not None, (name, variant)
+    common.check_fields(config, _module(schema).get_config(), f"configs/{name}.py:{variant}",
+                        schema)
+
+
+def test_a_missing_field_is_refused_by_name_and_extra_fields_are_allowed(tmp_path):
+  config = dpo.get_config("cpu")
+  config.my_note = "extra fields are the user's"
+  common.check_fields(config, dpo.get_config(), "configs/mine.py:cpu", "configs/dpo.py")
+  del config.train["grad_accum"]
+  want = ("config configs/mine.py:cpu lacks field train.grad_accum, which task train reads "
+          "(default 1 in configs/dpo.py); add it")
+  with pytest.raises(ValueError) as e:
+    common.check_fields(config, dpo.get_config(), "configs/mine.py:cpu", "configs/dpo.py")
+  assert str(e.value) == want
+  # launch.py runs the check before the task (and before JAX starts)
+  mine = tmp_path / "mine.py"
+  mine.write_text("from configs import dpo\n"
+                  "def get_config(arg=None):\n"
+                  "  c = dpo.get_config(arg)\n"
+                  "  del c.train['grad_accum']\n"
+                  "  return c\n")
+  r = subprocess.run(launch_cmd(f"--config={mine}:cpu", f"--workdir={tmp_path}/w"),
+                     cwd=REPO, env=launch_env(), capture_output=True, text=True, timeout=300)
+  assert r.returncode != 0 and want.replace("configs/mine.py", str(mine)) in r.stderr
+  assert not (tmp_path / "w").exists()
+
+
 def _load(spec: str):
   path, variant = spec.split(":")
-  module = importlib.import_module(path.removesuffix(".py").replace("/", "."))
-  return module.get_config(variant)
+  return _module(path).get_config(variant)
 
 
 @pytest.mark.parametrize("scale,eval_variant", [("cpu", "stability"), ("gpu_full", "stability_gpu")])
