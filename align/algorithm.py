@@ -12,6 +12,8 @@ import dataclasses
 import importlib
 from typing import Any, Callable
 
+from lm import heads
+
 
 @dataclasses.dataclass(frozen=True)
 class Algorithm:
@@ -32,7 +34,8 @@ class Algorithm:
   export: `export(model, path)` writes what the algorithm adds beyond the decoder's weights.
   finish: `finish(config, model, tokenizer, eval_examples, run_dir) -> dict` after training
     (eval mode): extra outputs of the run, returned into its summary.
-  backbone: `backbone(model) -> decoder`, the language model inside a wrapped one.
+  backbone: `lm.heads.backbone` for every algorithm (the decoder inside a head wrapper); kept
+    as a field only until `align.train` calls `lm.heads.backbone` itself.
   online: `online(config, trainer, tokenizer) -> (data iterator, evaluate, stats)` for online RL:
     the trainer's batches come from rollouts of the policy it trains (`align.online`), not from
     `align.data`; `evaluate()` gives the held-out metrics.
@@ -50,7 +53,7 @@ class Algorithm:
   arrange: Callable[..., tuple] | None = None
   export: Callable[..., None] | None = None
   finish: Callable[..., dict] | None = None
-  backbone: Callable[[Any], Any] = lambda model: model
+  backbone: Callable[[Any], Any] = heads.backbone
   online: Callable[..., tuple] | None = None
 
 

@@ -26,7 +26,7 @@ from decode import metrics
 from decode import rewards as reward_fns
 from decode.rollout import Rollout, pad_id_of, rollout
 from decode.sampling import GREEDY, Sampler
-from lm import data, hub
+from lm import data, heads, hub
 from lm.data import read_rows, shared_file
 
 log = logging.getLogger(__name__)
@@ -143,11 +143,6 @@ def reward_functions(config) -> tuple[dict[str, Callable], dict[str, float]]:
   return fns, {name: float(w) for name, w in config.rewards.items()}
 
 
-def policy_of(model):
-  """The decoder that samples: the model itself, or the backbone under a head (PPO's value)."""
-  return getattr(model, "backbone", model)
-
-
 def completion_texts(tokenizer, ro: Rollout) -> list[str]:
   """Each row's completion as text, special tokens (the end-of-turn) left out."""
   return [tokenizer.decode(ro.tokens_bt[i, :n], skip_special_tokens=True)
@@ -221,7 +216,7 @@ class RolloutStream:
     t0 = time.perf_counter()
     chosen = self.prompts.take(self.prompt_index(g))
     seed = int(np.random.SeedSequence([self.seed, g]).generate_state(1)[0] >> 1)
-    ro = rollout(policy_of(self.trainer.host_model()), chosen.ids,
+    ro = rollout(heads.backbone(self.trainer.host_model()), chosen.ids,
                  max_new_tokens=self.cfg.max_new_tokens,
                  tokenizer=self.tokenizer, sampler=self.sampler, num_samples=self.group, seed=seed)
     t1 = time.perf_counter()
@@ -265,7 +260,7 @@ def held_out_eval(trainer, tokenizer, prompts: Prompts, config, rewards: tuple[d
   batch_size = int(eval_cfg.get("batch_size", 0)) or None
 
   def evaluate() -> dict:
-    ro = rollout(policy_of(trainer.host_model()), prompts.ids,
+    ro = rollout(heads.backbone(trainer.host_model()), prompts.ids,
                  max_new_tokens=config.rollout.max_new_tokens,
                  tokenizer=tokenizer, sampler=sampler, seed=int(eval_cfg.get("seed", 1234)),
                  batch_size=batch_size)

@@ -119,3 +119,9 @@ class PolicyWithValue(nnx.Module):
 
   def values(self, h_bsd) -> jax.Array:
     return self.value(h_bsd)[..., 0].astype(jnp.float32)
+
+
+def backbone(model):
+  """The decoder inside a head wrapper (`RewardModel`, `PolicyWithValue`), else `model` itself:
+  what samples, scores log-probs and is exported as the language model."""
+  return model.backbone if isinstance(model, (RewardModel, PolicyWithValue)) else model

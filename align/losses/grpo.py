@@ -23,7 +23,7 @@ from flax import nnx
 from align import online
 from align.algorithm import Algorithm
 from align.losses import register, shared_prompt
-from lm import lora
+from lm import heads, lora
 from lm.scoring import next_token_logprobs, sample_kl_estimators
 
 ESTIMATORS = ("grpo", "dr_grpo", "rloo", "batch_std")
@@ -374,7 +374,7 @@ def _reference_logprobs(trainer):
   the trainer's current model in eval mode with its adapters off."""
   @functools.partial(jax.jit, static_argnums=(3,))
   def score(params, rest, batch, temperature):
-    model = online.policy_of(nnx.merge(trainer.graphdef, params, rest))
+    model = heads.backbone(nnx.merge(trainer.graphdef, params, rest))
     model.eval()
     if not lora.count_params(model, nnx.LoRAParam):
       raise ValueError("loss.kl_in='reward' needs a reference: this model has no LoRA adapters "

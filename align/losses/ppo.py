@@ -224,4 +224,4 @@ ALGORITHM = Algorithm(
     trainable=lambda filt: nnx.Any(filt, nnx.All(nnx.Param, nnx.PathContains("value"))),
     online=lambda config, trainer, tok: online.setup(config, trainer, tok,
                                                      make_batch_for(config, trainer)),
-    finish=online.finish, backbone=lambda model: model.backbone)
+    finish=online.finish)

@@ -62,5 +62,4 @@ ALGORITHM = Algorithm(
     check=lambda config: refuse_shared_prompt(config, "the reward model"),
     wrap=lambda model, config: RewardModel(model, rngs=nnx.Rngs(config.train.seed)),
     trainable=lambda filt: nnx.Any(filt, nnx.All(nnx.Param, nnx.PathContains("score"))),
-    export=lambda model, path: heads.save_head(model, path), finish=_finish,
-    backbone=lambda model: model.backbone)
+    export=lambda model, path: heads.save_head(model, path), finish=_finish)

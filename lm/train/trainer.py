@@ -36,7 +36,7 @@ import numpy as np
 import optax
 from flax import nnx
 
-from lm import inputs, lora, sharding
+from lm import heads, inputs, lora, sharding
 from lm.train.checkpoint import Checkpointer
 
 log = logging.getLogger(__name__)
@@ -164,7 +164,7 @@ class Trainer:
     _check_train_config(train_cfg, self.n_batch_shards)
     self.accum = int(train_cfg.get("grad_accum", 1))
     self.trainable = trainable
-    lm_cfg = (model.backbone if hasattr(model, "backbone") else model).cfg
+    lm_cfg = heads.backbone(model).cfg
     self._vocab_size, self._max_seq_len = lm_cfg.vocab_size, lm_cfg.max_seq_len
     self.graphdef, params, rest = nnx.split(model, trainable, ...)
     self.n_trainable = sum(x.size for x in jax.tree.leaves(params))
