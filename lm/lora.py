@@ -52,6 +52,15 @@ _HF_TO_SHORT = {proj: short for short, (_, proj, _) in _TARGETS.items()}
 _PEFT_PREFIX = "base_model.model.model.layers"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 ADAPTER_CONFIG = "adapter_config.json"
+# The PEFT features postlab's LoRA has not, at the value that means "not used": an adapter that
+# uses one is refused.
+_PEFT_UNSUPPORTED = {
+    "use_rslora": False, "use_dora": False, "fan_in_fan_out": False, "bias": "none",
+    "modules_to_save": None, "layers_to_transform": None, "rank_pattern": {}, "alpha_pattern": {},
+}
+# `adapter_config.json` fields a file may leave out, at PEFT's value then.
+_PEFT_DEFAULTS = {"peft_type": "LORA", "target_modules": None, "lora_dropout": 0.0,
+                  **_PEFT_UNSUPPORTED}
 
 
 def _parse_targets(targets: Any) -> tuple[str, ...]:
@@ -264,17 +273,14 @@ def export_peft(model: nnx.Module, path: str | os.PathLike, *, cfg: LoraConfig,
 
 
 def _config_from_peft(hf: dict, source: str) -> LoraConfig:
-  if hf.get("peft_type", "LORA") != "LORA":
-    raise ValueError(f"{source}: peft_type={hf.get('peft_type')!r}; only LORA adapters load.")
-  unsupported = {
-      "use_rslora": False, "use_dora": False, "fan_in_fan_out": False, "bias": "none",
-      "modules_to_save": None, "layers_to_transform": None, "rank_pattern": {}, "alpha_pattern": {},
-  }
-  for field, plain in unsupported.items():
-    value = hf.get(field, plain)
+  hf = {**_PEFT_DEFAULTS, **hf}
+  if hf["peft_type"] != "LORA":
+    raise ValueError(f"{source}: peft_type={hf['peft_type']!r}; only LORA adapters load.")
+  for field, plain in _PEFT_UNSUPPORTED.items():
+    value = hf[field]
     if value != plain and not (plain is None and value == []):
       raise ValueError(f"{source}: {field}={value!r} is not supported (only {plain!r}).")
-  modules = hf.get("target_modules")
+  modules = hf["target_modules"]
   if isinstance(modules, str):
     if modules != ALL_LINEAR:
       raise ValueError(f"{source}: target_modules={modules!r}; only lists of names or "
@@ -286,7 +292,7 @@ def _config_from_peft(hf: dict, source: str) -> LoraConfig:
       raise ValueError(f"{source}: target_modules {bad or modules} are unknown; allowed are "
                        f"{list(_HF_TO_SHORT)}.")
     targets = tuple(_HF_TO_SHORT[m] for m in modules)
-  return LoraConfig(rank=hf["r"], alpha=hf["lora_alpha"], dropout=hf.get("lora_dropout", 0.0),
+  return LoraConfig(rank=hf["r"], alpha=hf["lora_alpha"], dropout=hf["lora_dropout"],
                     targets=targets)
 
 

@@ -51,6 +51,10 @@ _METADATA = {  # our name -> GGUF key
     "add_eos": "tokenizer.ggml.add_eos_token",
     "chat_template": "tokenizer.chat_template",
 }
+# The fields a GGUF may leave out, at the value taken then (`tokens` and `merges` it must have).
+_DEFAULTS = {"model": None, "pre": None, "token_type": (), "bos_id": None, "eos_id": None,
+             "unk_id": None, "pad_id": None, "add_bos": False, "add_eos": False,
+             "chat_template": None}
 
 
 class TokenizerError(ValueError):
@@ -91,6 +95,7 @@ def gguf_metadata(reader) -> dict:
 
 def byte_level_bpe(meta: dict) -> Tokenizer:
   """The `tokenizers.Tokenizer` of a byte-level BPE GGUF (ids, merges, split regex, specials)."""
+  meta = {**_DEFAULTS, **meta}
   for name in ("tokens", "merges"):
     if name not in meta:
       raise TokenizerError(
@@ -108,7 +113,7 @@ def byte_level_bpe(meta: dict) -> Tokenizer:
           "join is a token; the file is corrupt: download it again.")
   tok = Tokenizer(models.BPE(vocab=vocab, merges=merges, dropout=None, continuing_subword_prefix="",
                              end_of_word_suffix="", fuse_unk=False))
-  split = PRE_TOKENIZER_SPLITS.get(meta.get("pre"))
+  split = PRE_TOKENIZER_SPLITS.get(meta["pre"])
   if split is None:
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
   else:
@@ -116,7 +121,7 @@ def byte_level_bpe(meta: dict) -> Tokenizer:
         pre_tokenizers.Split(Regex(split), behavior="isolated"),
         pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
   tok.decoder = decoders.ByteLevel()
-  types = list(meta.get("token_type") or ())
+  types = list(meta["token_type"])
   # A control token outside the byte alphabet is a converter's mislabel; adding it would grow the
   # vocabulary past the model's embedding table.
   control = [t for t, kind in zip(tokens, types) if kind == _CONTROL and set(t) <= alphabet]
@@ -142,7 +147,8 @@ def from_gguf_metadata(meta: dict, *, source: str = "GGUF"):
   """`PreTrainedTokenizerFast` from `gguf_metadata(...)` (no torch)."""
   from transformers import PreTrainedTokenizerFast
 
-  kind = meta.get("model")
+  meta = {**_DEFAULTS, **meta}
+  kind = meta["model"]
   if kind != "gpt2":
     raise TokenizerError(
         f"{source}: tokenizer.ggml.model={kind!r}; postlab builds byte-level BPE ('gpt2') GGUF "
@@ -152,7 +158,7 @@ def from_gguf_metadata(meta: dict, *, source: str = "GGUF"):
   tokens = meta["tokens"]
 
   def special(name):
-    i = meta.get(f"{name}_id")
+    i = meta[f"{name}_id"]
     if i is None:
       return None
     if not 0 <= int(i) < len(tokens):
@@ -161,11 +167,11 @@ def from_gguf_metadata(meta: dict, *, source: str = "GGUF"):
     return tokens[int(i)]
 
   names = {n: special(n) for n in ("bos", "eos", "unk", "pad")}
-  add_bos, add_eos = bool(meta.get("add_bos", False)), bool(meta.get("add_eos", False))
+  add_bos, add_eos = bool(meta["add_bos"]), bool(meta["add_eos"])
   tok.post_processor = _post_processor(tok, names["bos"], names["eos"], add_bos, add_eos)
   return PreTrainedTokenizerFast(
       tokenizer_object=tok, bos_token=names["bos"], eos_token=names["eos"],
-      unk_token=names["unk"], pad_token=names["pad"], chat_template=meta.get("chat_template"),
+      unk_token=names["unk"], pad_token=names["pad"], chat_template=meta["chat_template"],
       add_bos_token=add_bos, add_eos_token=add_eos, clean_up_tokenization_spaces=False)
 
 

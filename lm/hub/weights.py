@@ -21,6 +21,21 @@ from lm.model import Transformer
 
 HF_MODEL_TYPES = ("llama", "mistral")
 GGUF_ARCHITECTURES = ("llama",)
+# The `config.json` fields `config_from_hf` reads that a file may leave out, at the value taken
+# then (transformers'; None: derived from other fields, or none).
+_HF_DEFAULTS = {
+    "model_type": None, "rope_theta": None, "rope_parameters": None, "rope_scaling": None,
+    "layer_types": None, "num_key_value_heads": None, "head_dim": None,
+    "max_position_embeddings": 2048, "rms_norm_eps": 1e-6, "tie_word_embeddings": False,
+    "attention_bias": False, "mlp_bias": False, "sliding_window": None}
+# The same for `rope_parameters` (v5) and the legacy `rope_scaling` over it; rope_theta: unless
+# config.json has one; type: unless rope_type is set; beta_fast and beta_slow also when null, as
+# transformers' YaRN.
+_HF_ROPE_DEFAULTS = {
+    "rope_theta": 10000.0, "rope_type": None, "type": "default", "factor": None,
+    "original_max_position_embeddings": None, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+    "beta_fast": 32.0, "beta_slow": 1.0, "attention_factor": None, "mscale": None,
+    "mscale_all_dim": None, "truncate": True}
 
 Transform = Callable[[np.ndarray, ModelConfig], np.ndarray]
 
@@ -194,33 +209,33 @@ def _template_to_hf(pattern: str, template: str, key: str) -> str | None:
 
 def config_from_hf(hf: dict, *, dtype: str = "float32", name: str = "hf") -> ModelConfig:
   """ModelConfig from an HF `config.json` dict (legacy `rope_scaling` or v5 `rope_parameters`)."""
-  model_type = hf.get("model_type")
+  hf = {**_HF_DEFAULTS, **hf}
+  model_type = hf["model_type"]
   if model_type not in HF_MODEL_TYPES:
     raise WeightsError(
         f"config.json has model_type={model_type!r}; postlab loads {HF_MODEL_TYPES} decoders."
     )
-  rope_params = dict(hf.get("rope_parameters") or {})
-  scaling = dict(hf.get("rope_scaling") or {})
-  theta = hf.get("rope_theta", rope_params.get("rope_theta", 10000.0))
-  scaling = {**rope_params, **scaling}
-  kind = scaling.get("rope_type", scaling.get("type", "default"))
+  rope_params = {**_HF_ROPE_DEFAULTS, **dict(hf["rope_parameters"] or {})}
+  scaling = {**rope_params, **dict(hf["rope_scaling"] or {})}
+  theta = hf["rope_theta"] if hf["rope_theta"] is not None else rope_params["rope_theta"]
+  kind = scaling["rope_type"] or scaling["type"]
   rope = RopeScaling(
       kind=kind,
-      factor=float(scaling.get("factor") or (
+      factor=float(scaling["factor"] or (
           hf["max_position_embeddings"] / scaling["original_max_position_embeddings"]
-          if kind == "yarn" and scaling.get("original_max_position_embeddings") else 1.0)),
-      original_max_position=scaling.get("original_max_position_embeddings"),
-      low_freq_factor=float(scaling.get("low_freq_factor", 1.0)),
-      high_freq_factor=float(scaling.get("high_freq_factor", 4.0)),
-      beta_fast=float(scaling.get("beta_fast") or 32.0),
-      beta_slow=float(scaling.get("beta_slow") or 1.0),
-      attention_factor=scaling.get("attention_factor"),
-      mscale=scaling.get("mscale"),
-      mscale_all_dim=scaling.get("mscale_all_dim"),
-      truncate=bool(scaling.get("truncate", True)),
+          if kind == "yarn" and scaling["original_max_position_embeddings"] else 1.0)),
+      original_max_position=scaling["original_max_position_embeddings"],
+      low_freq_factor=float(scaling["low_freq_factor"]),
+      high_freq_factor=float(scaling["high_freq_factor"]),
+      beta_fast=float(scaling["beta_fast"] or _HF_ROPE_DEFAULTS["beta_fast"]),
+      beta_slow=float(scaling["beta_slow"] or _HF_ROPE_DEFAULTS["beta_slow"]),
+      attention_factor=scaling["attention_factor"],
+      mscale=scaling["mscale"],
+      mscale_all_dim=scaling["mscale_all_dim"],
+      truncate=bool(scaling["truncate"]),
   )
   n_heads = hf["num_attention_heads"]
-  layer_types = hf.get("layer_types")
+  layer_types = hf["layer_types"]
   if layer_types is not None:
     layer_types = tuple("sliding" if "sliding" in t else "full" for t in layer_types)
   return ModelConfig(
@@ -228,17 +243,17 @@ def config_from_hf(hf: dict, *, dtype: str = "float32", name: str = "hf") -> Mod
       d_model=hf["hidden_size"],
       n_layers=hf["num_hidden_layers"],
       n_heads=n_heads,
-      n_kv_heads=hf.get("num_key_value_heads") or n_heads,
+      n_kv_heads=hf["num_key_value_heads"] or n_heads,
       d_ff=hf["intermediate_size"],
-      head_dim=hf.get("head_dim") or hf["hidden_size"] // n_heads,
-      max_seq_len=hf.get("max_position_embeddings", 2048),
+      head_dim=hf["head_dim"] or hf["hidden_size"] // n_heads,
+      max_seq_len=hf["max_position_embeddings"],
       rope_theta=float(theta),
       rope_scaling=rope,
-      rms_eps=hf.get("rms_norm_eps", 1e-6),
-      tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
-      attention_bias=bool(hf.get("attention_bias", False)),
-      mlp_bias=bool(hf.get("mlp_bias", False)),
-      sliding_window=hf.get("sliding_window"),
+      rms_eps=hf["rms_norm_eps"],
+      tie_embeddings=bool(hf["tie_word_embeddings"]),
+      attention_bias=bool(hf["attention_bias"]),
+      mlp_bias=bool(hf["mlp_bias"]),
+      sliding_window=hf["sliding_window"],
       layer_types=layer_types,
       dtype=dtype,
       param_dtype=dtype,
