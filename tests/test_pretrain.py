@@ -15,12 +15,15 @@ import pytest
 from flax import nnx
 
 import lm
+from configs import pretrain as pretrain_config
 from lm.hub import runs, vocab
 from lm.pretrain import corpus
 from lm.pretrain import task as pretrain
 from lm.train import flops
 from lm.train.checkpoint import Checkpointer
 from tests_helpers import REPO, launch_cmd, launch_env, scrambled
+
+LOSS = pretrain_config.get_config("smoke").loss  # per-document attention, no z-loss
 
 
 def test_modern_253m_parameter_count():
@@ -46,7 +49,7 @@ def test_modern_253m_loss_at_init_is_predicted():
            "segment_ids": np.ones((b, s), np.int32), "global_keys": np.zeros((b, s), np.int32),
            "positions": np.tile(np.arange(s, dtype=np.int32), (b, 1)),
            "loss_mask": np.ones((b, s), np.int32)}
-  loss, _ = nnx.jit(pretrain.lm_loss, static_argnums=2)(model, batch, None)
+  loss, _ = nnx.jit(lambda m, b: pretrain.lm_loss(m, b, LOSS))(model, batch)
   assert abs(float(loss) - predicted) < 0.05, (float(loss), predicted)
 
 
@@ -109,7 +112,7 @@ def test_packed_documents_equal_each_document_alone():
   graphdef, params, rest = nnx.split(model, nnx.Param, ...)
 
   def nll_sum(p, batch):
-    return pretrain.lm_loss(nnx.merge(graphdef, p, rest), batch, None)[1]["nll_sum"]
+    return pretrain.lm_loss(nnx.merge(graphdef, p, rest), batch, LOSS)[1]["nll_sum"]
 
   grad_fn = jax.jit(jax.value_and_grad(nll_sum))
   value, grads = grad_fn(params, packed)
@@ -296,7 +299,7 @@ def test_spike_guard_skips_steps_above_the_running_mean():
   cfg = ml_collections.ConfigDict({"steps": 5, "batch_size": 4, "lr": 1e-2, "seed": 0,
                                    "spike_factor": 0.5, "spike_warmup": 2})
   trainer = Trainer(lm.Transformer(lm.preset("tiny").replace(vocab_size=64), rngs=nnx.Rngs(0)),
-                    pretrain.lm_loss, None, cfg)
+                    pretrain.lm_loss, LOSS, cfg)
   snapshots, skipped = [], []
   for _ in range(4):
     skipped.append(trainer.train_step(next(it))["skipped"])

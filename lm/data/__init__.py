@@ -5,5 +5,5 @@ files (instructions, WikiText-2, JSON/JSONL rows), with the hub's datasets as th
 `batching`: examples -> padded, shuffled, resumable grain batches for the trainer.
 """
 
-from lm.data.sources import (REPO_ROOT, load_instructions, load_wikitext, read_rows, shared_data_dir,
-                             shared_file)
+from lm.data.sources import (REPO_ROOT, load_instructions, load_wikitext, open_text, read_rows,
+                             shared_data_dir, shared_file)

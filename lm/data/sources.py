@@ -30,7 +30,8 @@ def shared_file(rel: str) -> Path | None:
   return path if path is not None and path.exists() else None
 
 
-def _open_text(path: Path) -> str:
+def open_text(path: Path) -> str:
+  """The text of a file, gunzipped when its name ends in .gz."""
   opener = gzip.open if path.suffix == ".gz" else open
   with opener(path, "rt", encoding="utf-8") as fh:
     return fh.read()
@@ -38,7 +39,7 @@ def _open_text(path: Path) -> str:
 
 def read_rows(path: Path) -> list:
   """Rows of a local `.json` (one list) or `.jsonl` file, either optionally gzipped."""
-  text = _open_text(Path(path))
+  text = open_text(Path(path))
   if text.lstrip().startswith("["):
     return json.loads(text)
   return [json.loads(line) for line in text.splitlines() if line.strip()]
@@ -52,7 +53,7 @@ def load_instructions(source: str = "alpaca_eval", n: int | None = None) -> list
   if source == "alpaca_eval":
     path = shared_file("alpaca-eval/outputs.json.gz")
     if path is not None:
-      rows = json.loads(_open_text(path))
+      rows = json.loads(open_text(path))
     else:
       import datasets
 
@@ -89,7 +90,7 @@ def load_wikitext(split: str = "test") -> str:
   """WikiText-2 (tokenized release, as in ../shared/data) joined into one string."""
   path = shared_file(f"wikitext-2/wiki.{split}.tokens.gz")
   if path is not None:
-    return _open_text(path)
+    return open_text(path)
   import datasets
 
   ds = datasets.load_dataset("wikitext", "wikitext-2-v1", split=split)

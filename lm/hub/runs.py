@@ -34,9 +34,9 @@ def model_config(config, vocab_size: int) -> lm_config.ModelConfig:
   """The preset with the config's overrides, the store's vocabulary (+ 1 for a sink token, padded
   to `model.vocab_multiple`) and a context that fits `data.seq_len`."""
   m = config.model
-  overrides = dict(m.get("overrides") or {})
-  multiple = int(m.get("vocab_multiple", 1))
-  sink = m.get("sink", "none")
+  overrides = dict(m.overrides)
+  multiple = int(m.vocab_multiple)
+  sink = m.sink
   if sink not in SINK_VARIANTS:
     raise ValueError(f"model.sink={sink!r} is unknown; use one of {SINK_VARIANTS}.")
   if sink in ("logit", "zero"):
@@ -46,14 +46,13 @@ def model_config(config, vocab_size: int) -> lm_config.ModelConfig:
   overrides.setdefault("max_seq_len", max(int(config.data.seq_len),
                                           lm_config.PRESETS[m.preset].max_seq_len))
   cfg = lm_config.preset(m.preset, **overrides)
-  return cfg.replace(dtype=m.get("dtype", "float32"), scan_layers=bool(m.get("scan_layers", False)),
-                     remat=m.get("remat", "none"),
-                     attention_impl=m.get("attention_impl", "unfused"))
+  return cfg.replace(dtype=m.dtype, scan_layers=bool(m.scan_layers), remat=m.remat,
+                     attention_impl=m.attention_impl)
 
 
 def trainable(config):
   """Every parameter, except the sink logits of the "zero" variant (they stay at 0)."""
-  if config.model.get("sink", "none") == "zero":
+  if config.model.sink == "zero":
     return nnx.All(nnx.Param, nnx.Not(nnx.PathContains("sinks")))
   return nnx.Param
 
@@ -72,5 +71,5 @@ def load_run(workdir) -> tuple[Transformer, object, list[int]]:
     state = nnx.state(model, trainable(config))
     ckpt.restore(state, step=ckpt.latest_step)
     nnx.update(model, state)
-  prefix = [int(manifest["tokenizer"]["vocab_size"])] if config.model.get("sink") == "token" else []
+  prefix = [int(manifest["tokenizer"]["vocab_size"])] if config.model.sink == "token" else []
   return model, vocab.tokenizer_from_json(manifest["tokenizer"]), prefix

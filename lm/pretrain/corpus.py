@@ -64,7 +64,7 @@ def _jsonl(rel: str) -> list[dict]:
 def _shakespeare() -> list[Document]:
   path = lm_data.shared_file("tinyshakespeare/input.txt.gz")
   if path is not None:
-    return [Document("tinyshakespeare", lm_data._open_text(path))]
+    return [Document("tinyshakespeare", lm_data.open_text(path))]
   import datasets
 
   ds = datasets.load_dataset("karpathy/tiny_shakespeare", split="train")
@@ -257,8 +257,8 @@ def open_or_build(directory: str | os.PathLike, corpus_cfg) -> TokenStore:
   else:
     raise ValueError(f"corpus.tokenizer={corpus_cfg.tokenizer!r} is unknown; use 'char' or 'gpt2'.")
   return build_store(directory, docs, tok, split=corpus_cfg.split,
-                     val_fraction=corpus_cfg.val_fraction, seed=corpus_cfg.get("seed", 0),
-                     append_eos=corpus_cfg.get("append_eos", tok.eos_id is not None))
+                     val_fraction=corpus_cfg.val_fraction, seed=corpus_cfg.seed,
+                     append_eos=corpus_cfg.append_eos)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -49,11 +49,11 @@ def variants(windows: Sequence[int], sinks: Sequence[int], dense_first: int
   only, each sink count, and the dense-first hybrid."""
   out = []
   for w in windows:
-    out += [("dense", w, {"dense": True}), (f"window {w}", w, {})]
+    out += [("dense", w, {"dense": True, "sinks": 0}), (f"window {w}", w, {"sinks": 0})]
     out += [(f"{k} sink{'s' if k > 1 else ''} + window {w}", w, {"sinks": k}) for k in sinks]
     if dense_first:
       out.append((f"dense first {dense_first} layers + window {w}", w,
-                  {"dense_first": dense_first}))
+                  {"dense_first": dense_first, "sinks": 0}))
   return out
 
 
@@ -69,7 +69,7 @@ def streaming_table(model, streams: dict[str, Sequence[int]], *, windows: Sequen
   try:
     for name, w, kw in variants(windows, sinks, dense_first):
       model.cfg = variant_config(base, w, **kw)
-      row = {"variant": name, "window": w, "sinks": kw.get("sinks", 0)}
+      row = {"variant": name, "window": w, "sinks": kw["sinks"]}
       for stream_name, ids in streams.items():
         span = context - len(prefix)
         res = scoring.perplexity(model, ids, window=span, stride=span - w, batch_size=batch_size,
@@ -170,7 +170,7 @@ def streaming_decode(model, tokenizer, d, prefix: Sequence[int] = ()) -> list[di
   recomputed every quarter of it (StreamingLLM's "sliding window with re-computation")."""
   from lm.pretrain import streaming
 
-  if not d.get("n_tokens"):
+  if not d.n_tokens:
     return []
   ids = vocab.encode_text(tokenizer, _stream_text(d.stream))[:int(d.n_tokens)]
   prefix = list(prefix)

@@ -58,14 +58,14 @@ def lm_loss(model, batch: dict, cfg) -> tuple[jax.Array, dict]:
   """Mean next-token cross-entropy over `loss_mask`, plus `z_loss` * mean(log Z)^2 (PaLM's
   auxiliary loss keeping the softmax normaliser near 1; 0 = off).
 
-  `document_mask` (default True): each token attends within its own document, RoPE restarting
+  `document_mask` True: each token attends within its own document, RoPE restarting
   there; False attends causally across the packed documents with positions 0..S-1 (nanoGPT's
   convention), which lets a fused kernel run its plain causal mask.
 
   Metrics: `loss` (what is optimised), `nll` (mean cross-entropy, nats/token), `nll_sum` and
   `n_tokens` (so held-out means can be token-weighted across batches), `log_z` (mean |log Z|).
   """
-  if cfg is None or cfg.get("document_mask", True):
+  if cfg.document_mask:
     logits = model(batch["tokens"], batch["positions"], attention_mask(batch))[0]
   else:
     logits = model(batch["tokens"])[0]
@@ -75,8 +75,7 @@ def lm_loss(model, batch: dict, cfg) -> tuple[jax.Array, dict]:
   w = batch["loss_mask"].astype(jnp.float32)
   n = jnp.maximum(w.sum(), 1.0)
   mean_nll = (nll * w).sum() / n
-  z_coef = float(cfg.get("z_loss", 0.0)) if cfg is not None else 0.0
-  loss = mean_nll + z_coef * ((log_z**2) * w).sum() / n
+  loss = mean_nll + float(cfg.z_loss) * ((log_z**2) * w).sum() / n
   return loss, {"loss": loss, "nll": mean_nll, "nll_sum": (nll * w).sum(), "n_tokens": w.sum(),
                 "log_z": (jnp.abs(log_z) * w).sum() / n}
 
@@ -91,7 +90,7 @@ def init_loss_prediction(cfg: lm_config.ModelConfig) -> float:
 
 
 def _store_dir(config):
-  path = config.corpus.get("store") or f"runs/corpora/{config.corpus.name}"
+  path = config.corpus.store or f"runs/corpora/{config.corpus.name}"
   return REPO_ROOT / path if not path.startswith("/") else path
 
 
@@ -135,21 +134,21 @@ def run(config, run_dir: RunDir, mesh=None) -> dict:
   run_dir.write_json("corpus_manifest.json",
                      {k: v for k, v in store.manifest.items() if k != "documents"})
   seq_len = int(config.data.seq_len)
-  sink = store.vocab_size if config.model.get("sink", "none") == "token" else None
+  sink = store.vocab_size if config.model.sink == "token" else None
   train_tokens, train_docs = store.split_stream("train")
-  val_tokens, val_docs = store.split_stream("val", config.data.get("val_sources") or None)
+  val_tokens, val_docs = store.split_stream("val", config.data.val_sources or None)
   train_w = corpus.Windows(train_tokens, train_docs, seq_len, sink)
   val_w = corpus.Windows(val_tokens, val_docs, seq_len, sink)
 
   cfg = model_config(config, store.vocab_size)
-  model = Transformer(cfg, rngs=nnx.Rngs(params=int(config.model.get("seed", 0))))
+  model = Transformer(cfg, rngs=nnx.Rngs(params=int(config.model.seed)))
   fpt = flops.flops_per_token(cfg, seq_len)
   trainer = Trainer(model, lm_loss, config.loss, config.train, trainable=trainable(config),
                     mesh=mesh, flops_per_token=fpt.total)
   train_iter = iter(corpus.packed_dataset(train_w, batch_size=config.train.batch_size,
                                           seed=int(config.train.seed)))
-  eval_bs = int(config.train.get("eval_batch_size", config.train.batch_size))
-  max_eval = config.train.get("eval_batches") or None
+  eval_bs = int(config.train.eval_batch_size)
+  max_eval = config.train.eval_batches or None
   stats = {
       "train_tokens": int(len(train_tokens)), "val_tokens": int(len(val_tokens)),
       "train_windows": len(train_w), "val_windows": len(val_w), "seq_len": seq_len,
@@ -165,8 +164,8 @@ def run(config, run_dir: RunDir, mesh=None) -> dict:
            f"{len(val_tokens):,}", stats["epochs"])
 
   ckpt = Checkpointer(run_dir.path / "checkpoints",
-                      max_to_keep=config.train.get("keep_checkpoints", 2))
-  probe = _sink_probe(val_w, int(config.get("sink_rate_sequences", 16)))
+                      max_to_keep=config.train.keep_checkpoints)
+  probe = _sink_probe(val_w, int(config.sink_rate_sequences))
 
   def evaluate():
     out = validation_loss(trainer, val_w, eval_bs, max_eval)
@@ -188,7 +187,7 @@ def run(config, run_dir: RunDir, mesh=None) -> dict:
   plots.append(_plot_curve(history, baselines, run_dir))
   tokenizer = vocab.tokenizer_from_json(store.tokenizer_meta)
   sample = ""
-  if config.get("sample_tokens", 0):
+  if config.sample_tokens:
     prompt = val_tokens[:min(seq_len // 2, 16)].tolist()
     sample = _sample(trainer.model, tokenizer, prompt, int(config.sample_tokens), seq_len,
                      int(config.train.seed), store.vocab_size, [sink] if sink is not None else [])
