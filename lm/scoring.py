@@ -1,4 +1,5 @@
-"""The one scoring primitive (`token_logprobs`), exact token KL, and sliding-window perplexity."""
+"""The one scoring primitive (`token_logprobs`), the one reference scorer, exact token KL, and
+sliding-window perplexity."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from lm import inputs
+from lm import heads, inputs, lora
 
 
 def token_logprobs(logits_bsv: jax.Array, targets_bs: jax.Array, temperature: float = 1.0
@@ -110,6 +111,20 @@ def next_token_logprobs(model, tokens_bs: jax.Array, attn_mask=None, positions_b
   h_bsd, _ = model.hidden_states(tokens_bs, positions_bs, attn_mask)
   return selected_token_logprobs(model, h_bsd[:, :-1], tokens_bs[:, 1:], select_bs[:, 1:] > 0,
                                  temperature=temperature)
+
+
+@functools.partial(jax.jit, static_argnums=0, static_argnames="temperature")
+def reference_token_logprobs(graphdef, states: tuple, tokens_bs, mask_bs, select_bs, *,
+                             temperature: float = 1.0) -> jax.Array:
+  """`next_token_logprobs` `[B, S-1]` float32 of the `select_bs` targets under the reference: the
+  decoder of `nnx.merge(graphdef, *states)` (`heads.backbone`) in eval mode with its LoRA adapters
+  off (the model as given when it has none). DPO's precomputed reference and the KL of GRPO's
+  reward and PPO's penalty all score through it; the caller's model keeps its mode."""
+  model = heads.backbone(nnx.merge(graphdef, *states))
+  model.eval()
+  with lora.disabled(model):
+    return next_token_logprobs(model, tokens_bs, mask_bs, select_bs=select_bs,
+                               temperature=temperature)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from lm.scoring import next_token_logprobs
+from lm.scoring import next_token_logprobs, reference_token_logprobs
 
 
 def attention_inputs(batch: dict) -> tuple[jax.Array, jax.Array | None]:
@@ -22,3 +22,13 @@ def sequence_logprobs(model, tokens_bs, attn_mask_bs, loss_mask_bs) -> tuple[jax
   lp_bs = next_token_logprobs(model, tokens_bs, attn_mask_bs, select_bs=loss_mask_bs)
   w_bs = loss_mask_bs[:, 1:].astype(jnp.float32)
   return (lp_bs * w_bs).sum(axis=-1), w_bs.sum(axis=-1)
+
+
+def trainer_reference_logprobs(trainer, rows: dict, temperature: float) -> jax.Array:
+  """`lm.scoring.reference_token_logprobs` `[B, S-1]` of training rows (tokens / attn_mask /
+  loss_mask `[B, S]`, the loss mask selecting the targets) under a `Trainer`'s current model, on
+  its mesh: the reference of GRPO's KL in the reward and of PPO's KL penalty."""
+  with jax.set_mesh(trainer.mesh):
+    return reference_token_logprobs(
+        trainer.graphdef, (trainer.params, trainer.rest), jnp.asarray(rows["tokens"]),
+        jnp.asarray(rows["attn_mask"]), jnp.asarray(rows["loss_mask"]), temperature=temperature)

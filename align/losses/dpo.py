@@ -12,8 +12,6 @@ precomputed into the batch as `ref_logps` `[B, 2]`.
 
 from __future__ import annotations
 
-import functools
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -24,7 +22,7 @@ from align.losses import register, shared_prompt
 from align.losses.common import sequence_logprobs
 from align.losses.shared_prompt import layout_token_logprobs
 from lm import lora
-from lm.scoring import next_token_logprobs, score_rows
+from lm.scoring import reference_token_logprobs, score_rows
 from lm.sharding import host_array
 
 VARIANTS = ("sigmoid", "robust", "hinge", "ipo")
@@ -131,15 +129,6 @@ def dpo_loss(model, batch: dict, cfg):
   }
 
 
-@functools.partial(jax.jit, static_argnums=0)
-def _reference_logprobs(graphdef, state, tokens_bs, mask_bs, select_bs):
-  """Next-token log-probs of the selected targets under the reference: eval mode, adapters off."""
-  m = nnx.merge(graphdef, state)
-  m.eval()
-  with lora.disabled(m):
-    return next_token_logprobs(m, tokens_bs, mask_bs, select_bs=select_bs)
-
-
 def precompute_reference(model, examples: list[dict], batch_size: int = 8) -> list[dict]:
   """Examples with `ref_logps` `[2]` added: the reference (adapters off, or the model as given
   when it has none) scored once through the one host loop (`lm.scoring.score_rows`), so training
@@ -156,7 +145,7 @@ def precompute_reference(model, examples: list[dict], batch_size: int = 8) -> li
       weights.append(w[first:n])
   graphdef, state = nnx.split(model)
   # under a multi-process mesh the scored rows come back sharded: gathered onto every process
-  fn = lambda t, m, sel: {"lp": host_array(_reference_logprobs(graphdef, state, t, m, sel))}
+  fn = lambda t, m, sel: {"lp": host_array(reference_token_logprobs(graphdef, (state,), t, m, sel))}
   rows = score_rows(fn, prompts, responses, batch_size=batch_size, desc="reference log-probs")
   sums = np.array([np.dot(r["lp"].astype(np.float64), w) for r, w in zip(rows, weights)])
   return [dict(ex, ref_logps=sums[2 * i:2 * i + 2].astype(np.float32))

@@ -13,8 +13,6 @@ whole model batch (`grpo_loss`) and the hand-computed golden cases in the tests.
 
 from __future__ import annotations
 
-import functools
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -23,7 +21,8 @@ from flax import nnx
 from align import online
 from align.algorithm import Algorithm
 from align.losses import register, shared_prompt
-from lm import heads, lora
+from align.losses.common import trainer_reference_logprobs
+from lm import lora
 from lm.scoring import next_token_logprobs, sample_kl_estimators
 
 ESTIMATORS = ("grpo", "dr_grpo", "rloo", "batch_std")
@@ -369,23 +368,6 @@ def shared_rollout_batch(rollout, advantages_n, *, rows: int, width: int, group_
   return out
 
 
-def _reference_logprobs(trainer):
-  """jitted reference log-probs `[B, S-1]` of training rows (`rollout_batch`) at a temperature:
-  the trainer's current model in eval mode with its adapters off."""
-  @functools.partial(jax.jit, static_argnums=(3,))
-  def score(params, rest, batch, temperature):
-    model = heads.backbone(nnx.merge(trainer.graphdef, params, rest))
-    model.eval()
-    if not lora.count_params(model, nnx.LoRAParam):
-      raise ValueError("loss.kl_in='reward' needs a reference: this model has no LoRA adapters "
-                       "to switch off; set loss.beta=0 or train with LoRA.")
-    with lora.disabled(model):
-      return next_token_logprobs(model, batch["tokens"], batch["attn_mask"],
-                                 select_bs=batch["loss_mask"], temperature=temperature)
-
-  return score
-
-
 def make_batch_for(config, trainer=None) -> callable:
   """`make_batch_for(width, pad_id)` for `align.online.setup`: GRPO's batch of a rollout. The
   overlong penalty (rollout.overlong_buffer > 0) joins the reward before the advantages
@@ -403,7 +385,9 @@ def make_batch_for(config, trainer=None) -> callable:
   beta_in_reward = float(lc.get("beta", 0.0)) if lc.get("kl_in", "loss") == "reward" else 0.0
   if beta_in_reward and trainer is None:
     raise ValueError("loss.kl_in='reward' scores the reference per rollout: pass the trainer.")
-  reference = _reference_logprobs(trainer) if beta_in_reward else None
+  if beta_in_reward and not lora.count_params(trainer.model, nnx.LoRAParam):
+    raise ValueError("loss.kl_in='reward' needs a reference: this model has no LoRA adapters "
+                     "to switch off; set loss.beta=0 or train with LoRA.")
 
   def for_width(width: int, pad_id: int):
     if share:  # width = longest prompt + max_new_tokens, rounded up: the prompt bound it keeps
@@ -417,10 +401,7 @@ def make_batch_for(config, trainer=None) -> callable:
       metrics = {}
       if beta_in_reward:  # β Σ_t KL_t per sequence, off the rewards, before the advantages
         scored = rollout_batch(ro, np.zeros(len(rewards_n), np.float32), width=width, pad_id=pad_id)
-        with jax.set_mesh(trainer.mesh):
-          ref = reference(trainer.params, trainer.rest,
-                          {k: jnp.asarray(scored[k]) for k in ("tokens", "attn_mask", "loss_mask")},
-                          float(lc.get("temperature", 1.0)))
+        ref = trainer_reference_logprobs(trainer, scored, float(lc.get("temperature", 1.0)))
         mask = scored["loss_mask"][:, 1:] > 0
         kl = np.asarray(kl_per_token(jnp.asarray(scored["old_logps"]), ref,
                                      lc.get("kl_estimator", "k3"), lc.get("kl_clamp"))) * mask

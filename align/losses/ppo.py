@@ -21,11 +21,11 @@ from flax import nnx
 from align import online
 from align.algorithm import Algorithm
 from align.losses import register
+from align.losses.common import trainer_reference_logprobs
 from align.losses.grpo import (KL_ESTIMATORS, kl_per_token, masked_max_abs_diff, masked_mean,
                                policy_loss, rollout_batch)
-from lm import lora
 from lm.heads import PolicyWithValue
-from lm.scoring import next_token_logprobs, selected_token_logprobs
+from lm.scoring import selected_token_logprobs
 
 
 def _last_index(mask_bt: jax.Array) -> jax.Array:
@@ -134,24 +134,24 @@ def ppo_loss(model: PolicyWithValue, batch: dict, cfg):
   return loss, metrics
 
 
-def _rollout_scores(trainer, with_ref: bool):
-  """jitted (values `[B, S-1]`, reference log-probs `[B, S-1]` or zeros) of training rows under
-  the trainer's current model in eval mode; the reference is the model with its adapters off."""
-  @functools.partial(jax.jit, static_argnums=(3,))
-  def score(params, rest, batch, temperature):
-    model = nnx.merge(trainer.graphdef, params, rest)
-    model.eval()
-    tokens, attn = batch["tokens"], batch["attn_mask"]
-    h_bsd, _ = model.backbone.hidden_states(tokens, attn_mask=attn)
-    values = model.values(h_bsd[:, :-1])
-    if not with_ref:
-      return values, jnp.zeros_like(values)
-    with lora.disabled(model.backbone):
-      ref = next_token_logprobs(model.backbone, tokens, attn, select_bs=batch["loss_mask"],
-                                temperature=temperature)
-    return values, ref
+@functools.partial(jax.jit, static_argnums=0)
+def _values(graphdef, params, rest, tokens_bs, attn_mask_bs) -> jax.Array:
+  """V `[B, S-1]` of training rows under the model in eval mode (the state before each action)."""
+  model = nnx.merge(graphdef, params, rest)
+  model.eval()
+  h_bsd, _ = model.backbone.hidden_states(tokens_bs, attn_mask=attn_mask_bs)
+  return model.values(h_bsd[:, :-1])
 
-  return score
+
+def _rollout_scores(trainer, rows: dict, temperature: float, with_ref: bool):
+  """(values `[B, S-1]`, reference log-probs `[B, S-1]` or zeros) of training rows under the
+  trainer's current model; the reference is `trainer_reference_logprobs` (adapters off)."""
+  with jax.set_mesh(trainer.mesh):
+    values = _values(trainer.graphdef, trainer.params, trainer.rest, jnp.asarray(rows["tokens"]),
+                     jnp.asarray(rows["attn_mask"]))
+  if not with_ref:
+    return values, jnp.zeros_like(values)
+  return values, trainer_reference_logprobs(trainer, rows, temperature)
 
 
 def make_batch_for(config, trainer) -> Callable:
@@ -164,17 +164,14 @@ def make_batch_for(config, trainer) -> Callable:
     raise ValueError("rollout.share_prompt is GRPO's layout; PPO scores one row per completion "
                      "(values per token): set rollout.share_prompt=False.")
   kl_coef = float(lc.get("kl_coef", 0.05))
-  score = _rollout_scores(trainer, with_ref=kl_coef > 0)
 
   def for_width(width: int, pad_id: int):
     def make_batch(ro, total, each, rollout_index: int = 0):
       del each
       rows = rollout_batch(ro, np.zeros(len(ro.lengths_b), np.float32), width=width,
                            pad_id=pad_id, mask_truncated=r.get("mask_truncated", False))
-      with jax.set_mesh(trainer.mesh):
-        values, ref = score(trainer.params, trainer.rest,
-                            {k: jnp.asarray(rows[k]) for k in ("tokens", "attn_mask", "loss_mask")},
-                            float(lc.get("temperature", 1.0)))
+      values, ref = _rollout_scores(trainer, rows, float(lc.get("temperature", 1.0)),
+                                    with_ref=kl_coef > 0)
       mask = rows["loss_mask"][:, 1:] > 0
       rewards_bt, kl = token_rewards(jnp.asarray(total, jnp.float32), jnp.asarray(rows["old_logps"]),
                                      ref, mask, kl_coef=kl_coef,
