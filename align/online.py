@@ -143,12 +143,6 @@ def reward_functions(config) -> tuple[dict[str, Callable], dict[str, float]]:
   return fns, {name: float(w) for name, w in config.rewards.items()}
 
 
-def completion_texts(tokenizer, ro: Rollout) -> list[str]:
-  """Each row's completion as text, special tokens (the end-of-turn) left out."""
-  return [tokenizer.decode(ro.tokens_bt[i, :n], skip_special_tokens=True)
-          for i, n in enumerate(ro.lengths_b)]
-
-
 def rollout_stats(ro: Rollout, texts: list[str], total, each: dict) -> dict[str, float]:
   """Per-rollout diagnostics: reward mean/std (total and per function), response length (tokens,
   the end-of-turn counted) mean/median, share empty (no text besides the end-of-turn), share
@@ -220,7 +214,7 @@ class RolloutStream:
                  max_new_tokens=self.cfg.max_new_tokens,
                  tokenizer=self.tokenizer, sampler=self.sampler, num_samples=self.group, seed=seed)
     t1 = time.perf_counter()
-    texts = completion_texts(self.tokenizer, ro)
+    texts = ro.texts(self.tokenizer)
     rows = ro.prompt_index_b
     columns = {k: [v[i] for i in rows] for k, v in chosen.columns.items()}
     total, each = reward_fns.combine(self.fns, self.weights, [chosen.texts[i] for i in rows],
@@ -264,7 +258,7 @@ def held_out_eval(trainer, tokenizer, prompts: Prompts, config, rewards: tuple[d
                  max_new_tokens=config.rollout.max_new_tokens,
                  tokenizer=tokenizer, sampler=sampler, seed=int(eval_cfg.get("seed", 1234)),
                  batch_size=batch_size)
-    texts = completion_texts(tokenizer, ro)
+    texts = ro.texts(tokenizer)
     total, each = reward_fns.combine(fns, weights, prompts.texts, texts, prompts.columns)
     stats = rollout_stats(ro, texts, total, each)
     if sampler is GREEDY:  # argmax tokens say nothing about the policy's entropy
