@@ -60,11 +60,11 @@ def _text_stores(config):
   out = []
   for split, n in (("valid", d.train_seqs), ("test", d.test_seqs)):
     text = load_wikitext(split)
-    name = f"wikitext2-{split}-{n}x{d.seq_len}-skip{d.get('skip_first', 1)}"
+    name = f"wikitext2-{split}-{n}x{d.seq_len}-skip{d.skip_first}"
     out.append([activations.lm_store(config.store_dir, s.model, s.layer, text, name,
                                      seq_len=d.seq_len,
                                      n_seqs=n, batch=d.capture_batch,
-                                     skip_first=d.get("skip_first", 1))
+                                     skip_first=d.skip_first)
                 for s in config.sources])
   return out[0], out[1], None
 
@@ -91,15 +91,14 @@ class _Models:
     clips = np.full(len(self.seeds), t.max_grad_norm, np.float32)
     self.cfgs = {r: usae.USAEConfig(d_ins=tuple(d_ins), n_latents=u.n_latents, k=u.k, loss=u.loss,
                                     rule=r, aux_coef=u.aux_coef, decoder_norm=u.decoder_norm,
-                                    auxk_coef=u.get("auxk_coef", 0.0),
-                                    dead_after=u.get("dead_after", 1000))
+                                    auxk_coef=u.auxk_coef, dead_after=u.dead_after)
                  for r in u.rules}
     self.steps = {r: usae.make_instances_step(c, clips) for r, c in self.cfgs.items()}
     # the same AuxK as the USAE (counted in each SAE's own steps), so the tax compares like
     self.sae_cfgs = [sae_lib.SAEConfig(d_in=d, n_latents=u.n_latents, activation="topk", k=u.k,
                                        decoder_norm=u.decoder_norm,
-                                       aux_coef=u.get("auxk_coef", 0.0),
-                                       dead_after=u.get("dead_after", 1000)) for d in d_ins]
+                                       aux_coef=u.auxk_coef, dead_after=u.dead_after)
+                     for d in d_ins]
     self.inst = sae_train.Instances(seed=self.seeds.astype(np.int32), lr=self.lrs,
                                     max_grad_norm=clips, l1_coef=np.zeros_like(clips),
                                     l0_coef=np.zeros_like(clips))

@@ -114,11 +114,11 @@ def write(config, run_dir, result, history, test_images, test_stores, codes, con
   names = [s.model for s in config.sources]
   plots = run_dir.plots
   kind = "Universal SAE over" if len(names) > 1 else "SAE on"
-  lines = [f"# {kind} {', '.join(names)} ({config.get('variant', '')})", ""]
+  lines = [f"# {kind} {', '.join(names)} ({config.variant})", ""]
   taps = ", ".join(f"{s.model}." + (s.tap or (f"resid.{s.layer}" if "layer" in s else "pooled"))
                    for s in config.sources)
   inputs = ("CIFAR-10 images (JPEG)" if test_images is not None
-            else f"token rows (WikiText-2 valid / test, windows of {config.data.get('seq_len')})")
+            else f"token rows (WikiText-2 valid / test, windows of {config.data.seq_len})")
   lines += [f"Sources: {taps}; "
             f"{result['n_train']} training / {result['n_test']} held-out {inputs}; "
             f"standardisation `{config.standardise}` from the training store. USAE m = "
@@ -126,7 +126,7 @@ def write(config, run_dir, result, history, test_images, test_stores, codes, con
             f"`{config.usae.decoder_norm}`; Adam lr {list(config.train.lrs)} × seeds "
             f"{list(config.train.seeds)}, batch {config.train.batch}, {config.train.epochs} epochs "
             f"({result['train_s']:.0f} s" + (f" in this process, resumed at step {result['resumed_at']}"
-                                    if result.get("resumed_at") else "")
+                                    if result["resumed_at"] else "")
             + "). Every number below is on the held-out set.", ""]
   _curves(plt, history, plots / "training.png")
   for rule in config.usae.rules:

@@ -6,10 +6,10 @@ equals an uninterrupted one on one device."""
 import json
 
 import jax
-import ml_collections
 import numpy as np
 import pytest
 
+from configs import usae_vision
 from lm.train.rundir import RunDir
 from sae import activations, experiment
 
@@ -80,15 +80,13 @@ def test_aligned_batches_keep_rows_together_and_resume(tmp_path):
 
 
 def _config(epochs):
-  c = ml_collections.ConfigDict()
+  c = usae_vision.get_config("smoke")
   c.seed = 0
   c.independent = True
-  c.usae = ml_collections.ConfigDict({"n_latents": 16, "k": 2, "loss": "mse",
-                                      "rules": ["official", "joint"], "aux_coef": 0.1,
-                                      "decoder_norm": "project"})
-  c.train = ml_collections.ConfigDict({"epochs": epochs, "batch": 8, "lrs": [1e-3, 3e-3],
-                                       "seeds": [0], "max_grad_norm": 1.0, "log_every": 2,
-                                       "checkpoint_every": 3})
+  c.usae.update({"n_latents": 16, "k": 2, "loss": "mse", "rules": ["official", "joint"],
+                 "aux_coef": 0.1, "decoder_norm": "project", "auxk_coef": 0.0, "dead_after": 1000})
+  c.train.update({"epochs": epochs, "batch": 8, "lrs": [1e-3, 3e-3], "seeds": [0],
+                  "max_grad_norm": 1.0, "log_every": 2, "checkpoint_every": 3})
   return c
 
 
