@@ -46,7 +46,7 @@ def load_model(model_cfg):
 
 
 def _trainable(config, algo: algorithm.Algorithm):
-  filt = lora.trainable_filter(config.train.trainable, config.train.get("trainable_pattern"))
+  filt = lora.trainable_filter(config.train.trainable, config.train.trainable_pattern)
   return algo.trainable(filt) if algo.trainable else filt
 
 
@@ -57,7 +57,7 @@ def _export(config, algo: algorithm.Algorithm, model, tokenizer, run_dir: RunDir
   if config.train.trainable == "lora":
     path = run_dir.path / "adapter"
     lora.export_peft(backbone, path, cfg=lora.LoraConfig.from_config(config.lora),
-                     base_model_name_or_path=config.model.get("name") or config.model.preset)
+                     base_model_name_or_path=config.model.name or config.model.preset)
   else:
     from lm.hub import weights
 
@@ -77,10 +77,10 @@ def _offline_data(config, algo: algorithm.Algorithm, model, tok, mesh):
                                                    transform_train=transform)
   if algo.prepare_eval:
     eval_examples = algo.prepare_eval(config, model, eval_examples)
-  eval_bs = config.train.get("eval_batch_size", config.train.batch_size)
+  eval_bs = config.train.eval_batch_size
   # Whole batches only: a padded row would count as a wrong pair in the accuracy.
   eval_examples = eval_examples[:len(eval_examples) // eval_bs * eval_bs]
-  if not eval_examples and config.train.get("eval_every"):
+  if not eval_examples and config.train.eval_every:
     raise ValueError(f"data.n_eval={config.data.n_eval} leaves no full eval batch of {eval_bs}; "
                      "raise data.n_eval or lower train.eval_batch_size.")
   eval_batches = (lambda: batching.eval_batches(eval_examples, eval_bs)) if eval_examples else None
@@ -112,7 +112,7 @@ def run(config, run_dir: RunDir, mesh=None) -> dict:
     evaluate = None
   run_dir.write_json("data_stats.json", data_stats)
   ckpt = Checkpointer(run_dir.path / "checkpoints",
-                      max_to_keep=config.train.get("keep_checkpoints", 2))
+                      max_to_keep=config.train.keep_checkpoints)
   t0 = time.time()
   history = trainer.fit(train_iter, run_dir=run_dir, ckpt=ckpt, eval_batches=eval_batches,
                         evaluate=evaluate, resume=getattr(run_dir, "resume", False))
@@ -139,7 +139,7 @@ def run(config, run_dir: RunDir, mesh=None) -> dict:
   run_dir.write_json("summary.json", summary)
   report = [
       f"# {algo.name.upper()} run\n",
-      f"Model `{config.model.get('name') or config.model.preset}`, trainable "
+      f"Model `{config.model.name or config.model.preset}`, trainable "
       f"`{config.train.trainable}` ({trainer.n_trainable:,} parameters), {trainer.step} steps of "
       f"batch {config.train.batch_size} on {data_stats['source']} ({data_stats['n_train']} train / "
       f"{data_stats['n_eval']} held-out examples, sequence length {data_stats['seq_len']}).\n",

@@ -218,12 +218,12 @@ def finish(config, model, tokenizer, eval_examples, run_dir) -> dict:
   problems = load_problems()
   train = problems[:TRAIN_PROBLEMS]
   held_out = problems[TRAIN_PROBLEMS:]
-  n_eval = int(config.get("verifier", {}).get("n_eval_problems", 0))
+  n_eval = int(config.verifier.n_eval_problems)
   held_out = held_out[:n_eval] if n_eval else held_out
   best_source = int(np.argmax([np.mean([p["correct"][i] for p in train])
                                for i in range(len(SOURCES))]))
   scores = score_problems(model, tokenizer, held_out, max_length=config.data.max_length,
-                          batch_size=int(config.train.get("eval_batch_size", 16)))
+                          batch_size=int(config.train.eval_batch_size))
   result = evaluate_best_of_n(held_out, scores, best_source)
   run_dir.write_json("verifier_eval.json", result)
   _plot(result, run_dir.plots / "best_of_n.png")

@@ -122,9 +122,9 @@ def load_reward_model(run_dir: str | Path, *, dtype: str = "float32", **kw) -> S
   model_cfg = json.loads(cfg_file.read_text())["model"]
   if export.name == "model":
     rm, tok = hub.load(str(export), reward_head=export, dtype=dtype)
-  elif model_cfg.get("preset"):  # a random base (smoke runs): rebuilt from the run's seed
+  elif model_cfg["preset"]:  # a random base (smoke runs): rebuilt from the run's seed
     rm, tok = hub.load(preset=model_cfg["preset"], tokenizer=model_cfg["tokenizer"], dtype=dtype,
-                       seed=model_cfg.get("seed", 0), adapter=export, reward_head=export)
+                       seed=model_cfg["seed"], adapter=export, reward_head=export)
   else:
     rm, tok = hub.load(model_cfg["name"], adapter=export, reward_head=export, dtype=dtype)
   return reward_model(rm, tok, **kw)

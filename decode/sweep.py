@@ -88,7 +88,7 @@ def run(config, run_dir: RunDir, mesh=None, scorer: scorers.Scorer | None = None
   for r, lp in zip(rows, lps):
     r["avg_logprob"] = float(lp.mean()) if len(lp) else float("nan")
     r["sum_logprob"] = float(lp.sum())
-  if scorer is None and config.get("reward_run"):
+  if scorer is None and config.reward_run:
     scorer = scorers.load_reward_model(config.reward_run)
   if scorer is not None:
     for r, s in zip(rows, scorers.score(scorer, [r["instruction"] for r in rows],

@@ -13,6 +13,7 @@ from flax import nnx
 
 import lm
 from align.evals import compare, kl, perplexity, perturb, verbosity
+from configs import align_eval as align_eval_config
 from decode import scorers
 from lm import scoring
 from lm.hub import vocab
@@ -112,12 +113,17 @@ def test_kl_rows_equal_unpadded_forward_per_row():
     assert (row["exact"] > 0).all()
 
 
+def _entry(**fields) -> dict:
+  """A `config.models` entry of align_eval.py:smoke (tiny:0, no adapter) with `fields` changed."""
+  return {**align_eval_config.get_config("smoke").models[0], **fields}
+
+
 def test_stand_in_and_loaded_adapter_share_reference_with_adapters_off(tmp_path):
   from lm import lora
 
   stand_in = {"rank": 2, "alpha": 4.0, "b_std": 0.5, "seed": 3}
-  a = compare.load_entry({"name": "a", "model": "tiny:0", "stand_in_lora": stand_in})
-  base = compare.load_entry({"name": "base", "model": "tiny:0"})
+  a = compare.load_entry(_entry(name="a", stand_in_lora=stand_in))
+  base = compare.load_entry(_entry(name="base"))
   assert base["reference"] is None
   tokens = jnp.asarray([[60, 61, 62, 63, 64]])
   base_logits = base["model"](tokens)[0]
@@ -126,7 +132,7 @@ def test_stand_in_and_loaded_adapter_share_reference_with_adapters_off(tmp_path)
   # Export the stand-in as a PEFT adapter; loading it back through load_peft gives the same model.
   lora.export_peft(a["model"], tmp_path / "ad", base_model_name_or_path="tiny",
                    cfg=lora.LoraConfig(rank=2, alpha=4.0, dropout=0.0, targets="all-linear"))
-  b = compare.load_entry({"name": "b", "model": "tiny:0", "adapter": str(tmp_path / "ad")})
+  b = compare.load_entry(_entry(name="b", adapter=str(tmp_path / "ad")))
   np.testing.assert_allclose(b["model"](tokens)[0], a["model"](tokens)[0], atol=1e-5)
   np.testing.assert_allclose(b["reference"](tokens)[0], base_logits, atol=1e-6)
 
@@ -299,8 +305,8 @@ def test_implicit_reward_of_policy_equal_to_reference_is_zero():
 
 def test_reference_log_probs_from_the_policy_pass_equal_the_reference_alone():
   stand_in = {"rank": 2, "alpha": 4.0, "b_std": 0.5, "seed": 1}
-  policy = compare.load_entry({"name": "p", "model": "tiny:0", "stand_in_lora": stand_in})
-  base = compare.load_entry({"name": "r", "model": "tiny:0"})
+  policy = compare.load_entry(_entry(name="p", stand_in_lora=stand_in))
+  base = compare.load_entry(_entry(name="r"))
   tok = vocab.ByteTokenizer()
   prompts, responses = ["Hi?", "Name a river."], ["Hello.", "The Nile."]
   implicit, avg_p, avg_q = perturb.log_ratio_scorers(policy["model"], policy["reference"], tok,

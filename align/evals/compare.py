@@ -40,6 +40,9 @@ def _plain(entry) -> dict:
   return entry.to_dict() if hasattr(entry, "to_dict") else dict(entry)
 
 
+ENTRY_FIELDS = ("name", "model", "adapter", "stand_in_lora")
+
+
 def add_stand_in_lora(model, *, rank: int, alpha: float, b_std: float, seed: int,
                       targets: Any = "all-linear") -> None:
   """A random LoRA through `lm.lora.apply_lora`, then B ~ N(0, b_std^2) (B != 0, seeded)."""
@@ -63,22 +66,28 @@ def adapters_off(model):
 
 
 def load_entry(entry: Mapping, *, dtype: str = "float32", cache: dict | None = None) -> dict:
-  """Loads one `config.models` entry: {name, model, adapter?, stand_in_lora?} -> a dict with
-  `model`, `tokenizer`, and `reference` (adapters off) when the entry carries an adapter.
+  """Loads one `config.models` entry: {name, model, adapter, stand_in_lora} (None: no adapter, no
+  stand-in) -> a dict with `model`, `tokenizer`, and `reference` (adapters off) when the entry
+  carries an adapter.
 
   `cache` (model spec -> (model, tokenizer)) loads each base once; adapters go on a clone.
   """
   e = _plain(entry)
-  if e.get("adapter") and e.get("stand_in_lora"):
+  missing = [f for f in ENTRY_FIELDS if f not in e]
+  if missing:
+    raise ValueError(f"model entry {e}: lacks {missing}; every entry has {list(ENTRY_FIELDS)} "
+                     "(adapter and stand_in_lora None when unused), as configs/align_eval.py's.")
+  if e["adapter"] and e["stand_in_lora"]:
     raise ValueError(f"model entry {e['name']!r}: give an adapter or a stand_in_lora, not both.")
   cache = {} if cache is None else cache
   if e["model"] not in cache:
     cache[e["model"]] = hub.load(e["model"], dtype=dtype)
   model, tok = cache[e["model"]]
-  if e.get("adapter") or e.get("stand_in_lora"):
+  if e["adapter"] or e["stand_in_lora"]:
     model = nnx.clone(model)  # the cached base stays adapter-free for other entries
-  out = {"name": e["name"], "spec": e, "model": model, "tokenizer": tok, "reference": None}
-  if e.get("adapter"):
+  out = {"name": e["name"], "spec": e, "model": model, "tokenizer": tok, "reference": None,
+         "reference_name": None}
+  if e["adapter"]:
     from lm import lora
 
     if not Path(e["adapter"]).is_dir():
@@ -86,9 +95,9 @@ def load_entry(entry: Mapping, *, dtype: str = "float32", cache: dict | None = N
           f"model entry {e['name']!r}: adapter {e['adapter']} does not exist. Train it first "
           "(configs/dpo.py:cpu writes runs/dpo-cpu/adapter), or run align_eval.py:standin.")
     lora.load_peft(model, e["adapter"])
-  elif e.get("stand_in_lora"):
+  elif e["stand_in_lora"]:
     add_stand_in_lora(model, **_plain(e["stand_in_lora"]))
-  if e.get("adapter") or e.get("stand_in_lora"):
+  if e["adapter"] or e["stand_in_lora"]:
     model.eval()  # LoRA dropout off: evaluation is deterministic
     out["reference"] = adapters_off(model)
   return out
@@ -106,7 +115,7 @@ def run(config, run_dir: RunDir, mesh=None, scorer: Scorer | None = None) -> dic
   """The task. `scorer` (or the reward run named by `config.reward_run`): a reward model added to
   the hacking table."""
   del mesh
-  if scorer is None and config.get("reward_run"):
+  if scorer is None and config.reward_run:
     scorer = scorers.load_reward_model(config.reward_run, dtype=config.dtype)
   t_start, timing = time.time(), {}
   cache: dict = {}
@@ -117,7 +126,7 @@ def run(config, run_dir: RunDir, mesh=None, scorer: Scorer | None = None) -> dic
     raise ValueError(f"config.reference={config.reference!r} is not a model entry; entries are "
                      f"{names}.")
   ref = by_name[config.reference]
-  ref_plain = not (ref["spec"].get("adapter") or ref["spec"].get("stand_in_lora"))
+  ref_plain = not (ref["spec"]["adapter"] or ref["spec"]["stand_in_lora"])
   for e in entries:
     if e["reference"] is None and e["name"] != config.reference:
       e["reference"] = ref["model"]
@@ -135,7 +144,7 @@ def run(config, run_dir: RunDir, mesh=None, scorer: Scorer | None = None) -> dic
   wiki = data.load_wikitext("test")[:config.perplexity.max_chars]
   pairs = ppl_lib.load_pairs(config.perplexity.pairs_source, config.perplexity.pairs_n)
   results: dict[str, Any] = {
-      "models": [{**e["spec"], "kl_reference": e.get("reference_name")} for e in entries],
+      "models": [{**e["spec"], "kl_reference": e["reference_name"]} for e in entries],
       "prompts": {"source": config.prompts.source, "n": len(instructions),
                   "categories": {c: categories.count(c) for c in verbosity.CATEGORIES}},
       "perplexity": {}, "kl": {}, "lengths": {}, "verbosity": {}, "length_compliance": {},

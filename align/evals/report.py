@@ -9,7 +9,7 @@ from lm.train.rundir import markdown_table
 def _stand_in_note(entries) -> list[str]:
   notes = []
   for e in entries:
-    s = e["spec"].get("stand_in_lora")
+    s = e["spec"]["stand_in_lora"]
     if s:
       s = dict(s)
       notes.append(f"> **Stand-in:** `{e['name']}` is NOT a trained DPO adapter: a randomly "
@@ -20,9 +20,9 @@ def _stand_in_note(entries) -> list[str]:
 
 
 def _models_table(results) -> str:
-  rows = [{"model": m["name"], "weights": m["model"], "adapter": m.get("adapter") or "",
-           "stand-in LoRA": "yes" if m.get("stand_in_lora") else "",
-           "KL reference": m.get("kl_reference") or "(is the reference)"}
+  rows = [{"model": m["name"], "weights": m["model"], "adapter": m["adapter"] or "",
+           "stand-in LoRA": "yes" if m["stand_in_lora"] else "",
+           "KL reference": m["kl_reference"] or "(is the reference)"}
           for m in results["models"]]
   return markdown_table(rows)
 
@@ -203,7 +203,7 @@ def render(config, results, entries) -> str:
           "of response + end-of-turn given the prompt; avg log-prob = mean token log-prob under "
           "the model.\n",
           _hacking_table(results)]
-  if results.get("reward_model"):
+  if results["reward_model"]:
     text += ["### The reward model on each model's own answers\n",
              f"{_which_answers(c)} of each model's greedy answers, scored as they are "
              "and perturbed as above (Δ = mean change).\n", _reward_model_table(results)]
