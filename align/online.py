@@ -16,6 +16,7 @@ fall on rollout boundaries (`check_config`).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import time
 from typing import Any, Callable
@@ -295,6 +296,13 @@ def batch_width(stats: dict, max_new_tokens: int, multiple: int = 8) -> int:
   """The static row width of every training batch: longest prompt + max_new_tokens, rounded up."""
   need = int(stats["longest_prompt"]) + int(max_new_tokens)
   return -(-need // multiple) * multiple
+
+
+def batch_builder(make_batch: Callable[..., tuple[dict, dict]]) -> Callable[[int, int], Callable]:
+  """`make_batch_for(width, pad_id)` for `setup` from an algorithm's
+  `make_batch(rollout, total, each, rollout_index=0, *, width, pad_id) -> (batch, metrics)`: the
+  row width and pad id are the run's, known once the prompts and tokenizer are loaded."""
+  return lambda width, pad_id: functools.partial(make_batch, width=width, pad_id=pad_id)
 
 
 def setup(config, trainer, tokenizer, make_batch_for: Callable[[int, int], Callable]

@@ -389,49 +389,44 @@ def make_batch_for(config, trainer=None) -> callable:
     raise ValueError("loss.kl_in='reward' needs a reference: this model has no LoRA adapters "
                      "to switch off; set loss.beta=0 or train with LoRA.")
 
-  def for_width(width: int, pad_id: int):
+  def make_batch(ro, total, each, rollout_index: int = 0, *, width: int, pad_id: int):
+    del each, rollout_index
+    rewards_n = np.asarray(total, np.float64)
+    metrics = {}
+    if beta_in_reward:  # β Σ_t KL_t per sequence, off the rewards, before the advantages
+      scored = rollout_batch(ro, np.zeros(len(rewards_n), np.float32), width=width, pad_id=pad_id)
+      ref = trainer_reference_logprobs(trainer, scored, float(lc.get("temperature", 1.0)))
+      mask = scored["loss_mask"][:, 1:] > 0
+      kl = np.asarray(kl_per_token(jnp.asarray(scored["old_logps"]), ref,
+                                   lc.get("kl_estimator", "k3"), lc.get("kl_clamp"))) * mask
+      kl_seq = kl.sum(-1)
+      rewards_n = rewards_n - beta_in_reward * kl_seq
+      metrics.update(kl=float(kl.sum() / max(mask.sum(), 1)), kl_seq=float(kl_seq.mean()),
+                     **{"reward/kl_penalty": float(-beta_in_reward * kl_seq.mean())})
+    if r.get("overlong_buffer", 0):
+      pen = overlong_penalty(ro.lengths_b, r.max_new_tokens, r.overlong_buffer,
+                             r.get("overlong_factor", 1.0))
+      rewards_n = rewards_n + pen
+      metrics["reward/overlong"] = float(pen.mean())
+    adv = np.asarray(advantages(jnp.asarray(rewards_n, jnp.float32), group,
+                                r.get("advantage", "grpo"), eps=r.get("adv_eps", 1e-6),
+                                ddof=r.get("adv_ddof", 1)))
+    masks = dict(mask_truncated=r.get("mask_truncated", False),
+                 mask_zero_std=r.get("mask_zero_std", False), rewards_n=rewards_n)
     if share:  # width = longest prompt + max_new_tokens, rounded up: the prompt bound it keeps
       rows, shared_width = shared_layout(int(r.prompts_per_step), group,
                                          width - int(r.max_new_tokens), int(r.max_new_tokens),
                                          groups=accum, multiple=shards)
+      batch = shared_rollout_batch(ro, adv, rows=rows, width=shared_width, group_size=group,
+                                   groups=accum, pad_id=pad_id, **masks)
+    else:
+      batch = rollout_batch(ro, adv, width=width, pad_id=pad_id, group_size=group, **masks)
+    metrics.update(zero_std_share=float(zero_std_share(jnp.asarray(rewards_n), group)),
+                   adv_abs_mean=float(np.abs(adv).mean()),
+                   rows_in_loss=float(np.mean(_kept(ro, group_size=group, **masks))))
+    return batch, metrics
 
-    def make_batch(ro, total, each, rollout_index: int = 0):
-      del each, rollout_index
-      rewards_n = np.asarray(total, np.float64)
-      metrics = {}
-      if beta_in_reward:  # β Σ_t KL_t per sequence, off the rewards, before the advantages
-        scored = rollout_batch(ro, np.zeros(len(rewards_n), np.float32), width=width, pad_id=pad_id)
-        ref = trainer_reference_logprobs(trainer, scored, float(lc.get("temperature", 1.0)))
-        mask = scored["loss_mask"][:, 1:] > 0
-        kl = np.asarray(kl_per_token(jnp.asarray(scored["old_logps"]), ref,
-                                     lc.get("kl_estimator", "k3"), lc.get("kl_clamp"))) * mask
-        kl_seq = kl.sum(-1)
-        rewards_n = rewards_n - beta_in_reward * kl_seq
-        metrics.update(kl=float(kl.sum() / max(mask.sum(), 1)), kl_seq=float(kl_seq.mean()),
-                       **{"reward/kl_penalty": float(-beta_in_reward * kl_seq.mean())})
-      if r.get("overlong_buffer", 0):
-        pen = overlong_penalty(ro.lengths_b, r.max_new_tokens, r.overlong_buffer,
-                               r.get("overlong_factor", 1.0))
-        rewards_n = rewards_n + pen
-        metrics["reward/overlong"] = float(pen.mean())
-      adv = np.asarray(advantages(jnp.asarray(rewards_n, jnp.float32), group,
-                                  r.get("advantage", "grpo"), eps=r.get("adv_eps", 1e-6),
-                                  ddof=r.get("adv_ddof", 1)))
-      masks = dict(mask_truncated=r.get("mask_truncated", False),
-                   mask_zero_std=r.get("mask_zero_std", False), rewards_n=rewards_n)
-      if share:
-        batch = shared_rollout_batch(ro, adv, rows=rows, width=shared_width, group_size=group,
-                                     groups=accum, pad_id=pad_id, **masks)
-      else:
-        batch = rollout_batch(ro, adv, width=width, pad_id=pad_id, group_size=group, **masks)
-      metrics.update(zero_std_share=float(zero_std_share(jnp.asarray(rewards_n), group)),
-                     adv_abs_mean=float(np.abs(adv).mean()),
-                     rows_in_loss=float(np.mean(_kept(ro, group_size=group, **masks))))
-      return batch, metrics
-
-    return make_batch
-
-  return for_width
+  return online.batch_builder(make_batch)
 
 
 def _check(config) -> None:

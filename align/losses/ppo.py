@@ -165,38 +165,35 @@ def make_batch_for(config, trainer) -> Callable:
                      "(values per token): set rollout.share_prompt=False.")
   kl_coef = float(lc.get("kl_coef", 0.05))
 
-  def for_width(width: int, pad_id: int):
-    def make_batch(ro, total, each, rollout_index: int = 0):
-      del each
-      rows = rollout_batch(ro, np.zeros(len(ro.lengths_b), np.float32), width=width,
-                           pad_id=pad_id, mask_truncated=r.get("mask_truncated", False))
-      values, ref = _rollout_scores(trainer, rows, float(lc.get("temperature", 1.0)),
-                                    with_ref=kl_coef > 0)
-      mask = rows["loss_mask"][:, 1:] > 0
-      rewards_bt, kl = token_rewards(jnp.asarray(total, jnp.float32), jnp.asarray(rows["old_logps"]),
-                                     ref, mask, kl_coef=kl_coef,
-                                     estimator=lc.get("kl_estimator", "k1"))
-      adv, returns = gae(rewards_bt, values, mask, gamma=lc.get("gamma", 1.0),
-                         lam=lc.get("lam", 0.95))
-      if lc.get("whiten_advantages", True):
-        adv = whiten(adv, mask)
-      warm = rollout_index < int(r.get("critic_warmup", 0))
-      batch = dict(rows, advantages=np.asarray(adv, np.float32),
-                   returns=np.asarray(returns, np.float32),
-                   old_values=np.asarray(values * mask, np.float32),
-                   policy_weight=np.full(len(ro.lengths_b), 0.0 if warm else 1.0, np.float32))
-      kl_seq = float(kl.sum()) / max(len(ro.lengths_b), 1)  # kl is 0 outside the mask
-      metrics = {"kl": float(masked_mean(kl, mask)), "kl_seq": kl_seq,
-                 "non_score_reward": -kl_coef * kl_seq,
-                 "returns_mean": float(masked_mean(returns, mask)),
-                 "explained_variance": explained_variance(values, returns, mask),
-                 "returns_var": float(np.asarray(returns)[mask].var()) if mask.any() else 0.0,
-                 "critic_warmup": float(warm)}
-      return batch, metrics
+  def make_batch(ro, total, each, rollout_index: int = 0, *, width: int, pad_id: int):
+    del each
+    rows = rollout_batch(ro, np.zeros(len(ro.lengths_b), np.float32), width=width,
+                         pad_id=pad_id, mask_truncated=r.get("mask_truncated", False))
+    values, ref = _rollout_scores(trainer, rows, float(lc.get("temperature", 1.0)),
+                                  with_ref=kl_coef > 0)
+    mask = rows["loss_mask"][:, 1:] > 0
+    rewards_bt, kl = token_rewards(jnp.asarray(total, jnp.float32), jnp.asarray(rows["old_logps"]),
+                                   ref, mask, kl_coef=kl_coef,
+                                   estimator=lc.get("kl_estimator", "k1"))
+    adv, returns = gae(rewards_bt, values, mask, gamma=lc.get("gamma", 1.0),
+                       lam=lc.get("lam", 0.95))
+    if lc.get("whiten_advantages", True):
+      adv = whiten(adv, mask)
+    warm = rollout_index < int(r.get("critic_warmup", 0))
+    batch = dict(rows, advantages=np.asarray(adv, np.float32),
+                 returns=np.asarray(returns, np.float32),
+                 old_values=np.asarray(values * mask, np.float32),
+                 policy_weight=np.full(len(ro.lengths_b), 0.0 if warm else 1.0, np.float32))
+    kl_seq = float(kl.sum()) / max(len(ro.lengths_b), 1)  # kl is 0 outside the mask
+    metrics = {"kl": float(masked_mean(kl, mask)), "kl_seq": kl_seq,
+               "non_score_reward": -kl_coef * kl_seq,
+               "returns_mean": float(masked_mean(returns, mask)),
+               "explained_variance": explained_variance(values, returns, mask),
+               "returns_var": float(np.asarray(returns)[mask].var()) if mask.any() else 0.0,
+               "critic_warmup": float(warm)}
+    return batch, metrics
 
-    return make_batch
-
-  return for_width
+  return online.batch_builder(make_batch)
 
 
 def _check(config) -> None:
