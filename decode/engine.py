@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Mapping, Sequence
+from typing import Mapping, NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -143,6 +143,23 @@ def prefill(model, tokens_bp, mask_bp, max_len: int, repeats: int = 1):
   return jnp.repeat(logits_bv, repeats, axis=0), cache.take_rows(jnp.repeat(jnp.arange(b), repeats))
 
 
+class _LoopState(NamedTuple):
+  """The decoding loop's carry, one field per piece (read by name, not position)."""
+
+  step: jax.Array  # tokens generated so far, scalar int32
+  last_bv: jax.Array  # logits that choose the next token
+  cache: KVCache
+  done_b: jax.Array
+  finish_b: jax.Array  # index into FINISH_REASONS; "length" until another reason stops the row
+  hist_bt: jax.Array  # prompt then generated ids, [B, P + max_new_tokens]
+  hvalid_bt: jax.Array  # real (not padding, not after done) positions of hist_bt
+  seen_bv: jax.Array | None  # tokens each row has seen, for the repetition penalty only
+  lp_bt: jax.Array
+  slp_bt: jax.Array
+  plp_bt: jax.Array
+  key: jax.Array
+
+
 @functools.partial(jax.jit, static_argnames=("graphdef", "max_new_tokens", "sampler", "stop",
                                              "pad_id", "num_samples"))
 def _generate(graphdef, state, tokens_bp, mask_bp, eos_ids, params: SamplingParams, key, *,
@@ -163,10 +180,10 @@ def _generate(graphdef, state, tokens_bp, mask_bp, eos_ids, params: SamplingPara
     rows = jnp.broadcast_to(jnp.arange(b)[:, None], (b, p))
     seen_bv = jnp.zeros((b, vocab), bool).at[rows, tokens_bp].max(mask_bp.astype(bool))
 
-  def body(carry):
-    step, last_bv, cache, done_b, finish_b, hist, hvalid, seen, lp_bt, slp_bt, plp_bt, key = carry
-    key, sub = jax.random.split(key)
-    processed = sampler.process(last_bv, params, seen, hist, hvalid, p + step)
+  def body(carry: _LoopState) -> _LoopState:
+    step, last_bv, done_b, seen = carry.step, carry.last_bv, carry.done_b, carry.seen_bv
+    key, sub = jax.random.split(carry.key)
+    processed = sampler.process(last_bv, params, seen, carry.hist_bt, carry.hvalid_bt, p + step)
     tok_b = sampler.choose(processed, sub)
     lp_b = token_logprobs(last_bv[:, None], tok_b[:, None])[:, 0]
     slp_b = token_logprobs(processed[:, None], tok_b[:, None])[:, 0]
@@ -178,11 +195,11 @@ def _generate(graphdef, state, tokens_bp, mask_bp, eos_ids, params: SamplingPara
       plp_b = token_logprobs(last_bv[:, None] / params.temperature[:, None, None],
                              tok_b[:, None])[:, 0]
     tok_b = jnp.where(done_b, pad_id, tok_b)
-    hist = hist.at[:, p + step].set(tok_b)
-    hvalid = hvalid.at[:, p + step].set(~done_b)
-    lp_bt = lp_bt.at[:, step].set(jnp.where(done_b, 0.0, lp_b))
-    slp_bt = slp_bt.at[:, step].set(jnp.where(done_b, 0.0, slp_b))
-    plp_bt = plp_bt.at[:, step].set(jnp.where(done_b, 0.0, plp_b))
+    hist = carry.hist_bt.at[:, p + step].set(tok_b)
+    hvalid = carry.hvalid_bt.at[:, p + step].set(~done_b)
+    lp_bt = carry.lp_bt.at[:, step].set(jnp.where(done_b, 0.0, lp_b))
+    slp_bt = carry.slp_bt.at[:, step].set(jnp.where(done_b, 0.0, slp_b))
+    plp_bt = carry.plp_bt.at[:, step].set(jnp.where(done_b, 0.0, plp_b))
     if seen is not None:
       seen = seen.at[jnp.arange(b), tok_b].max(~done_b)
     gen = jax.lax.dynamic_slice_in_dim(hist, p, max_new_tokens, axis=1)
@@ -196,25 +213,23 @@ def _generate(graphdef, state, tokens_bp, mask_bp, eos_ids, params: SamplingPara
       repeated = _last_ngram_count(gen, n_gen, stop.repeat_ngram_block) > stop.repeat_threshold
       reason = jnp.where((reason == 0) & repeated, 3, reason)
     newly = ~done_b & (reason > 0)
-    finish_b = jnp.where(newly, reason, finish_b)
-    new_done = done_b | newly
-    logits, cache = model(tok_b[:, None], attn_mask=(~done_b)[:, None], cache=cache)
-    return (step + 1, logits[:, -1], cache, new_done, finish_b, hist, hvalid, seen, lp_bt, slp_bt,
-            plp_bt, key)
+    finish_b = jnp.where(newly, reason, carry.finish_b)
+    logits, cache = model(tok_b[:, None], attn_mask=(~done_b)[:, None], cache=carry.cache)
+    return _LoopState(step=step + 1, last_bv=logits[:, -1], cache=cache, done_b=done_b | newly,
+                      finish_b=finish_b, hist_bt=hist, hvalid_bt=hvalid, seen_bv=seen, lp_bt=lp_bt,
+                      slp_bt=slp_bt, plp_bt=plp_bt, key=key)
 
-  def cond(carry):
-    step, done_b = carry[0], carry[3]
-    return (step < max_new_tokens) & ~jnp.all(done_b)
+  def cond(carry: _LoopState):
+    return (carry.step < max_new_tokens) & ~jnp.all(carry.done_b)
 
-  init = (jnp.zeros((), jnp.int32), last_bv, cache, jnp.zeros((b,), bool),
-          jnp.zeros((b,), jnp.int32), history_bt, hvalid_bt, seen_bv,
-          jnp.zeros((b, max_new_tokens), jnp.float32),
-          jnp.zeros((b, max_new_tokens), jnp.float32),
-          jnp.zeros((b, max_new_tokens), jnp.float32), key)
+  per_step = lambda: jnp.zeros((b, max_new_tokens), jnp.float32)
+  init = _LoopState(step=jnp.zeros((), jnp.int32), last_bv=last_bv, cache=cache,
+                    done_b=jnp.zeros((b,), bool), finish_b=jnp.zeros((b,), jnp.int32),
+                    hist_bt=history_bt, hvalid_bt=hvalid_bt, seen_bv=seen_bv, lp_bt=per_step(),
+                    slp_bt=per_step(), plp_bt=per_step(), key=key)
   out = jax.lax.while_loop(cond, body, init)
-  _, _, _, _, finish_b, hist, hvalid, _, lp_bt, slp_bt, plp_bt, _ = out
-  gen_valid = hvalid[:, p:]
-  return hist[:, p:], lp_bt, slp_bt, plp_bt, gen_valid.sum(axis=1), finish_b
+  return (out.hist_bt[:, p:], out.lp_bt, out.slp_bt, out.plp_bt, out.hvalid_bt[:, p:].sum(axis=1),
+          out.finish_b)
 
 
 def compile_count() -> int:
