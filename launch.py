@@ -115,17 +115,27 @@ def main(argv):
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
     jax.distributed.initialize(coordinator_address=_COORDINATOR.value,
                                num_processes=_NUM_PROCESSES.value, process_id=_PROCESS_ID.value)
+  run(config, _WORKDIR.value, resume=_RESUME.value)
+
+
+def run(config, workdir, *, resume: bool = False, devices=None) -> dict | None:
+  """Runs `config.task` into `workdir` in this process, on a mesh of `config.mesh` over `devices`
+  (default: every device), and returns the task's result. `main` calls it after the process-wide
+  set-up (flags, the allocator, multi-process JAX); tests call it directly to run a task in-process.
+  """
+  import jax
+
   from lm import sharding
   from lm.train.rundir import RunDir
 
+  task = config.task
   mesh = sharding.make_mesh(data=config.mesh.data, fsdp=config.mesh.fsdp,
-                            tensor=config.mesh.tensor)
+                            tensor=config.mesh.tensor, devices=devices)
   logging.info("process %d/%d, devices %s, mesh %s", jax.process_index(), jax.process_count(),
                jax.devices(), dict(mesh.shape))
   # Every process runs the task; process 0 alone writes the run directory (orbax coordinates
   # checkpoints across processes itself).
-  run_dir = RunDir(_WORKDIR.value, config, resume=_RESUME.value,
-                   primary=jax.process_index() == 0)
+  run_dir = RunDir(workdir, config, resume=resume, primary=jax.process_index() == 0)
   module_name, fn_name = TASKS[task].split(":")
   fn = getattr(importlib.import_module(module_name), fn_name)
   t0 = time.time()
@@ -137,7 +147,7 @@ def main(argv):
   logging.info("%s finished in %.1fs; results in %s", task, time.time() - t0, run_dir.path)
   if result:
     logging.info("%s", {k: v for k, v in result.items() if isinstance(v, (int, float, str))})
-
+  return result
 
 if __name__ == "__main__":
   sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))

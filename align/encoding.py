@@ -1,7 +1,7 @@
 """Normalised records -> token-id examples: the tokenizer's chat template, prompt masking and
 truncation (keep the response, cut the prompt from the left; or drop).
 
-Example arrays (unpadded here; `lm.batching.pad_examples` right-pads with id 0):
+Example arrays (unpadded here; `lm.data.batching.pad_examples` right-pads with id 0):
   sft:        tokens int32 [S], attn_mask int32 [S], loss_mask float32 [S]
   preference: tokens int32 [2, S] (0 = chosen, 1 = rejected), attn_mask [2, S], loss_mask [2, S]
 `loss_mask[t] = 1` marks token t as a prediction target (a response token): the loss weights

@@ -2,7 +2,7 @@
 
 Loads the model (real weights by name, or a tiny preset for smoke runs), applies LoRA, lets the
 algorithm's record (`align.algorithm.Algorithm`) wrap the model and shape the data, trains with
-the one `lm.trainer.Trainer`, and leaves in the workdir: metrics (JSONL + TensorBoard),
+the one `lm.train.trainer.Trainer`, and leaves in the workdir: metrics (JSONL + TensorBoard),
 checkpoints, loss/metric plots, the adapter (PEFT format) or full weights, and `report.md`.
 """
 

@@ -10,7 +10,7 @@ wait at each step for the driver's go, so the sides' steps alternate (A B, B A, 
 Tokens/s counts real (unpadded) tokens of the chosen + rejected rows, the same for both sides:
 median tokens per step / median step time; steps are reported as min / median / max. The
 machine is probed before and after (`benchmarks.harness.Monitor`). Ours
-runs with postlab's glibc allocator settings (`lm.runtime`, as launch.py starts); TRL in its
+runs with postlab's glibc allocator settings (`lm.train.runtime`, as launch.py starts); TRL in its
 default environment, or with the same settings with --trl_same_allocator. TRL runs in float32
 without gradient checkpointing (its DPOConfig defaults are bf16 autocast and checkpointing; both
 make its step slower here, --trl_gradient_checkpointing restores the latter).
@@ -40,7 +40,7 @@ flags.DEFINE_bool("strict", False, "Exit 1 when the machine was not quiet during
 flags.DEFINE_integer("batch", 4, "Preference pairs per step.")
 flags.DEFINE_integer("seq", 256, "Tokens per sequence.")
 flags.DEFINE_bool("trl_same_allocator", False,
-                  "also give TRL's process postlab's glibc allocator settings (lm.runtime)")
+                  "also give TRL's process postlab's glibc allocator settings (lm.train.runtime)")
 flags.DEFINE_bool("trl_gradient_checkpointing", False,
                   "TRL: recompute activations in the backward (DPOConfig's default; ours keeps them)")
 flags.DEFINE_bool("share_prompt", True,

@@ -1,11 +1,11 @@
 """Pretraining step, ours vs transformers' Llama in torch, same architecture and size: tokens/s.
 
-Ours: `lm.trainer.Trainer` on `lm.pretrain.lm_loss`, the model of configs/pretrain.py:cpu (preset
+Ours: `lm.train.trainer.Trainer` on `lm.pretrain.lm_loss`, the model of configs/pretrain.py:cpu (preset
 `tiny` with its overrides: d 256, 4 layers, 4 heads / 2 kv, ffn 688, GPT-2's 50,257 ids padded to
 50,304, tied embeddings, RoPE 10000, RMSNorm 1e-5, no biases) through `lm.hub.runs.model_config`,
 context `--seq` (256), batch `--batch` (8), that config's optimizer (clip 1.0, AdamW lr 1e-3,
 betas 0.9 / 0.95, wd 0.1 on matrices) at a constant learning rate, no accumulation, float32.
-Torch: `transformers.LlamaForCausalLM` from the same shapes (`lm.weights.config_to_hf`),
+Torch: `transformers.LlamaForCausalLM` from the same shapes (`lm.hub.weights.config_to_hf`),
 attn_implementation "sdpa" (what a torch user gets by default), `use_cache` off, float32,
 `torch.optim.AdamW` (the same two weight-decay groups; fused and foreach left at their defaults,
 which on CPU is the single-tensor for-loop: the JSON says which ran; --torch_adamw fused picks
@@ -14,13 +14,13 @@ torch's fused CPU kernel), `clip_grad_norm_`, loss =
 unless `shift_labels` is given, so both sides run `seq` positions and train `batch * seq` targets.
 Torch runs with as many intra-op threads as the machine has cores, as XLA uses.
 
-Batches: uniform random ids in [0, 50257), `seq + 1` per row, laid out as `lm.corpus.Windows` rows
+Batches: uniform random ids in [0, 50257), `seq + 1` per row, laid out as `lm.pretrain.corpus.Windows` rows
 of one document (segment_ids ones, positions arange, loss_mask ones, global_keys zeros); both sides
 get the same arrays. Tokens/s = batch * seq / median step time; achieved GFLOP/s uses
-`lm.flops.flops_per_token(cfg, seq)` (causal convention) for both sides.
+`lm.train.flops.flops_per_token(cfg, seq)` (causal convention) for both sides.
 
 Each side runs in its own live subprocess (its own peak memory and runtime settings: ours as
-launch.py runs a training job, with `lm.runtime`'s XLA:CPU training flags and glibc allocator
+launch.py runs a training job, with `lm.train.runtime`'s XLA:CPU training flags and glibc allocator
 settings; torch in its default environment, or with the same allocator settings with
 --torch_same_allocator), then `--warmup` untimed steps per side (ours: the compile) and `--rounds`
 timed steps alternating A B, B A, ... (`benchmarks.harness.race`), the machine probed before and
@@ -29,7 +29,7 @@ asserted). What else differs between the sides is the JSON's `differs`.
 
 On a GPU (when JAX sees one; JAX_PLATFORMS=cpu keeps ours on the CPU) ours runs there, e.g.
 `--preset modern-253m --dtype bfloat16 --seq 1024 --no_torch`, and the JSON adds its MFU against
-`lm.flops.peak_flops()`. `--torch_device cuda --dtype bfloat16` races torch on the same GPU
+`lm.train.flops.peak_flops()`. `--torch_device cuda --dtype bfloat16` races torch on the same GPU
 (bf16 autocast over float32 weights, sdpa, eager); `--attention_impl fused`, `--sink logit`,
 `--scan_layers`, `--remat` and `--nodocument_mask` pick ours' variant (benchmarks/gpu_pretrain.sh
 runs the set).
@@ -79,7 +79,7 @@ flags.DEFINE_enum("torch_adamw", "default", ["default", "foreach", "fused"],
                   "torch AdamW kernel: 'default' leaves fused and foreach unset (on CPU torch then "
                   "runs the single-tensor for-loop)")
 flags.DEFINE_bool("torch_same_allocator", False,
-                  "also give torch's process postlab's glibc allocator settings (lm.runtime)")
+                  "also give torch's process postlab's glibc allocator settings (lm.train.runtime)")
 flags.DEFINE_string("side", "", "internal: run one side ('ours' or 'torch')")
 flags.DEFINE_string("hf_config", "", "internal: torch's transformers Llama config (JSON)")
 FLAGS = flags.FLAGS
@@ -123,7 +123,7 @@ def _steps() -> int:
 
 
 def _batches() -> list[dict]:
-  """One batch per step: uniform random windows of seq + 1 ids, as `lm.corpus.Windows` rows of a
+  """One batch per step: uniform random windows of seq + 1 ids, as `lm.pretrain.corpus.Windows` rows of a
   single document (every position attends causally and is trained)."""
   import numpy as np
 
@@ -262,7 +262,7 @@ def _differs(res: dict) -> str:
       "optimizer: optax clip_by_global_norm + adamw (decay on embeddings and kernels) inside the "
       "one jitted step; torch clip_grad_norm_ + AdamW (decay on tensors of 2+ dims: the same set) "
       "eagerly, its kernel " + res["torch"]["adamw"],
-      "execution: ours one XLA program (jit, donated params and optimizer state) with lm.runtime's "
+      "execution: ours one XLA program (jit, donated params and optimizer state) with lm.train.runtime's "
       "training XLA flags and glibc allocator settings; torch eager with "
       + str(res["torch"]["threads"]) + " threads, "
       + ("the same allocator settings" if FLAGS.torch_same_allocator else "default allocator"),

@@ -1,4 +1,4 @@
-"""Pretraining the modern decoder from scratch (task `pretrain`, code in `lm/pretrain.py`).
+"""Pretraining the modern decoder from scratch (task `pretrain`, code in `lm/pretrain/task.py`).
 
   python launch.py --config=configs/pretrain.py:cpu_char --workdir=runs/pretrain-char
   python launch.py --config=configs/pretrain.py:cpu --workdir=runs/pretrain-bpe
@@ -11,7 +11,7 @@ Variants:
   modern block (RMSNorm, RoPE, SwiGLU with ffn 352 ~ the 4d GELU MLP's parameters), first 90% of
   the characters train / last 10% validation, as nanoGPT splits. nanoGPT's figure: val 1.88.
 - `cpu_char256`: the same model at a context of 256 for 1,500 steps (4.6M characters), the base of
-  the sink studies: `--config.model.sink=none|logit|zero|token` (lm/pretrain.py).
+  the sink studies: `--config.model.sink=none|logit|zero|token` (lm/pretrain/task.py).
 - `cpu`: a small GPT-2-BPE model (4 layers, d 256, 4 heads / 2 kv, context 256) on the offline text
   (tiny Shakespeare, GSM8K train, hh-rlhf test dialogues, AlpacaEval; documents split 95/5 by text
   hash); WikiText-2 stays out for evaluation.
@@ -50,7 +50,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       "vocab_multiple": 1, "dtype": "float32", "seed": 0, "scan_layers": False, "remat": "none",
       # "unfused" (the reference; fastest on a CPU) or "fused" (lm/attention.py: cuDNN on a GPU)
       "attention_impl": "unfused",
-      # where attention may park (lm/pretrain.py): none | logit | zero | token
+      # where attention may park (lm/pretrain/task.py): none | logit | zero | token
       "sink": "none"})
   # document_mask False: attend across packed documents (nanoGPT's way; a fused kernel's plain
   # causal mask) instead of within each

@@ -1,4 +1,4 @@
-"""Attention sinks (task `sinks`, code in `lm/sinks.py`): per layer and head, where attention
+"""Attention sinks (task `sinks`, code in `lm/pretrain/sinks.py`): per layer and head, where attention
 goes (first token, self, local window, entropy, Gu et al.'s sink rate, the most-attended key's
 kind), heatmaps, and a StreamingLLM-style perplexity table (dense / window only / 1-8 sink tokens +
 window / dense first layers + window) for each model in `models`: hub names or aliases, or
@@ -37,7 +37,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       "streams": ["wikitext-2-test", "tinyshakespeare"], "windows": [64, 256],
       "sinks": [1, 2, 4, 8], "dense_first": 2, "context": 1024, "n_tokens": 4096,
       "batch_size": 4})
-  # one long stream decoded through the rolling sink + window cache (lm/streaming.py)
+  # one long stream decoded through the rolling sink + window cache (lm/pretrain/streaming.py)
   c.stream_decode = ml_collections.ConfigDict({"stream": "wikitext-2-test", "window": 256,
                                                "sinks": [0, 1, 4], "n_tokens": 2048})
   if variant == "smoke":

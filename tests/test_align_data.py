@@ -132,6 +132,7 @@ def test_load_records_files_and_offline_fallback(tmp_path, monkeypatch, shared_d
     rec.load_records(str(tmp_path / "missing.jsonl"))
 
 
+@pytest.mark.real_weights
 def test_sft_loss_mask_is_exactly_the_response(tok):
   record = {"prompt": [_user("What is 2+2?"), _assistant("4."), _user("And times 3?")],
             "response": "12."}
@@ -147,6 +148,7 @@ def test_sft_loss_mask_is_exactly_the_response(tok):
   assert stats["n_prompt_truncated"] == stats["n_response_truncated"] == 0
 
 
+@pytest.mark.real_weights
 def test_preference_pair_shares_prompt(tok):
   record = {"prompt": [_user("Capital of France?")], "chosen": "Paris.",
             "rejected": "Lyon, I think."}
@@ -161,6 +163,7 @@ def test_preference_pair_shares_prompt(tok):
   assert np.all(loss <= attn) and attn[1].sum() == attn.shape[1]  # rejected is the longer one
 
 
+@pytest.mark.real_weights
 def test_truncation_keeps_response_end_of_prompt_and_drop_counts(tok):
   record = {"prompt": [_user("word " * 40)], "response": "The answer is short."}
   (full,), _ = encoding.encode_sft([record], tok, max_length=512)
@@ -183,6 +186,7 @@ def test_truncation_keeps_response_end_of_prompt_and_drop_counts(tok):
   assert (stats["n_dropped_too_long"], stats["dropped_indices"]) == (2, [0, 2])
 
 
+@pytest.mark.real_weights
 def test_no_chat_template_plain_format(tok):
   plain = copy.deepcopy(tok)
   plain.chat_template = None
@@ -282,6 +286,7 @@ def test_split_holdout_and_eval_batches():
   assert batches[1]["attn_mask"].any(-1).tolist() == [True, False]
 
 
+@pytest.mark.real_weights
 def test_build_preference_and_packed_sft(tok):
   cfg = train_base.data_config()
   cfg.source, cfg.on_error, cfg.n_eval, cfg.batch_size = str(FIX / "hh_rlhf.jsonl"), "skip", 1, 1

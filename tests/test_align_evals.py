@@ -4,7 +4,6 @@ WikiText-2 perplexity equal to transformers' (HF's sliding-window recipe) on rea
 import json
 import math
 import re
-import subprocess
 
 import jax.numpy as jnp
 import numpy as np
@@ -17,7 +16,7 @@ from configs import align_eval as align_eval_config
 from decode import scorers
 from lm import scoring
 from lm.hub import vocab
-from tests_helpers import REPO, launch_cmd, launch_env
+from tests_helpers import run_task
 
 LN2 = math.log(2.0)
 
@@ -173,7 +172,8 @@ def test_text_perplexity_of_known_distribution():
   assert res["perplexity"] == pytest.approx(2 ** (8 / 3), rel=1e-6)
 
 
-@pytest.mark.slow
+@pytest.mark.parity
+@pytest.mark.real_weights
 def test_wikitext_perplexity_equals_transformers(smollm2, smollm2_hf, shared_data):
   """HF's "perplexity of fixed-length models" recipe (labels -100 on the context), computed here
   with transformers independently: 1024 WikiText-2 test tokens, window 256, stride 128."""
@@ -324,9 +324,7 @@ def test_reference_log_probs_from_the_policy_pass_equal_the_reference_alone():
 
 def test_align_eval_smoke_writes_every_output(tmp_path, shared_data):
   work = tmp_path / "ae"
-  r = subprocess.run(launch_cmd("--config=configs/align_eval.py:smoke", f"--workdir={work}"),
-                     cwd=REPO, env=launch_env(), capture_output=True, text=True, timeout=600)
-  assert r.returncode == 0, r.stderr[-3000:]
+  run_task("align_eval:smoke", work)
   plots = ["lengths_plain.png", "lengths_length_instruction.png",
            "reward_hacking_mean_delta.png", "reward_hacking_deltas.png"]
   for name in ["results.json", "report.md", "generations.jsonl", "metrics.jsonl"] + [

@@ -41,6 +41,7 @@ def test_dpo_variants_hand_computed(variant, eps, expected):
   assert float(got[0]) == pytest.approx(expected, rel=1e-6)
 
 
+@pytest.mark.parity
 def test_dpo_sigmoid_equals_trl_formula():
   torch = pytest.importorskip("torch")
   F = torch.nn.functional

@@ -4,6 +4,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+pytestmark = pytest.mark.parity  # the reference runs on torch (the parity extra)
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
@@ -152,7 +153,7 @@ def test_rejects_bad_settings(tiny_pair):
     beam_search(ours, PROMPTS, max_new_tokens=500, eos_ids=EOS, pad_id=PAD)
 
 
-@pytest.mark.slow
+@pytest.mark.real_weights
 def test_smollm2_matches_hf_generate(smollm2, smollm2_hf):
   model, tokenizer = smollm2
   questions = ["What is the capital of France?", "Write a haiku about the sea.", "Hi"]

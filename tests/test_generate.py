@@ -11,6 +11,7 @@ from decode.engine import StopRules, generate
 from decode.sampling import Sampler
 from tests_helpers import random_hf_llama
 
+pytestmark = pytest.mark.parity  # the reference runs on torch (the parity extra)
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
@@ -192,7 +193,7 @@ def test_bad_generate_inputs(tiny_pair):
     generate(ours, PROMPTS, max_new_tokens=4, eos_ids=[], pad_id=0, row_params={"top_p": [0.9]})
 
 
-@pytest.mark.slow
+@pytest.mark.real_weights
 def test_greedy_equals_hf_generate_smollm2(smollm2, smollm2_hf):
   model, tok = smollm2
   hf = smollm2_hf

@@ -8,7 +8,7 @@ import pytest
 
 from align import verifier
 from lm.train.rundir import RunDir, WorkdirExistsError
-from tests_helpers import REPO, launch_cmd, launch_env
+from tests_helpers import REPO, check_train_run_directory, launch_cmd, launch_env, run_task
 
 
 def test_rundir_refuses_existing_run(tmp_path):
@@ -19,6 +19,7 @@ def test_rundir_refuses_existing_run(tmp_path):
   RunDir(tmp_path, {"a": 3}, resume=True).close()
 
 
+@pytest.mark.subprocess
 def test_launch_requires_known_task(tmp_path):
   cfg = tmp_path / "bad.py"
   cfg.write_text("import ml_collections\n"
@@ -29,12 +30,12 @@ def test_launch_requires_known_task(tmp_path):
   assert r.returncode != 0 and "config.task='nope' is unknown" in r.stderr
 
 
-@pytest.mark.slow
+@pytest.mark.real_weights
 def test_quickstart_smoke_on_real_weights(tmp_path, smollm2_gguf, shared_data):
+  """The README's first command at `:smoke` (CI's `make run` also runs it, torch-free, as a new
+  user would; here in-process, with what its outputs must say)."""
   work = tmp_path / "qs"
-  r = subprocess.run(launch_cmd("--config=configs/quickstart.py:smoke", f"--workdir={work}"),
-                     cwd=REPO, env=launch_env(), capture_output=True, text=True, timeout=600)
-  assert r.returncode == 0, r.stderr[-3000:]
+  run_task("quickstart:smoke", work)
   for name in ("config.json", "metrics.jsonl", "report.md", "generations.json",
                "plots/answer_logprobs.png"):
     assert (work / name).exists(), name
@@ -45,12 +46,10 @@ def test_quickstart_smoke_on_real_weights(tmp_path, smollm2_gguf, shared_data):
   assert 5 < metrics["wikitext2_perplexity"] < 100
 
 
-@pytest.mark.slow
+@pytest.mark.real_weights
 def test_decode_sweep_smoke_writes_every_output(tmp_path, smollm2_gguf, shared_data):
   work = tmp_path / "sweep"
-  r = subprocess.run(launch_cmd("--config=configs/decode_sweep.py:smoke", f"--workdir={work}"),
-                     cwd=REPO, env=launch_env(), capture_output=True, text=True, timeout=900)
-  assert r.returncode == 0, r.stderr[-3000:]
+  run_task("decode_sweep:smoke", work)
   plots = ["avg_logprob_box_greedy_beam.png", "beam_cumulative_scores.png",
            "avg_logprob_vs_temperature.png", "distinct_vs_temperature.png",
            "distinct_within_vs_across.png", "quality_vs_diversity.png"]
@@ -65,25 +64,16 @@ def test_decode_sweep_smoke_writes_every_output(tmp_path, smollm2_gguf, shared_d
   assert len(summary["beam_logprob_sums"]["beam4"]) == 2 * 4
 
 
+@pytest.mark.real_weights
 @pytest.mark.parametrize("algo,plots", [("sft", ["loss.png", "perplexity.png"]),
                                         ("reward", ["loss.png", "accuracy.png"]),
-                                        ("dpo", ["loss.png", "rewards_margin.png"]),
                                         ("verifier", ["loss.png", "best_of_n.png"])])
 def test_train_smoke_writes_run_directory(tmp_path, shared_data, smollm2_gguf, algo, plots):
-  """SFT, reward-model, DPO and verifier smoke runs end to end through launch.py and
-  align/train.py (GRPO's: tests/test_trainer.py::test_sigkill_and_resume_equals_uninterrupted)."""
+  """SFT, reward-model and verifier smoke runs end to end through launch.run and align/train.py
+  (DPO's: tests/test_multiprocess.py; GRPO's: tests/test_trainer.py's resume test)."""
   work = tmp_path / algo
-  r = subprocess.run(launch_cmd(f"--config=configs/{algo}.py:smoke", f"--workdir={work}",
-                                "--config.train.steps=2", "--config.train.eval_every=0"),
-                     cwd=REPO, env=launch_env(), capture_output=True, text=True, timeout=600)
-  assert r.returncode == 0, r.stderr[-3000:]
-  for name in ["config.json", "metrics.jsonl", "report.md", "summary.json", "data_stats.json",
-               "adapter/adapter_model.safetensors", "adapter/adapter_config.json",
-               *[f"plots/{p}" for p in plots]]:
-    assert (work / name).exists(), name
-  assert list((work / "tensorboard").iterdir())
-  steps = [json.loads(line)["step"] for line in (work / "metrics.jsonl").read_text().splitlines()]
-  assert max(steps) == 2
+  run_task(f"{algo}:smoke", work, {"train.steps": 2, "train.eval_every": 0})
+  check_train_run_directory(work, plots, steps=2)
   if algo == "verifier":
     result = json.loads((work / "verifier_eval.json").read_text())
     assert result["n_problems"] == 8 and set(result["methods"]) == set(verifier.METHODS)

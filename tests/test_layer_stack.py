@@ -159,7 +159,7 @@ def test_capture_errors_name_the_layer():
     lm.preset("tiny").replace(remat="some")
 
 
-@pytest.mark.slow
+@pytest.mark.real_weights
 def test_smollm2_scanned_equals_unrolled(smollm2):
   """Real SmolLM2-135M, float32: logits and every parameter's gradient agree to 1e-5 of their
   scale (XLA fuses a scanned body differently from 30 unrolled blocks: the observed gap, ~1.4e-6

@@ -26,6 +26,7 @@ def test_unknown_hub_repo_without_fallback(monkeypatch):
     hub.resolve("someone/unknown-model")
 
 
+@pytest.mark.real_weights
 def test_hub_id_falls_back_to_offline_copy(monkeypatch, smollm2_gguf):
   monkeypatch.setattr(names, "_hub_download", lambda repo: (_ for _ in ()).throw(OSError("offline")))
   assert hub.resolve("HuggingFaceTB/SmolLM2-135M-Instruct") == smollm2_gguf
@@ -79,7 +80,7 @@ def test_directory_without_config_or_gguf(tmp_path):
     hub.resolve(tmp_path)
 
 
-@pytest.mark.slow
+@pytest.mark.real_weights
 def test_smollm2_gguf_config_and_tokenizer(smollm2):
   model, tok = smollm2
   cfg = model.cfg
@@ -91,6 +92,7 @@ def test_smollm2_gguf_config_and_tokenizer(smollm2):
   assert tok.convert_tokens_to_ids("<|im_end|>") in hub.stop_ids(tok)
 
 
+@pytest.mark.real_weights
 def test_one_loader_refuses_unclear_specs(tmp_path, smollm2_gguf):
   with pytest.raises(ValueError, match="not both or neither"):
     hub.load()
@@ -102,6 +104,7 @@ def test_one_loader_refuses_unclear_specs(tmp_path, smollm2_gguf):
     hub.load(preset="tiny", tokenizer="smollm2-135m-instruct", reward_head=tmp_path)
 
 
+@pytest.mark.real_weights
 def test_reward_head_round_trips(tmp_path, smollm2_gguf):
   import numpy as np
   from flax import nnx

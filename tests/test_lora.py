@@ -185,6 +185,7 @@ def _hf_llama(tmp_path):
   return random_hf_llama(tmp_path / "hf", tie=False, max_position_embeddings=16), tmp_path / "hf"
 
 
+@pytest.mark.parity
 def test_peft_loads_our_export(tmp_path):
   peft = pytest.importorskip("peft")
   torch = pytest.importorskip("torch")

@@ -9,8 +9,9 @@ import subprocess
 import time
 
 import numpy as np
+import pytest
 
-from tests_helpers import REPO, launch_cmd, launch_env
+from tests_helpers import REPO, check_train_run_directory, launch_cmd, launch_env
 
 # One mesh for both layouts: data 2 x fsdp 4 over 8 devices; batches split 8 ways.
 ARGS = ("--config=configs/dpo.py:smoke", "--config.mesh.data=2", "--config.mesh.fsdp=4",
@@ -51,7 +52,9 @@ def _metrics(workdir):
   return rows
 
 
-def test_two_processes_equal_one_and_resume_after_both_are_killed(tmp_path):
+@pytest.mark.subprocess
+@pytest.mark.real_weights
+def test_two_processes_equal_one_and_resume_after_both_are_killed(tmp_path, smollm2_gguf):
   one = tmp_path / "one"
   single = _start(one, "--cpu_devices=8")  # runs beside the two processes: independent runs
   two = tmp_path / "two"
@@ -74,5 +77,7 @@ def test_two_processes_equal_one_and_resume_after_both_are_killed(tmp_path):
     # gloo sums across processes in another order than one process does: last-bit differences
     for k in a[step]:
       np.testing.assert_allclose(b[step][k], a[step][k], rtol=1e-5, atol=1e-5, err_msg=f"{step} {k}")
+  # the one-process run is also DPO's launch smoke: a whole run directory
+  check_train_run_directory(one, ["loss.png", "rewards_margin.png"], steps=4)
   assert (two / "adapter/adapter_model.safetensors").exists()
   assert json.loads((two / "summary.json").read_text())["devices"] == 8

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
+pytestmark = pytest.mark.parity  # the reference runs on torch (the parity extra)
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
@@ -136,7 +137,7 @@ def test_export_hf_loaded_model_round_trips(tmp_path, rope):
   _export_and_compare(weights.load_hf_dir(path), tmp_path / "export")
 
 
-@pytest.mark.slow
+@pytest.mark.real_weights
 def test_smollm2_matches_transformers(smollm2, smollm2_hf):
   model, tokenizer = smollm2
   questions = ["What is the capital of France?", "Name three colours.", "Hi"]

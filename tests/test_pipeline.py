@@ -3,20 +3,14 @@ starting from the previous one's weights, and writes the evaluation table per st
 
 import json
 import math
-import subprocess
 
-import pytest
-
-from tests_helpers import REPO, launch_cmd, launch_env
+from tests_helpers import run_task
 
 
-@pytest.mark.slow
 def test_pipeline_smoke_runs_every_stage(tmp_path, shared_data):
   work = tmp_path / "pipe"
-  r = subprocess.run(launch_cmd("--config=configs/pipeline.py:smoke", f"--workdir={work}",
-                                f"--config.stages.pretrain.overrides.corpus.store={tmp_path / 's'}"),
-                     cwd=REPO, env=launch_env(), capture_output=True, text=True, timeout=900)
-  assert r.returncode == 0, r.stderr[-3000:]
+  run_task("pipeline:smoke", work,
+           {"stages.pretrain.overrides.corpus.store": str(tmp_path / "s")})
   for stage in ("pretrain", "sft", "dpo", "verifier"):
     assert (work / stage / "summary.json").exists(), stage
   # SFT started from the pretraining run's checkpoint, DPO from SFT's export

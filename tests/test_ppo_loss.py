@@ -102,6 +102,7 @@ def test_clipped_surrogate_takes_per_token_advantages(adv_shape):
   assert high[0, 0] and (low[0, 1] == (adv_shape == "token"))
 
 
+@pytest.mark.real_weights
 def test_ppo_stream_and_critic_warmup_move_only_the_value_head(smollm2_gguf):
   """One PPO rollout step end to end on the tiny model: the batch's returns are advantages +
   values before whitening, and a critic warm-up step moves the value head but no LoRA factor."""

@@ -3,9 +3,6 @@ packed documents = each document alone, sink + window masks, and SIGKILL + resum
 
 import json
 import math
-import signal
-import subprocess
-import time
 from pathlib import Path
 
 import jax
@@ -21,7 +18,7 @@ from lm.pretrain import corpus
 from lm.pretrain import task as pretrain
 from lm.train import flops
 from lm.train.checkpoint import Checkpointer
-from tests_helpers import REPO, launch_cmd, launch_env, scrambled
+from tests_helpers import Killed, killed_at_step, run_task, scrambled
 
 LOSS = pretrain_config.get_config("smoke").loss  # per-document attention, no z-loss
 
@@ -35,7 +32,6 @@ def test_modern_253m_parameter_count():
   assert flops.matmul_params(cfg) == 252_815_360 - (2 * 12 + 1) * 1024
 
 
-@pytest.mark.slow
 def test_modern_253m_loss_at_init_is_predicted():
   """ln V + s^2 d / 2 = 11.030 for V 50257, d 1024, s 0.02; measured on random tokens."""
   cfg = lm.preset("modern-253m")
@@ -229,12 +225,10 @@ def test_gpt2_tokenizer_is_openais():
     assert len(ids) == 338_025 and tok.decode(ids) == text
 
 
-def _launch(workdir, store, *extra):
-  cmd = launch_cmd("--config=configs/pretrain.py:smoke", f"--workdir={workdir}",
-                   f"--config.corpus.store={store}", "--config.train.steps=6",
-                   "--config.train.checkpoint_every=2", *extra)
-  return subprocess.Popen(cmd, cwd=REPO, env=launch_env(), stdout=subprocess.DEVNULL,
-                          stderr=subprocess.PIPE, text=True)
+def _pretrain(workdir, store, resume=False, **overrides):
+  return run_task("pretrain:smoke", workdir, {"corpus.store": str(store), "train.steps": 6,
+                                              "train.checkpoint_every": 2, **overrides},
+                  resume=resume)
 
 
 def _final_params(workdir):
@@ -246,23 +240,20 @@ def _final_params(workdir):
   return step, ocp.StandardCheckpointer().restore(path)
 
 
-@pytest.mark.slow
-def test_sigkill_and_resume_equals_uninterrupted(tmp_path, shared_data):
-  """Steps [0, 6) = [0, 2) + SIGKILL + --resume to 6: the same loss at every step and the same
-  final parameters, bit for bit (the packed stream's iterator state is in the checkpoint)."""
+def test_killed_and_resumed_equals_uninterrupted(tmp_path, shared_data, monkeypatch):
+  """Steps [0, 6) = [0, 3) + killed (checkpoint 2 on disk, step 3 logged) + resume to 6: the same
+  loss at every step and the same final parameters, bit for bit (the packed stream's iterator
+  state is in the checkpoint; the resume drops the logged step 3 and trains it again)."""
   store = tmp_path / "store"
-  full = _launch(tmp_path / "full", store)
-  assert full.wait() == 0, full.stderr.read()[-3000:]  # builds the store the others reuse
-  killed = _launch(tmp_path / "killed", store)
-  deadline = time.time() + 300
-  while not (tmp_path / "killed/checkpoints/2").is_dir():
-    assert killed.poll() is None, killed.stderr.read()[-3000:]
-    assert time.time() < deadline
-    time.sleep(0.1)
-  killed.send_signal(signal.SIGKILL)
-  killed.wait()
-  resumed = _launch(tmp_path / "killed", store, "--resume")
-  assert resumed.wait() == 0, resumed.stderr.read()[-3000:]
+  _pretrain(tmp_path / "full", store)  # builds the store the others reuse
+  with monkeypatch.context() as m:
+    killed_at_step(m, 3)
+    with pytest.raises(Killed):
+      _pretrain(tmp_path / "killed", store)
+  assert (tmp_path / "killed/checkpoints/2").is_dir()
+  assert not (tmp_path / "killed/checkpoints/4").exists()
+  assert '"step": 3' in (tmp_path / "killed/metrics.jsonl").read_text()
+  _pretrain(tmp_path / "killed", store, resume=True)
 
   def losses(workdir):
     rows = {}
@@ -311,18 +302,14 @@ def test_spike_guard_skips_steps_above_the_running_mean():
   assert not moved(snapshots[1], snapshots[2]) and not moved(snapshots[2], snapshots[3])
 
 
-@pytest.mark.slow
 def test_sink_variants_train_and_load(tmp_path, shared_data):
   """"zero" keeps the sink logits at 0 while the rest trains; "token" prepends one id past the
   corpus vocabulary, and the run loads back with that prefix."""
   store = tmp_path / "store"
   for sink in ("zero", "token"):
     work = tmp_path / sink
-    p = subprocess.run(launch_cmd("--config=configs/pretrain.py:smoke", f"--workdir={work}",
-                                  f"--config.corpus.store={store}", f"--config.model.sink={sink}",
-                                  "--config.train.steps=3"),
-                       cwd=REPO, env=launch_env(), capture_output=True, text=True, timeout=600)
-    assert p.returncode == 0, p.stderr[-3000:]
+    run_task("pretrain:smoke", work, {"corpus.store": str(store), "model.sink": sink,
+                                      "train.steps": 3})
     model, _, prefix = runs.load_run(work)
     stats = json.loads((work / "data_stats.json").read_text())
     assert "eval/sink_rate" in (work / "metrics.jsonl").read_text()

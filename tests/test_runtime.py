@@ -1,4 +1,4 @@
-"""The glibc allocator settings of `lm.runtime`: added once, the user's tunables win, and the
+"""The glibc allocator settings of `lm.train.runtime`: added once, the user's tunables win, and the
 re-executed process sees them (glibc reads them only at start-up)."""
 
 import os
@@ -23,8 +23,9 @@ def test_allocator_env_keeps_the_users_tunables():
   assert "GLIBC_TUNABLES" not in runtime.cpu_allocator_env({runtime.OPT_OUT: "1"})
 
 
+@pytest.mark.subprocess
 def test_reexec_starts_the_same_command_with_the_tunables():
-  code = ("import os; from lm.runtime import reexec_with_cpu_allocator; "
+  code = ("import os; from lm.train.runtime import reexec_with_cpu_allocator; "
           "reexec_with_cpu_allocator(); print(os.environ['GLIBC_TUNABLES'])")
   env = {k: v for k, v in os.environ.items() if k not in ("GLIBC_TUNABLES", runtime.OPT_OUT)}
   root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -7,6 +7,7 @@ import jax.numpy as jnp
 
 from decode.sampling import Sampler
 
+pytestmark = pytest.mark.parity  # the reference runs on torch (the parity extra)
 torch = pytest.importorskip("torch")
 lp = pytest.importorskip("transformers.generation.logits_process")
 

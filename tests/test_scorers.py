@@ -87,6 +87,7 @@ def test_completions_only_ignores_prompts_and_keeps_the_name():
     scorers.score(scorers.completions_only(none_back), ["q"], ["a"])
 
 
+@pytest.mark.real_weights
 def test_reward_model_scores_the_ids_preference_training_encodes(smollm2):
   """The scorer's (prompt, completion) layout is the chosen row of the same pair as
   `align.encoding.encode_preference` builds it for training; its score is the head on those ids."""
@@ -107,6 +108,7 @@ def test_reward_model_scores_the_ids_preference_training_encodes(smollm2):
   assert out[0] != out[1]
 
 
+@pytest.mark.real_weights
 def test_reward_model_cuts_a_long_prompt_from_the_left_as_training_does(smollm2_gguf):
   """A (prompt, completion) longer than the reward model's max_seq_len is scored as the chosen
   row `encode_preference` builds at max_length = max_seq_len: the prompt's start is cut, the

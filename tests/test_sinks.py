@@ -2,7 +2,6 @@
 not leak into each other, and the streaming variants only change the mask."""
 
 import json
-import subprocess
 
 import jax.numpy as jnp
 import numpy as np
@@ -11,7 +10,7 @@ from flax import nnx
 
 import lm
 from lm.pretrain import sink_stats, sinks
-from tests_helpers import REPO, launch_cmd, launch_env, scrambled
+from tests_helpers import run_task, scrambled
 
 
 def _model(**kw):
@@ -79,12 +78,10 @@ def test_streaming_variants_change_only_the_mask():
   assert sinks.variant_config(base, 16, dense=True).layer_types == ("full", "full")
 
 
-@pytest.mark.slow
-def test_sinks_smoke_run_on_smollm2(tmp_path, shared_data):
+@pytest.mark.real_weights
+def test_sinks_smoke_run_on_smollm2(tmp_path, shared_data, smollm2_gguf):
   work = tmp_path / "sinks"
-  r = subprocess.run(launch_cmd("--config=configs/sinks.py:smoke", f"--workdir={work}"),
-                     cwd=REPO, env=launch_env(), capture_output=True, text=True, timeout=600)
-  assert r.returncode == 0, r.stderr[-3000:]
+  run_task("sinks:smoke", work)
   out = work / "sinks/smollm2-135m-instruct"
   for name in ("mass.csv", "sink_rate.json", "first_token_mass.png", "gu_alpha_heads.png",
                "argmax_keys.png", "attention_heatmaps.png"):

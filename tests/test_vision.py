@@ -9,6 +9,7 @@ import pytest
 
 from sae import torch_pickle, vision
 
+pytestmark = pytest.mark.parity  # the reference runs on torch (the parity extra)
 torch = pytest.importorskip("torch", reason="torch (the parity extra) is the independent forward")
 F = torch.nn.functional
 
@@ -139,7 +140,6 @@ def test_bad_taps_and_names_are_named():
     vision.load("resnet18")
 
 
-@pytest.mark.slow
 def test_cifar_cnn_accuracy_on_the_test_jpegs():
   """The port classifies the 10,000 CIFAR-10 test JPEGs as the model was trained to (10 epochs,
   80% of the train set; a numpy forward gave 0.774 on the first 50 of each class). JPEG loss

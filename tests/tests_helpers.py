@@ -24,6 +24,74 @@ def launch_env(**extra: str) -> dict[str, str]:
   return cpu_allocator_env(dict(os.environ, JAX_PLATFORMS="cpu", **extra))
 
 
+def task_config(spec: str, overrides: dict | None = None):
+  """The locked config of `NAME:VARIANT` (configs/NAME.py) with dotted overrides, as launch.py
+  builds it from `--config=configs/NAME.py:VARIANT --config.a.b=value`."""
+  import importlib
+
+  name, _, variant = spec.partition(":")
+  config = importlib.import_module(f"configs.{name}").get_config(variant or None)
+  for path, value in (overrides or {}).items():
+    *sections, field = path.split(".")
+    target = config
+    for section in sections:
+      target = target[section]
+    if field not in target:
+      raise KeyError(f"{spec} has no field {path}")
+    target[field] = value
+  config.lock()
+  return config
+
+
+def run_task(spec: str, workdir, overrides: dict | None = None, *, resume: bool = False,
+             devices: int = 1):
+  """launch.py's task in this process (`launch.run`): no interpreter start-up, imports or
+  compiles paid again. On the first `devices` CPU devices: a launch.py process has one."""
+  import jax
+
+  import launch
+
+  return launch.run(task_config(spec, overrides), workdir, resume=resume,
+                    devices=jax.devices()[:devices])
+
+
+# Every file a `train` run directory holds, beside its plots.
+TRAIN_RUN_FILES = ["config.json", "metrics.jsonl", "report.md", "summary.json", "data_stats.json",
+                   "adapter/adapter_model.safetensors", "adapter/adapter_config.json"]
+
+
+def check_train_run_directory(work, plots, steps: int) -> None:
+  """`work` holds a whole `train` run directory: its files, `plots`, TensorBoard events, and
+  metrics up to `steps`."""
+  import json
+
+  for name in TRAIN_RUN_FILES + [f"plots/{p}" for p in plots]:
+    assert (work / name).exists(), name
+  assert list((work / "tensorboard").iterdir())
+  logged = [json.loads(line)["step"] for line in (work / "metrics.jsonl").read_text().splitlines()]
+  assert max(logged) == steps
+
+
+class Killed(BaseException):
+  """A process death simulated in-process: a BaseException, so no task code catches it."""
+
+
+def killed_at_step(monkeypatch, step: int):
+  """From now on the trainer dies when it is about to train step `step + 1` (step `step` logged,
+  its checkpoint written only if `step` is a checkpoint step), as a SIGKILL between steps would
+  leave the run directory. tests/test_multiprocess.py kills real processes."""
+  from lm.train.trainer import Trainer
+
+  train_step = Trainer.train_step
+
+  def dying(self, batch):
+    if self.step == step:
+      raise Killed(f"killed before step {step + 1}")
+    return train_step(self, batch)
+
+  monkeypatch.setattr(Trainer, "train_step", dying)
+
+
 def random_hf_llama(path: Path, *, tie: bool = True, max_position_embeddings: int = 128):
   """A random tiny HF LlamaForCausalLM (weights larger than init, so errors show), saved to path."""
   import torch
