@@ -43,7 +43,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       "top_k": 0, "top_p": 1.0, "seed": 0,
       "num_iterations": 1,  # μ: optimizer steps on each rollout (old log-probs after the first)
       # one row per group, [prompt | completion 1 | ... | completion G]: each prompt scored once
-      # (align.losses.grpo.shared_rollout_batch); False: one [prompt | completion] row each
+      # (align.losses.rollout_batches.shared_rollout_batch); False: one [prompt | completion]
+      # row each
       "share_prompt": True,
       # advantages: grpo (group std, ddof adv_ddof, + adv_eps) | dr_grpo | rloo | batch_std
       "advantage": "grpo", "adv_eps": 1e-6, "adv_ddof": 1,

@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from align.losses import grpo
+from align.losses import grpo, rollout_batches
 
 
 def test_grpo_advantages_golden():
@@ -267,7 +267,7 @@ def test_rollout_batch_reproduces_the_rollouts_logprobs():
   out = rollout(model, prompts, eos_ids=[eos], pad_id=eos, **kw)
   rewards = np.array([1.0, 0.0, 1.0, 0.5, 0.5, 0.5])
   adv = grpo.advantages(jnp.asarray(rewards), 3)
-  batch = grpo.rollout_batch(out, adv, pad_id=eos)
+  batch = rollout_batches.rollout_batch(out, adv, pad_id=eos)
   assert (out.finish_b == 1).any() and (out.finish_b == 0).any()
   assert batch["loss_mask"].sum() == out.lengths_b.sum()
   from lm.scoring import next_token_logprobs
@@ -281,8 +281,8 @@ def test_rollout_batch_reproduces_the_rollouts_logprobs():
                                                _cfg(temperature=0.8, beta=0.0))[1])
   metrics = loss_fn(state, j)
   assert abs(float(metrics["ratio_mean"]) - 1.0) < 1e-5 and float(metrics["clip_region"]) == 0
-  masked = grpo.rollout_batch(out, adv, pad_id=eos, mask_truncated=True, mask_zero_std=True,
-                              rewards_n=rewards, group_size=3)
+  masked = rollout_batches.rollout_batch(out, adv, pad_id=eos, mask_truncated=True,
+                                         mask_zero_std=True, rewards_n=rewards, group_size=3)
   rows_in = masked["loss_mask"].sum(-1) > 0
   np.testing.assert_array_equal(rows_in, (out.finish_b != 0) & (np.arange(6) < 3))
 
@@ -309,11 +309,11 @@ def test_shared_prompt_layout_equals_one_row_per_completion(aggregation):
   rewards = np.array([1.0, 0.0, 1.0, 0.5, 0.2, 0.5, 0.0, 0.0, 1.0, 0.3, 0.9, 0.1])
   adv = np.asarray(grpo.advantages(jnp.asarray(rewards), 3))
   masks = dict(mask_truncated=True, rewards_n=rewards)
-  plain = grpo.rollout_batch(out, adv, pad_id=eos, group_size=3, **masks)
-  rows, width = grpo.shared_layout(4, 3, max(map(len, prompts)), 5, groups=2, multiple=3)
+  plain = rollout_batches.rollout_batch(out, adv, pad_id=eos, group_size=3, **masks)
+  rows, width = rollout_batches.shared_layout(4, 3, max(map(len, prompts)), 5, groups=2, multiple=3)
   assert (rows, width) == (6, 24)  # 2 groups + an empty row in each of 2 micro-batches
-  shared = grpo.shared_rollout_batch(out, adv, rows=rows, width=width, group_size=3, groups=2,
-                                     pad_id=eos, **masks)
+  shared = rollout_batches.shared_rollout_batch(out, adv, rows=rows, width=width, group_size=3,
+                                                groups=2, pad_id=eos, **masks)
   assert shared["seq_count"].tolist() == [3, 3, 0, 3, 3, 0]
   assert shared["loss_mask"].sum() == plain["loss_mask"].sum() < out.lengths_b.sum()
   assert (shared["segment_ids"] > 0).sum() < plain["attn_mask"].sum()  # each prompt once

@@ -9,7 +9,7 @@ import pytest
 from flax import nnx
 
 from align import online
-from align.losses import grpo
+from align.losses import grpo, rollout_batches
 from configs import grpo as grpo_config
 from lm import data, lora, sharding
 from lm.train.trainer import Trainer
@@ -121,7 +121,8 @@ def test_kl_in_the_reward_subtracts_beta_times_the_sequence_kl(smoke):
                sampler=online.sampler_of(config.rollout), num_samples=4, seed=3)
   total = np.array([1.0, 0.0, 0.5, 0.2, 0.0, 0.0, 1.0, 1.0])
   batch, metrics = grpo.make_batch_for(config, trainer)(32, online.pad_id_of(tok))(ro, total, {})
-  rows = grpo.rollout_batch(ro, np.zeros(8, np.float32), width=32, pad_id=online.pad_id_of(tok))
+  rows = rollout_batches.rollout_batch(ro, np.zeros(8, np.float32), width=32,
+                                       pad_id=online.pad_id_of(tok))
   with lora.disabled(model):
     ref = np.asarray(next_token_logprobs(model, rows["tokens"], rows["attn_mask"],
                                          select_bs=rows["loss_mask"], temperature=0.8))

@@ -23,7 +23,8 @@ from align.algorithm import Algorithm
 from align.losses import register
 from align.losses.common import trainer_reference_logprobs
 from align.losses.grpo import (KL_ESTIMATORS, kl_per_token, masked_max_abs_diff, masked_mean,
-                               policy_loss, rollout_batch)
+                               policy_loss)
+from align.losses.rollout_batches import rollout_batch
 from lm.heads import PolicyWithValue
 from lm.scoring import selected_token_logprobs
 

@@ -2,10 +2,10 @@
 
 DPO: each preference pair as one [prompt | chosen | rejected] segment (below). GRPO: each group as
 one [prompt | completion 1 | ... | completion G] segment (`group_segment`, built by
-`align.losses.grpo.shared_rollout_batch`). Both are scored by `layout_token_logprobs`: a token
-sees the earlier tokens of its own segment that are prompt (branch 0) or in its own branch, with
-positions restarting after the prompt in every branch, so every log-prob equals the one of the
-branch's own [prompt | continuation] row.
+`align.losses.rollout_batches.shared_rollout_batch`). Both are scored by `layout_token_logprobs`: a
+token sees the earlier tokens of its own segment that are prompt (branch 0) or in its own branch,
+with positions restarting after the prompt in every branch, so every log-prob equals the one of
+the branch's own [prompt | continuation] row.
 
 A batch of B pairs (`[B, 2, S]` arrays) becomes rows R x width W: tokens, positions (restarting
 after the prompt for the rejected branch), pair_ids (1.. per pair; 0 = pad), branch (0 prompt,
