@@ -105,10 +105,11 @@ def _jumprelu(pre, threshold, bandwidth: float):
   return (pre - threshold) * step + threshold * _jump(pre, threshold, bandwidth)
 
 
-def _topk_mask(acts, k: int):
-  """Bool mask of the k largest entries of each row."""
-  _, idx = jax.lax.top_k(acts, k)
-  return jnp.zeros(acts.shape, bool).at[jnp.arange(acts.shape[0])[:, None], idx].set(True)
+def topk_mask(acts_bm, k: int) -> jax.Array:
+  """`[B, m]` bool: True at the k largest entries of each row of `acts_bm` (ties as
+  `jax.lax.top_k` breaks them). The topk activation and AuxK keep the values it marks."""
+  _, idx = jax.lax.top_k(acts_bm, k)
+  return jnp.zeros(acts_bm.shape, bool).at[jnp.arange(acts_bm.shape[0])[:, None], idx].set(True)
 
 
 def encode(params: dict, x, cfg: SAEConfig, *, threshold=None):
@@ -117,7 +118,7 @@ def encode(params: dict, x, cfg: SAEConfig, *, threshold=None):
   pre = (x - params["b_dec"]) @ params["W_enc"] + params["b_enc"]
   if cfg.activation == "topk":
     acts = jax.nn.relu(pre)
-    return pre, jnp.where(_topk_mask(acts, cfg.k), acts, 0.0)
+    return pre, jnp.where(topk_mask(acts, cfg.k), acts, 0.0)
   if cfg.activation == "batchtopk":
     acts = jax.nn.relu(pre)
     if threshold is None:
@@ -159,19 +160,21 @@ def loss_fn(params: dict, x, cfg: SAEConfig, dead=None, *, l1_coef=None, l0_coef
     l0 = jnp.mean(jnp.sum(_jump(pre, jnp.exp(params["log_threshold"]), cfg.bandwidth), axis=-1))
     loss = loss + l0_coef * l0
   if dead is not None and cfg.aux_coef:
-    aux = _aux_loss(params, pre, jax.lax.stop_gradient(e), dead, cfg)
+    aux = aux_loss(params, pre, jax.lax.stop_gradient(e), dead, cfg)
     loss = loss + cfg.aux_coef * aux
     metrics["aux"] = aux
   metrics["loss"] = loss
   return loss, (metrics, z)
 
 
-def _aux_loss(params, pre, e, dead, cfg: SAEConfig):
-  """‖e − ê‖² / ‖e − ē‖², ê from the top aux_k ReLU pre-activations among dead latents (0 when
-  none is dead)."""
+def aux_loss(params, pre, e, dead, cfg: SAEConfig) -> jax.Array:
+  """AuxK (Gao et al. 2024), a scalar: ‖e − ê‖² / ‖e − ē‖² over the batch (0 when no latent is
+  dead). e `[B, d]` is the residual to explain (its gradient stopped by the caller), ê the decoding
+  of the top aux_k (`cfg.aux_k`, 0: d_in // 2; at most m) ReLU pre-activations `pre` `[B, m]` among
+  the latents `dead` `[m]` bool marks, and ē the batch mean of e."""
   aux_k = min(cfg.aux_k or cfg.d_in // 2, cfg.n_latents)
   acts = jnp.where(dead, jax.nn.relu(pre), 0.0)
-  z_aux = jnp.where(_topk_mask(acts, aux_k), acts, 0.0)
+  z_aux = jnp.where(topk_mask(acts, aux_k), acts, 0.0)
   e_hat = z_aux @ dictionary(params, cfg)
   num = jnp.sum((e - e_hat) ** 2)
   den = jnp.sum((e - jnp.mean(e, axis=0)) ** 2)

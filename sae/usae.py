@@ -80,7 +80,7 @@ def _target_loss(params_j, z, pre, x_j, cfg: USAEConfig, scfg):
     return jnp.sqrt(jnp.sum(e ** 2))
   unchosen = jax.nn.relu(pre) - z
   half = max(cfg.n_latents // 2, 1)
-  a = jnp.where(sae_lib._topk_mask(unchosen, half), unchosen, 0.0)
+  a = jnp.where(sae_lib.topk_mask(unchosen, half), unchosen, 0.0)
   aux = jnp.mean(jnp.abs(e - a @ sae_lib.dictionary(params_j, scfg)))
   return jnp.mean(jnp.abs(e)) + cfg.aux_coef * aux
 
@@ -88,7 +88,7 @@ def _target_loss(params_j, z, pre, x_j, cfg: USAEConfig, scfg):
 def loss_fn(params: list[dict], source: int, xs, cfg: USAEConfig, dead=None):
   """(Σ_j L_j [+ auxk_coef · AuxK_i], (metrics, z)) with source i = `source` encoded; xs[j]
   `[B, d_j]` the same B items. `dead` `[m]` bool: latents dead for source i, which AuxK trains to
-  explain the residual of A_i's own reconstruction (the plain SAE's `_aux_loss` on source i)."""
+  explain the residual of A_i's own reconstruction (the plain SAE's `aux_loss` on source i)."""
   scfg = cfg.source(source)
   pre, z = sae_lib.encode(params[source], xs[source], scfg)
   recon = [sae_lib.decode(params[j], z, cfg.source(j)) for j in range(len(xs))]
@@ -99,7 +99,7 @@ def loss_fn(params: list[dict], source: int, xs, cfg: USAEConfig, dead=None):
              "l0": jnp.mean(jnp.sum(z > 0, axis=-1))}
   if dead is not None and cfg.auxk_coef:
     e = jax.lax.stop_gradient(xs[source] - recon[source])
-    aux = sae_lib._aux_loss(params[source], pre, e, dead, scfg)
+    aux = sae_lib.aux_loss(params[source], pre, e, dead, scfg)
     loss = loss + cfg.auxk_coef * aux
     metrics["auxk"] = aux
   metrics["loss"] = loss
