@@ -119,8 +119,6 @@ def run(config, run_dir: RunDir, mesh=None) -> dict:
       cfg.model.update(name=previous, preset="", tokenizer="")
       cfg.lora.rank = 0
       cfg.train.trainable = "full"
-      if name == "dpo":  # no adapters to switch off: the reference's log-probs are scored once
-        cfg.loss.reference = "precomputed"
       summary = _run_stage(name, cfg, root / name, "train")
       results[name] = summary
       if name == "verifier":

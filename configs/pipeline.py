@@ -26,7 +26,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.mesh = ml_collections.ConfigDict({"data": 1, "fsdp": -1, "tensor": 1})
   stage = lambda v, **o: ml_collections.ConfigDict({"variant": v, "overrides": o})
   c.stages = ml_collections.ConfigDict({
-      "pretrain": stage(variant), "sft": stage(variant), "dpo": stage(variant),
+      "pretrain": stage(variant), "sft": stage(variant),
+      # no LoRA in the pipeline, so no adapters to switch off: the reference is scored once
+      "dpo": stage(variant, loss={"reference": "precomputed"}),
       "verifier": stage(variant)})
   # wikitext_tokens: the first N test tokens (0 = all); reference: scored beside the stages
   c.eval = ml_collections.ConfigDict({"wikitext_tokens": 0, "n_lines": 100, "gsm8k_n": 100,
