@@ -34,8 +34,10 @@ run: $(RUN_STAMP)
 	$(BIN)/python launch.py --config=$(CONFIG) --workdir=$(WORKDIR)
 	@echo "report: $(WORKDIR)/report.md"
 
+# One pytest worker per core (pytest-xdist); PYTEST_WORKERS=0 runs in this process.
+PYTEST_WORKERS ?= auto
 test: $(TEST_STAMP)
-	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -q -n $(PYTEST_WORKERS) $(PYTEST_ARGS)
 
 bench: $(TEST_STAMP)
 	$(BIN)/python -m benchmarks.forward

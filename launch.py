@@ -74,18 +74,16 @@ class _QuietLibraries(logging.Filter):
     return record.levelno >= logging.WARNING or "/orbax/" not in record.pathname
 
 
-def _check_fields(config) -> None:
-  """A field the task reads and the config lacks fails here, before anything starts."""
+def check_fields(config, where: str) -> None:
+  """A field the task reads and the config (from `where`) lacks fails here, before anything starts
+  (ValueError naming the field and the config module that holds its default)."""
   from configs import common
 
   schema = common.schema_of(config)
   if schema is None:
     return
   module = importlib.import_module(schema.removesuffix(".py").replace("/", "."))
-  try:
-    common.check_fields(config, module.get_config(), flags.FLAGS["config"].config_filename, schema)
-  except ValueError as e:
-    raise app.UsageError(str(e)) from None
+  common.check_fields(config, module.get_config(), where, schema)
 
 
 def main(argv):
@@ -100,7 +98,10 @@ def main(argv):
   task = config.task if "task" in config else None
   if task not in TASKS:
     raise app.UsageError(f"config.task={task!r} is unknown; known tasks: {sorted(TASKS)}")
-  _check_fields(config)
+  try:
+    check_fields(config, flags.FLAGS["config"].config_filename)
+  except ValueError as e:
+    raise app.UsageError(str(e)) from None
 
   if task in ("train", "pretrain", "pipeline"):
     from lm.train.runtime import use_cpu_training_flags
@@ -118,11 +119,15 @@ def main(argv):
   run(config, _WORKDIR.value, resume=_RESUME.value)
 
 
-def run(config, workdir, *, resume: bool = False, devices=None) -> dict | None:
+def run(config, workdir, *, resume: bool = False, devices=None,
+        where: str | None = None) -> dict | None:
   """Runs `config.task` into `workdir` in this process, on a mesh of `config.mesh` over `devices`
   (default: every device), and returns the task's result. `main` calls it after the process-wide
-  set-up (flags, the allocator, multi-process JAX); tests call it directly to run a task in-process.
+  set-up (flags, the allocator, multi-process JAX, the field check); tests call it directly to run
+  a task in-process, with `where` (the config's name) to check its fields first.
   """
+  if where is not None:
+    check_fields(config, where)
   import jax
 
   from lm import sharding

@@ -131,6 +131,7 @@ OURS = {"grpo": "seq_mean_token_mean", "bnpo": "token_mean", "dapo": "token_mean
         "dr_grpo": "seq_mean_token_sum_norm"}
 
 
+@pytest.mark.parity
 @pytest.mark.parametrize("beta", [0.0, 0.04])
 @pytest.mark.parametrize("loss_type", sorted(OURS))
 def test_loss_and_gradients_equal_trl(loss_type, beta):

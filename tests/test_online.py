@@ -42,6 +42,7 @@ def _stream(config, trainer, tok):
   return online.setup(config, trainer, tok, grpo.make_batch_for(config, trainer))
 
 
+@pytest.mark.real_weights
 def test_stream_batches_are_a_function_of_the_step(smoke):
   config, trainer, tok = smoke
   stream, _, stats = _stream(config, trainer, tok)
@@ -62,6 +63,7 @@ def test_stream_batches_are_a_function_of_the_step(smoke):
   assert not np.array_equal(batches[0]["tokens"], batches[1]["tokens"])
 
 
+@pytest.mark.real_weights
 def test_inner_iterations_reuse_the_rollout(smoke):
   config, trainer, tok = smoke
   stream, _, _ = _stream(_config(num_iterations=2), trainer, tok)
@@ -70,6 +72,7 @@ def test_inner_iterations_reuse_the_rollout(smoke):
   assert stream.pop_metrics()["inner_iteration"] == 0
 
 
+@pytest.mark.real_weights
 def test_prompts_cycle_by_epoch_and_held_out_prompts_are_never_trained_on(smoke):
   config, trainer, tok = smoke
   stream, _, _ = _stream(config, trainer, tok)
@@ -82,6 +85,7 @@ def test_prompts_cycle_by_epoch_and_held_out_prompts_are_never_trained_on(smoke)
   assert len(held_out) == config.prompts.n_eval
 
 
+@pytest.mark.real_weights
 def test_instruction_prompts_leave_out_align_evals_and_hold_out_the_last(smoke, shared_data):
   _, _, tok = smoke
   config = grpo_config.get_config("rm_cpu")
@@ -99,6 +103,7 @@ def test_instruction_prompts_leave_out_align_evals_and_hold_out_the_last(smoke, 
     online.load_prompts(config.prompts, tok)
 
 
+@pytest.mark.real_weights
 def test_kl_in_the_reward_subtracts_beta_times_the_sequence_kl(smoke):
   """loss.kl_in='reward': each completion's reward loses β Σ_t k3_t (rollout log-probs vs the
   adapters-off reference, scored independently here) before the group advantages; the loss then
@@ -163,6 +168,7 @@ def test_reward_trend_by_hand():
   assert online.trend([1.0, 2.0]) == {"window": 1}
 
 
+@pytest.mark.real_weights
 @pytest.mark.parametrize("share_prompt", [False, True], ids=["row_per_completion", "shared_prompt"])
 def test_grpo_step_sharded_equals_single_device(smoke, share_prompt):
   _, _, tok = smoke

@@ -52,7 +52,7 @@ def run_task(spec: str, workdir, overrides: dict | None = None, *, resume: bool 
   import launch
 
   return launch.run(task_config(spec, overrides), workdir, resume=resume,
-                    devices=jax.devices()[:devices])
+                    devices=jax.devices()[:devices], where=f"configs/{spec.replace(':', '.py:')}")
 
 
 # Every file a `train` run directory holds, beside its plots.
