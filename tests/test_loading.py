@@ -122,3 +122,23 @@ def test_reward_head_round_trips(tmp_path, smollm2_gguf):
                             rngs=nnx.Rngs(0))
   with pytest.raises(ValueError, match=r"expected 'score.weight' of shape \(1, 32\)"):
     heads.load_head(other, tmp_path)
+
+
+def test_one_loader_reads_tiny_seed_specs():
+  """`tiny:SEED` is the tiny preset (context 512) seeded by SEED, with the UTF-8 byte vocabulary."""
+  import jax
+  from flax import nnx
+
+  from lm.hub import vocab
+
+  a, tok = hub.load("tiny:3")
+  b, _ = hub.load("tiny:3")
+  c, _ = hub.load("tiny:4")
+  assert isinstance(tok, vocab.ByteTokenizer) and a.cfg.max_seq_len == 512
+  assert a.cfg == lm.preset("tiny", max_seq_len=512, dtype="float32", param_dtype="float32")
+  want = lm.Transformer(a.cfg, rngs=nnx.Rngs(3))
+  for x, y, z in zip(*(jax.tree.leaves(nnx.state(m, nnx.Param)) for m in (a, want, c)), strict=True):
+    np.testing.assert_array_equal(x, y)
+  assert any(not np.array_equal(x, z) for x, z in zip(
+      jax.tree.leaves(nnx.state(a, nnx.Param)), jax.tree.leaves(nnx.state(c, nnx.Param))))
+  assert tok.encode("hé") == list("hé".encode("utf-8")) and tok.decode(tok.encode("hé")) == "hé"

@@ -13,6 +13,7 @@ from flax import nnx
 
 import lm
 from configs import pretrain as pretrain_config
+from lm import hub
 from lm.hub import runs, vocab
 from lm.pretrain import corpus
 from lm.pretrain import task as pretrain
@@ -275,20 +276,26 @@ def test_killed_and_resumed_equals_uninterrupted(tmp_path, shared_data, monkeypa
   loaded = nnx.to_pure_dict(nnx.state(model, nnx.Param))
   for x, y in zip(jax.tree.leaves(loaded), jax.tree.leaves(pa), strict=True):
     np.testing.assert_array_equal(x, y)
+  # and through the one loader (what the sinks task and align.train read): the same weights
+  via_hub, tok = hub.load(str(tmp_path / "full"))
+  assert isinstance(tok, vocab.CharTokenizer) and list(tok.prefix_ids) == []
+  for x, y in zip(jax.tree.leaves(nnx.state(via_hub, nnx.Param)), jax.tree.leaves(loaded),
+                  strict=True):
+    np.testing.assert_array_equal(x, y)
 
 
 def test_spike_guard_skips_steps_above_the_running_mean():
   """With spike_factor 0.5 every step after the warm-up counts as a spike: the parameters and
   the optimizer state stop moving and the step reports skipped = 1; before, they move."""
-  import ml_collections
-
   from lm.train.trainer import Trainer
 
   toks, doc = _docs_stream([400], vocab=64)
   windows = corpus.Windows(toks, doc, 16)
   it = iter(corpus.packed_dataset(windows, batch_size=4, seed=0))
-  cfg = ml_collections.ConfigDict({"steps": 5, "batch_size": 4, "lr": 1e-2, "seed": 0,
-                                   "spike_factor": 0.5, "spike_warmup": 2})
+  cfg = pretrain_config.get_config("smoke").train
+  cfg.update(steps=5, batch_size=4, lr=1e-2, seed=0, spike_factor=0.5, spike_warmup=2,
+             warmup_steps=0, min_lr_ratio=0.0, grad_clip=0.0, weight_decay=0.0, b2=0.999,
+             eval_every=0, checkpoint_every=0)
   trainer = Trainer(lm.Transformer(lm.preset("tiny").replace(vocab_size=64), rngs=nnx.Rngs(0)),
                     pretrain.lm_loss, LOSS, cfg)
   snapshots, skipped = [], []
@@ -322,5 +329,6 @@ def test_sink_variants_train_and_load(tmp_path, shared_data):
       from lm.pretrain import sink_stats, sinks
 
       _, tok, _, prefix = sinks.load_model(str(work))
+      assert prefix == [65] and list(tok.prefix_ids) == [65]
       seqs = np.array([prefix + tok.encode("To be, or not to be")])
       assert sink_stats.head_stats(model, seqs, sinks.token_text(tok, prefix)).first.shape == (2, 2)
