@@ -143,7 +143,6 @@ def _batches() -> list[dict]:
 def _ours_side() -> None:
   runtime.use_cpu_training_flags()  # as launch.py does for training runs
   import jax
-  import ml_collections
   from flax import nnx
 
   from lm.train import flops
@@ -154,10 +153,13 @@ def _ours_side() -> None:
 
   cfg = _model_config()
   batches = _batches()
-  train_cfg = ml_collections.ConfigDict(dict(
-      steps=_steps(), batch_size=FLAGS.batch, grad_accum=1, warmup_steps=0, schedule="constant",
-      spike_factor=0.0, seed=0, **_optimizer()))
-  loss_cfg = ml_collections.ConfigDict({"z_loss": 0.0, "document_mask": FLAGS.document_mask})
+  config = _config()
+  train_cfg = config.train  # its optimizer (_optimizer) at a constant lr, no evals or checkpoints
+  train_cfg.update(steps=_steps(), batch_size=FLAGS.batch, grad_accum=1, warmup_steps=0,
+                   schedule="constant", min_lr_ratio=0.0, spike_factor=0.0, seed=0, eval_every=0,
+                   checkpoint_every=0)
+  loss_cfg = config.loss
+  loss_cfg.update(z_loss=0.0, document_mask=FLAGS.document_mask)
   trainer = Trainer(Transformer(cfg, rngs=nnx.Rngs(params=SEED)), pretrain.lm_loss, loss_cfg,
                     train_cfg, trainable=nnx.Param,
                     flops_per_token=flops.flops_per_token(cfg, FLAGS.seq).total)

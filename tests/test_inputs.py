@@ -2,13 +2,13 @@
 out-of-vocabulary ids, empty prompts and over-long prompts never reach a traced program."""
 
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 import pytest
 from flax import nnx
 
 import lm
 from align import losses
+from configs import train_base
 from lm.train.trainer import Trainer
 from decode.beam import BeamSearch, beam_search
 from decode.engine import generate
@@ -26,9 +26,10 @@ def model():
 
 
 def _trainer(model):
-  cfg = ml_collections.ConfigDict(dict(steps=1, batch_size=2, grad_accum=1, lr=1e-3,
-                                       warmup_steps=0, schedule="constant", grad_clip=1.0,
-                                       weight_decay=0.0, seed=0))
+  cfg = train_base.base("align.losses.sft", "smoke").train
+  cfg.update(steps=1, batch_size=2, grad_accum=1, lr=1e-3, warmup_steps=0, schedule="constant",
+             min_lr_ratio=0.0, grad_clip=1.0, weight_decay=0.0, seed=0, eval_every=0,
+             checkpoint_every=0)
   return Trainer(model, losses.get("sft"), None, cfg)
 
 

@@ -8,12 +8,12 @@ from pathlib import Path
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 import pytest
 from flax import nnx
 
 from align import losses
+from configs import train_base
 from lm import lora
 from lm.train.trainer import NonFiniteLossError, Trainer, make_optimizer
 from lm import config as lm_config
@@ -25,9 +25,14 @@ from tests_helpers import Killed, killed_at_step, run_task
 
 
 def _train_cfg(**kw):
-  base = dict(steps=3, batch_size=8, grad_accum=1, lr=1e-2, warmup_steps=0, schedule="constant",
-              grad_clip=1.0, weight_decay=0.01, seed=0)
-  return ml_collections.ConfigDict(base | kw)
+  """The training configs' train section, at this file's settings (no evals or checkpoints
+  unless a test asks)."""
+  cfg = train_base.base("align.losses.sft", "smoke").train
+  cfg.update(steps=3, batch_size=8, grad_accum=1, lr=1e-2, warmup_steps=0, schedule="constant",
+             min_lr_ratio=0.0, grad_clip=1.0, weight_decay=0.01, seed=0, eval_every=0,
+             checkpoint_every=0)
+  cfg.update(kw)
+  return cfg
 
 
 def _batch(seed, b=8, s=16):

@@ -48,9 +48,9 @@ class NonFiniteLossError(FloatingPointError):
 
 def make_schedule(cfg) -> optax.Schedule:
   """Linear warmup to `lr`, then `cosine`, `linear` decay to `lr * min_lr_ratio`, or `constant`."""
-  peak, warmup, steps = cfg.lr, int(cfg.get("warmup_steps", 0)), int(cfg.steps)
-  end = peak * cfg.get("min_lr_ratio", 0.0)
-  kind = cfg.get("schedule", "cosine")
+  peak, warmup, steps = cfg.lr, int(cfg.warmup_steps), int(cfg.steps)
+  end = peak * cfg.min_lr_ratio
+  kind = cfg.schedule
   decay_steps = max(steps - warmup, 1)
   if kind == "cosine":
     decay = optax.cosine_decay_schedule(peak, decay_steps, alpha=end / peak if peak else 0.0)
@@ -84,12 +84,12 @@ def make_optimizer(cfg) -> optax.GradientTransformation:
   (parameter-path substring -> factor, e.g. {"value": 10.0} for PPO's value head) scale those
   parameters' updates, i.e. their learning rate and decoupled decay."""
   parts = []
-  if cfg.get("grad_clip"):
+  if cfg.grad_clip:
     parts.append(optax.clip_by_global_norm(cfg.grad_clip))
-  parts.append(optax.adamw(make_schedule(cfg), b1=cfg.get("b1", 0.9), b2=cfg.get("b2", 0.999),
-                           eps=cfg.get("eps", 1e-8), weight_decay=cfg.get("weight_decay", 0.0),
+  parts.append(optax.adamw(make_schedule(cfg), b1=cfg.b1, b2=cfg.b2,
+                           eps=cfg.eps, weight_decay=cfg.weight_decay,
                            mask=weight_decay_mask))
-  multipliers = dict(cfg.get("lr_multipliers") or {})
+  multipliers = dict(cfg.lr_multipliers)
   if multipliers:
     parts.append(_scale_by_path(multipliers))
   return optax.chain(*parts)
@@ -113,7 +113,7 @@ def _check_train_config(cfg, n_batch_shards: int) -> None:
   for field in ("steps", "batch_size", "lr"):
     if field not in cfg:
       raise ValueError(f"config.train.{field} is missing; see configs/sft.py for a complete one.")
-  accum = int(cfg.get("grad_accum", 1))
+  accum = int(cfg.grad_accum)
   if cfg.batch_size % accum:
     raise ValueError(f"train.batch_size={cfg.batch_size} is not divisible by "
                      f"train.grad_accum={accum}; make the batch a multiple of the accumulation.")
@@ -162,7 +162,7 @@ class Trainer:
     self.loss_fn, self.loss_cfg = loss_fn, loss_cfg
     self.n_batch_shards = self.mesh.shape["data"] * self.mesh.shape["fsdp"]
     _check_train_config(train_cfg, self.n_batch_shards)
-    self.accum = int(train_cfg.get("grad_accum", 1))
+    self.accum = int(train_cfg.grad_accum)
     self.trainable = trainable
     lm_cfg = heads.backbone(model).cfg
     self._vocab_size, self._max_seq_len = lm_cfg.vocab_size, lm_cfg.max_seq_len
@@ -181,16 +181,16 @@ class Trainer:
       self.opt_state = jax.jit(self.tx.init)(self.params)
     self.step = 0
     self.times = StepTimes()
-    self._seed = int(train_cfg.get("seed", 0))
+    self._seed = int(train_cfg.seed)
     self.flops_per_token = flops_per_token
     if flops_per_token:
       from lm.train.flops import peak_flops
 
       peak = peak_flops(self.mesh.devices.flat[0])
       self._peak = peak * self.mesh.devices.size if peak else None
-    self.spike_factor = float(train_cfg.get("spike_factor", 0.0))
-    self.spike_warmup = int(train_cfg.get("spike_warmup", 100))
-    self.spike_decay = float(train_cfg.get("spike_ema", 0.99))
+    self.spike_factor = float(train_cfg.spike_factor)
+    self.spike_warmup = int(train_cfg.spike_warmup)
+    self.spike_decay = float(train_cfg.spike_ema)
     self.loss_ema: float | None = None
     self._train_step = jax.jit(self._step_fn, donate_argnums=(0, 1),
                                out_shardings=(_tree_shardings(self.params),
@@ -374,8 +374,8 @@ class Trainer:
 
     cfg = self.cfg
     steps = int(cfg.steps)
-    eval_every = int(cfg.get("eval_every", 0))
-    ckpt_every = int(cfg.get("checkpoint_every", 0))
+    eval_every = int(cfg.eval_every)
+    ckpt_every = int(cfg.checkpoint_every)
     if resume and ckpt is not None and ckpt.latest_step is not None:
       data_state = self.restore(ckpt)
       if data_state is not None:
