@@ -142,11 +142,11 @@ def _trl_side(batches_path: str) -> None:
 
 
 def _ours_side(batches_path: str) -> None:
-  import ml_collections
   import numpy as np
   from flax import nnx
 
   from align import losses
+  from configs import dpo as dpo_config
   from align.losses import shared_prompt
   from lm import hub, lora
   from lm.train.runtime import use_cpu_training_flags
@@ -173,10 +173,13 @@ def _ours_side(batches_path: str) -> None:
               "unshared_positions": int(ids.size)}
   model, _ = hub.load_pretrained(FLAGS.weights, tokenizer=False)
   lora.apply_lora(model, lora.LoraConfig(**LORA), rngs=nnx.Rngs(params=0, lora_dropout=0))
-  train_cfg = ml_collections.ConfigDict(dict(steps=_steps(), batch_size=FLAGS.batch, lr=LR,
-                                             warmup_steps=0, schedule="linear", grad_clip=1.0,
-                                             weight_decay=0.0, seed=0))
-  loss_cfg = ml_collections.ConfigDict(dict(beta=BETA, variant="sigmoid", label_smoothing=0.0))
+  config = dpo_config.get_config("cpu")
+  train_cfg = config.train  # no accumulation, evals or checkpoints; linear decay to 0
+  train_cfg.update(steps=_steps(), batch_size=FLAGS.batch, grad_accum=1, lr=LR, warmup_steps=0,
+                   schedule="linear", min_lr_ratio=0.0, grad_clip=1.0, weight_decay=0.0, seed=0,
+                   eval_every=0, checkpoint_every=0)
+  loss_cfg = config.loss
+  loss_cfg.update(beta=BETA, variant="sigmoid", label_smoothing=0.0)
   trainer = Trainer(model, losses.get("dpo"), loss_cfg, train_cfg,
                     trainable=lora.trainable_filter("lora"))
   harness.say(event="ready")

@@ -18,6 +18,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c = base("align.verifier", arg)
   c.data.update(source="gsm8k-verifier", max_length=256, max_prompt_length=160, n_eval=64,
                 pad_multiple=32, on_error="fail")
+  c.loss.update(margin=0.0, center_coef=0.0)  # the reward model's loss (configs/reward.py)
   c.verifier = ml_collections.ConfigDict({"n_eval_problems": 0})  # 0: all 319 held-out problems
   # 8 pairs as 2 micro-batches of 4: 16 rows x 320 tokens at once took 24 GB and was killed
   c.train.update(steps=30, batch_size=8, grad_accum=2, lr=5e-4, warmup_steps=3, eval_every=0,

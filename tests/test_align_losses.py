@@ -5,12 +5,13 @@ import math
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 import pytest
 from flax import nnx
 
 from align import losses
+from configs import dpo as dpo_config
+from configs import reward as reward_config
 from lm import lora
 from align.losses.dpo import dpo_losses
 from align.losses.reward import bradley_terry
@@ -22,6 +23,18 @@ from lm.model import Transformer
 PC, PR, RC, RR = -10.0, -12.0, -11.0, -11.5
 H = (PC - PR) - (RC - RR)  # 1.5
 BETA = 0.1
+
+
+def _dpo_cfg(**kw):
+  cfg = dpo_config.get_config("smoke").loss
+  cfg.update(kw)
+  return cfg
+
+
+def _reward_cfg(**kw):
+  cfg = reward_config.get_config("smoke").loss
+  cfg.update(kw)
+  return cfg
 
 
 def _logsig(x):
@@ -110,7 +123,7 @@ def test_dpo_loss_on_model_matches_definition_and_precomputed_reference():
     if path[-1] == "lora_b":
       v.set_value(0.05 * jax.random.normal(jax.random.key(len(path)), v.get_value().shape))
   batch = _pair_batch(np.random.default_rng(2))
-  cfg = ml_collections.ConfigDict({"beta": BETA, "variant": "sigmoid", "label_smoothing": 0.0})
+  cfg = _dpo_cfg(beta=BETA, variant="sigmoid", label_smoothing=0.0)
   loss, metrics = losses.get("dpo")(model, batch, cfg)
 
   def seq_lp(m):
@@ -156,7 +169,7 @@ def test_precomputed_reference_equals_the_reference_the_loss_computes():
 
 
 def test_dpo_without_adapters_or_reference_says_how_to_fix():
-  cfg = ml_collections.ConfigDict({"beta": BETA, "variant": "sigmoid", "label_smoothing": 0.0})
+  cfg = _dpo_cfg(beta=BETA, variant="sigmoid", label_smoothing=0.0)
   with pytest.raises(ValueError, match="precomputed"):
     losses.get("dpo")(_tiny(), _pair_batch(np.random.default_rng(0)), cfg)
 
@@ -164,7 +177,7 @@ def test_dpo_without_adapters_or_reference_says_how_to_fix():
 def test_reward_loss_reads_last_real_token():
   rm = RewardModel(_tiny(), rngs=nnx.Rngs(3))
   batch = _pair_batch(np.random.default_rng(4))
-  loss, metrics = losses.get("reward")(rm, batch, ml_collections.ConfigDict({"margin": 0.0}))
+  loss, metrics = losses.get("reward")(rm, batch, _reward_cfg(margin=0.0))
   b, two, s = batch["tokens"].shape
   h, _ = rm.backbone.hidden_states(jnp.asarray(batch["tokens"].reshape(-1, s)),
                                    attn_mask=jnp.asarray(batch["attn_mask"].reshape(-1, s)))
@@ -181,4 +194,4 @@ def test_unknown_loss_and_variant_are_named():
   from align.losses.dpo import check_config
 
   with pytest.raises(ValueError, match="loss.variant"):
-    check_config(ml_collections.ConfigDict({"beta": 0.1, "variant": "sigmod"}))
+    check_config(_dpo_cfg(beta=0.1, variant="sigmod"))

@@ -2,19 +2,20 @@
 log-probs, loss and gradients as scoring chosen and rejected as two full rows."""
 
 import jax
-import ml_collections
 import numpy as np
 import pytest
 from flax import nnx
 
 from align import losses
 from align.losses import shared_prompt
+from configs import dpo as dpo_config
 from lm import lora
 from align.losses.dpo import pair_logprobs
 from lm import config as lm_config
 from lm.model import Transformer
 
-CFG = ml_collections.ConfigDict({"beta": 0.1, "variant": "sigmoid", "label_smoothing": 0.0})
+CFG = dpo_config.get_config("smoke").loss
+CFG.update(beta=0.1, variant="sigmoid", label_smoothing=0.0)
 
 
 def _pairs(rng, s=16):

@@ -50,13 +50,13 @@ REFERENCES = ("adapters_off", "precomputed")
 
 def check_config(cfg) -> None:
   """Clear errors for bad β / variant / label smoothing / reference before anything compiles."""
-  if cfg.get("reference", "adapters_off") not in REFERENCES:
+  if cfg.reference not in REFERENCES:
     raise ValueError(f"loss.reference={cfg.reference!r} is unknown; choose one of {REFERENCES}.")
   if cfg.variant not in VARIANTS:
     raise ValueError(f"loss.variant={cfg.variant!r} is unknown; choose one of {VARIANTS}.")
   if not cfg.beta > 0:
     raise ValueError(f"loss.beta={cfg.beta} must be > 0 (the seeds use 0.1).")
-  ls = cfg.get("label_smoothing", 0.0)
+  ls = cfg.label_smoothing
   if not 0 <= ls < 0.5:
     raise ValueError(f"loss.label_smoothing={ls} must be in [0, 0.5).")
 
@@ -114,7 +114,7 @@ def dpo_loss(model, batch: dict, cfg):
   else:
     pol_x, ref_x = policy, ref
   losses_b = dpo_losses(pol_x[:, 0], pol_x[:, 1], ref_x[:, 0], ref_x[:, 1], beta=cfg.beta,
-                        variant=cfg.variant, label_smoothing=cfg.get("label_smoothing", 0.0))
+                        variant=cfg.variant, label_smoothing=cfg.label_smoothing)
   loss = losses_b.mean()
   reward_c = cfg.beta * (policy[:, 0] - ref[:, 0])
   reward_r = cfg.beta * (policy[:, 1] - ref[:, 1])
@@ -153,13 +153,13 @@ def precompute_reference(model, examples: list[dict], batch_size: int = 8) -> li
 
 
 def _transform_train(config, model):
-  if config.loss.get("reference") == "precomputed":
+  if config.loss.reference == "precomputed":
     return lambda examples: precompute_reference(model, examples)
   return None
 
 
 def _arrange(config, train_ds, eval_batches, mesh):
-  if not config.data.get("share_prompt"):
+  if not config.data.share_prompt:
     return train_ds, eval_batches, {}
   n_shards = mesh.shape["data"] * mesh.shape["fsdp"] if mesh is not None else 1
   train_ds, eval_batches, layout = shared_prompt.arrange(config, train_ds, eval_batches, n_shards)
@@ -173,5 +173,5 @@ ALGORITHM = Algorithm(
     transform_train=_transform_train,
     # the reference never changes: score the held-out pairs under it once, not at every eval
     prepare_eval=lambda config, model, examples: precompute_reference(
-        model, examples, config.train.get("eval_batch_size", 8)),
+        model, examples, config.train.eval_batch_size),
     arrange=_arrange)

@@ -21,15 +21,16 @@ def bradley_terry(r_chosen_b, r_rejected_b, margin_b=0.0, center_coef: float = 0
 
 
 @register("reward")
-def reward_loss(model, batch: dict, cfg=None):
+def reward_loss(model, batch: dict, cfg):
   """`model` is an `lm.heads.RewardModel`; batch tokens/attn_mask are `[B, 2, S]`
-  (0 = chosen, 1 = rejected), scored in one forward; an optional `margin` `[B]` per pair."""
+  (0 = chosen, 1 = rejected), scored in one forward; an optional `margin` `[B]` per pair.
+  cfg: margin (added to every pair's), center_coef."""
   tokens = batch["tokens"]
   b, two, s = tokens.shape
   rewards = model(tokens.reshape(b * two, s), batch["attn_mask"].reshape(b * two, s)).reshape(b, two)
   r_c, r_r = rewards[:, 0], rewards[:, 1]
-  margin = batch.get("margin", 0.0) + (cfg.get("margin", 0.0) if cfg else 0.0)
-  loss = bradley_terry(r_c, r_r, margin, cfg.get("center_coef", 0.0) if cfg else 0.0).mean()
+  margin = batch.get("margin", 0.0) + cfg.margin
+  loss = bradley_terry(r_c, r_r, margin, cfg.center_coef).mean()
   return loss, {
       "loss": loss,
       "accuracy": (r_c > r_r).astype(jnp.float32).mean(),
@@ -43,7 +44,7 @@ def _finish(config, model: RewardModel, tokenizer, eval_examples: list[dict], ru
   """The trained head's scores of the first held-out pairs, with their texts, in
   `reward_samples.json`: what `lm.hub.load(..., reward_head=...)` must reproduce."""
   rows = []
-  for ex in eval_examples[:config.train.get("report_pairs", 4)]:
+  for ex in eval_examples[:config.train.report_pairs]:
     for branch, name in ((0, "chosen"), (1, "rejected")):
       ids = ex["tokens"][branch][ex["attn_mask"][branch] > 0].tolist()
       rows.append({"pair": len(rows) // 2, "branch": name, "ids": ids,

@@ -185,7 +185,7 @@ def plan_shared_layout(batches, *, groups: int = 1, multiple: int = 1, width: in
 def arrange(config, train_ds, eval_batches, n_shards: int):
   """The train dataset and eval batches mapped onto the layout, each with one static rows x width
   planned over the batches it will yield (one compile each); returns them and the layout."""
-  groups = int(config.train.get("grad_accum", 1))
+  groups = int(config.train.grad_accum)
   plan = functools.partial(plan_shared_layout, multiple=n_shards,
                            width=config.data.share_prompt_width)
   rows, width = plan(itertools.islice(iter(train_ds), config.train.steps), groups=groups)
