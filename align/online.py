@@ -80,7 +80,7 @@ def load_prompts(prompts_cfg, tokenizer) -> tuple[Prompts, Prompts, dict]:
   n_train, n_eval = int(prompts_cfg.n_train), int(prompts_cfg.n_eval)
   if name == "arith":
     problems = reward_fns.arith_task(8 * (n_train + n_eval), prompts_cfg.seed,
-                                     max_operand=prompts_cfg.get("max_operand", 99))
+                                     max_operand=prompts_cfg.max_operand)
     unique = list({p["prompt"]: p for p in problems}.values())
     if len(unique) < n_train + n_eval:
       raise ValueError(f"prompts.max_operand={prompts_cfg.max_operand} gives only {len(unique)} "
@@ -91,8 +91,8 @@ def load_prompts(prompts_cfg, tokenizer) -> tuple[Prompts, Prompts, dict]:
     train_rows = as_rows(_gsm8k_rows("train")[:n_train])
     eval_rows = as_rows(_gsm8k_rows("test")[:n_eval])
   elif name == "instructions":
-    texts = data.load_instructions(prompts_cfg.get("source", "alpaca_eval"))
-    skip = int(prompts_cfg.get("skip_first", 0))
+    texts = data.load_instructions(prompts_cfg.source)
+    skip = int(prompts_cfg.skip_first)
     if skip + n_train + n_eval > len(texts):
       raise ValueError(f"prompts: skip_first={skip} + n_train={n_train} + n_eval={n_eval} exceeds "
                        f"the {len(texts)} instructions of {prompts_cfg.source!r}; lower n_train.")
@@ -100,9 +100,9 @@ def load_prompts(prompts_cfg, tokenizer) -> tuple[Prompts, Prompts, dict]:
     train_rows, eval_rows = rows[skip:skip + n_train], rows[len(rows) - n_eval:]
   else:
     raise ValueError(f"prompts.name={name!r} is unknown; choose one of {TASKS}.")
-  limit = int(prompts_cfg.get("max_prompt_tokens", 0)) or None
-  system = prompts_cfg.get("system") or None
-  suffix = prompts_cfg.get("prompt_suffix", "")
+  limit = int(prompts_cfg.max_prompt_tokens) or None
+  system = prompts_cfg.system or None
+  suffix = prompts_cfg.prompt_suffix
   stats = {"task": name, "max_prompt_tokens": limit}
 
   def encode(rows, split):
@@ -129,8 +129,8 @@ def load_prompts(prompts_cfg, tokenizer) -> tuple[Prompts, Prompts, dict]:
 
 def sampler_of(rollout_cfg) -> Sampler:
   """The rollout's sampler: temperature, top-k, top-p from `config.rollout`."""
-  return Sampler(temperature=rollout_cfg.temperature, top_k=rollout_cfg.get("top_k", 0),
-                 top_p=rollout_cfg.get("top_p", 1.0))
+  return Sampler(temperature=rollout_cfg.temperature, top_k=rollout_cfg.top_k,
+                 top_p=rollout_cfg.top_p)
 
 
 def reward_functions(config) -> tuple[dict[str, Callable], dict[str, float]]:
@@ -139,7 +139,7 @@ def reward_functions(config) -> tuple[dict[str, Callable], dict[str, float]]:
   if not config.rewards:
     raise ValueError("config.rewards is empty; name at least one reward with its weight, e.g. "
                      "--config.rewards.arith_correct=1.0.")
-  args = config.get("reward_args") or {}
+  args = config.reward_args
   fns = {name: reward_fns.get(name, **dict(args.get(name, {}))) for name in config.rewards}
   return fns, {name: float(w) for name, w in config.rewards.items()}
 
@@ -180,8 +180,8 @@ class RolloutStream:
     self.sampler = sampler_of(self.cfg)
     self.per_step = int(self.cfg.prompts_per_step)
     self.group = int(self.cfg.num_generations)
-    self.mu = int(self.cfg.get("num_iterations", 1))
-    self.seed = int(self.cfg.get("seed", 0))
+    self.mu = int(self.cfg.num_iterations)
+    self.seed = int(self.cfg.seed)
     self.step = 0
     self._cache: tuple[int, dict, dict] | None = None
     self._metrics: dict = {}
@@ -250,14 +250,14 @@ def held_out_eval(trainer, tokenizer, prompts: Prompts, config, rewards: tuple[d
   config.eval.sample, then the rollout's sampler at a fixed seed), scored by the training rewards
   (`reward_functions(config)`); reward per function, success share, and length statistics."""
   fns, weights = rewards
-  eval_cfg = config.get("eval") or {}
-  sampler = sampler_of(config.rollout) if eval_cfg.get("sample") else GREEDY
-  batch_size = int(eval_cfg.get("batch_size", 0)) or None
+  eval_cfg = config.eval
+  sampler = sampler_of(config.rollout) if eval_cfg.sample else GREEDY
+  batch_size = int(eval_cfg.batch_size) or None
 
   def evaluate() -> dict:
     ro = rollout(heads.backbone(trainer.host_model()), prompts.ids,
                  max_new_tokens=config.rollout.max_new_tokens,
-                 tokenizer=tokenizer, sampler=sampler, seed=int(eval_cfg.get("seed", 1234)),
+                 tokenizer=tokenizer, sampler=sampler, seed=int(eval_cfg.seed),
                  batch_size=batch_size)
     texts = ro.texts(tokenizer)
     total, each = reward_fns.combine(fns, weights, prompts.texts, texts, prompts.columns)
@@ -276,15 +276,15 @@ def check_config(config) -> None:
   if int(t.batch_size) != rows:
     raise ValueError(f"train.batch_size={t.batch_size} must equal rollout.prompts_per_step x "
                      f"rollout.num_generations = {rows} (one training row per completion).")
-  mu = int(r.get("num_iterations", 1))
+  mu = int(r.num_iterations)
   if mu < 1:
     raise ValueError(f"rollout.num_iterations={mu} must be >= 1.")
   for field in ("checkpoint_every", "steps"):
-    value = int(t.get(field, 0))
+    value = int(t[field])
     if mu > 1 and value % mu:
       raise ValueError(f"train.{field}={value} must be a multiple of rollout.num_iterations={mu}: "
                        "a checkpoint inside a rollout's inner iterations could not resume it.")
-  if float(config.loss.get("temperature", 1.0)) != float(r.temperature):
+  if float(config.loss.temperature) != float(r.temperature):
     raise ValueError(f"loss.temperature={config.loss.temperature} differs from "
                      f"rollout.temperature={r.temperature}: the trainer scores at the sampling "
                      "temperature. Set both to the same value.")

@@ -196,11 +196,16 @@ def _rl_batch():
 
 
 def _cfg(**kw):
-  import ml_collections
-  base = dict(temperature=0.7, eps_low=0.2, beta=0.04, kl_estimator="k3",
-              aggregation="seq_mean_token_mean")
-  base.update(kw)
-  return ml_collections.ConfigDict(base)
+  """configs/grpo.py's loss section at these tests' settings: no upper clip, dual clip, length
+  normaliser or KL clamp unless a test sets one."""
+  from configs import grpo as grpo_config
+
+  cfg = grpo_config.get_config("smoke").loss
+  cfg.update(temperature=0.7, eps_low=0.2, eps_high=None, dual_clip=None, beta=0.04,
+             kl_estimator="k3", aggregation="seq_mean_token_mean", max_completion_length=None,
+             kl_clamp=None, kl_in="loss")
+  cfg.update(kw)
+  return cfg
 
 
 def test_registered_loss_at_mu_1_is_zero_with_a_gradient():

@@ -179,20 +179,20 @@ def policy_loss(logp_bt, old_logp_bt, adv_b, mask_bt, *, eps_low: float = 0.2,
 
 def check_config(cfg) -> None:
   """Clear errors for bad GRPO settings before anything compiles."""
-  if cfg.get("aggregation", "seq_mean_token_mean") not in AGGREGATIONS:
+  if cfg.aggregation not in AGGREGATIONS:
     raise ValueError(f"loss.aggregation={cfg.aggregation!r} is unknown; choose one of "
                      f"{AGGREGATIONS}.")
-  if cfg.get("kl_estimator", "k3") not in KL_ESTIMATORS:
+  if cfg.kl_estimator not in KL_ESTIMATORS:
     raise ValueError(f"loss.kl_estimator={cfg.kl_estimator!r} is unknown; choose one of "
                      f"{KL_ESTIMATORS}.")
-  if not cfg.get("temperature", 1.0) > 0:
+  if not cfg.temperature > 0:
     raise ValueError(f"loss.temperature={cfg.temperature} must be > 0: the rollout's sampling "
                      "temperature, at which the policy's log-probs are scored.")
-  if cfg.get("beta", 0.0) < 0:
+  if cfg.beta < 0:
     raise ValueError(f"loss.beta={cfg.beta} must be >= 0 (0 skips the reference pass).")
-  if cfg.get("kl_in", "loss") not in KL_PLACES:
+  if cfg.kl_in not in KL_PLACES:
     raise ValueError(f"loss.kl_in={cfg.kl_in!r} is unknown; choose one of {KL_PLACES}.")
-  if not 0 < cfg.get("eps_low", 0.2) < 1:
+  if not 0 < cfg.eps_low < 1:
     raise ValueError(f"loss.eps_low={cfg.eps_low} must be in (0, 1) (0.2 is usual).")
 
 
@@ -207,7 +207,7 @@ def grpo_loss(model, batch: dict, cfg):
   With β > 0 and no ref_logps, the reference is this model with its adapters off.
   cfg: temperature, eps_low, eps_high, dual_clip, aggregation, max_completion_length, beta,
   kl_estimator, kl_clamp, kl_in ("reward": β was applied to the rewards, none here)."""
-  temperature = cfg.get("temperature", 1.0)
+  temperature = cfg.temperature
   shared = "segment_ids" in batch
   if shared:  # one row per group: [prompt | completion 1 | ... | completion G]
     mask = batch["loss_mask"] > 0
@@ -222,7 +222,7 @@ def grpo_loss(model, batch: dict, cfg):
     seqs = {}
   lp = score()
   old = batch["old_logps"] if "old_logps" in batch else jax.lax.stop_gradient(lp)
-  beta = cfg.get("beta", 0.0) if cfg.get("kl_in", "loss") == "loss" else 0.0
+  beta = cfg.beta if cfg.kl_in == "loss" else 0.0
   ref = None
   if beta:
     ref = batch.get("ref_logps")
@@ -233,11 +233,10 @@ def grpo_loss(model, batch: dict, cfg):
       with lora.disabled(model):
         ref = jax.lax.stop_gradient(score())
   loss, metrics = policy_loss(
-      lp, old, batch["advantages"], mask, eps_low=cfg.get("eps_low", 0.2),
-      eps_high=cfg.get("eps_high"), dual_clip=cfg.get("dual_clip"),
-      aggregation=cfg.get("aggregation", "seq_mean_token_mean"),
-      max_completion_length=cfg.get("max_completion_length"), ref_logp_bt=ref, beta=beta,
-      kl_estimator=cfg.get("kl_estimator", "k3"), kl_clamp=cfg.get("kl_clamp"), **seqs)
+      lp, old, batch["advantages"], mask, eps_low=cfg.eps_low, eps_high=cfg.eps_high,
+      dual_clip=cfg.dual_clip, aggregation=cfg.aggregation,
+      max_completion_length=cfg.max_completion_length, ref_logp_bt=ref, beta=beta,
+      kl_estimator=cfg.kl_estimator, kl_clamp=cfg.kl_clamp, **seqs)
   m = mask.astype(jnp.float32)
   if "old_logps" in batch:  # at a rollout's first iteration: rollout vs trainer log-prob
     metrics["logp_diff_max"] = masked_max_abs_diff(lp, old, mask)
@@ -264,13 +263,13 @@ def make_batch_for(config, trainer=None) -> callable:
   shared-prompt layout (`shared_rollout_batch`; `trainer` gives the batch shards)."""
   r = config.rollout
   group = int(r.num_generations)
-  share = bool(r.get("share_prompt", False))
-  accum = int(config.train.get("grad_accum", 1))
+  share = bool(r.share_prompt)
+  accum = int(config.train.grad_accum)
   shards = trainer.n_batch_shards if trainer is not None else 1
   if share:  # fail before the model loads
     shared_layout(int(r.prompts_per_step), group, 1, int(r.max_new_tokens), groups=accum)
   lc = config.loss
-  beta_in_reward = float(lc.get("beta", 0.0)) if lc.get("kl_in", "loss") == "reward" else 0.0
+  beta_in_reward = float(lc.beta) if lc.kl_in == "reward" else 0.0
   if beta_in_reward and trainer is None:
     raise ValueError("loss.kl_in='reward' scores the reference per rollout: pass the trainer.")
   if beta_in_reward and not lora.count_params(trainer.model, nnx.LoRAParam):
@@ -283,24 +282,23 @@ def make_batch_for(config, trainer=None) -> callable:
     metrics = {}
     if beta_in_reward:  # β Σ_t KL_t per sequence, off the rewards, before the advantages
       scored = rollout_batch(ro, np.zeros(len(rewards_n), np.float32), width=width, pad_id=pad_id)
-      ref = trainer_reference_logprobs(trainer, scored, float(lc.get("temperature", 1.0)))
+      ref = trainer_reference_logprobs(trainer, scored, float(lc.temperature))
       mask = scored["loss_mask"][:, 1:] > 0
       kl = np.asarray(kl_per_token(jnp.asarray(scored["old_logps"]), ref,
-                                   lc.get("kl_estimator", "k3"), lc.get("kl_clamp"))) * mask
+                                   lc.kl_estimator, lc.kl_clamp)) * mask
       kl_seq = kl.sum(-1)
       rewards_n = rewards_n - beta_in_reward * kl_seq
       metrics.update(kl=float(kl.sum() / max(mask.sum(), 1)), kl_seq=float(kl_seq.mean()),
                      **{"reward/kl_penalty": float(-beta_in_reward * kl_seq.mean())})
-    if r.get("overlong_buffer", 0):
+    if r.overlong_buffer:
       pen = overlong_penalty(ro.lengths_b, r.max_new_tokens, r.overlong_buffer,
-                             r.get("overlong_factor", 1.0))
+                             r.overlong_factor)
       rewards_n = rewards_n + pen
       metrics["reward/overlong"] = float(pen.mean())
     adv = np.asarray(advantages(jnp.asarray(rewards_n, jnp.float32), group,
-                                r.get("advantage", "grpo"), eps=r.get("adv_eps", 1e-6),
-                                ddof=r.get("adv_ddof", 1)))
-    masks = dict(mask_truncated=r.get("mask_truncated", False),
-                 mask_zero_std=r.get("mask_zero_std", False), rewards_n=rewards_n)
+                                r.advantage, eps=r.adv_eps, ddof=r.adv_ddof))
+    masks = dict(mask_truncated=r.mask_truncated, mask_zero_std=r.mask_zero_std,
+                 rewards_n=rewards_n)
     if share:  # width = longest prompt + max_new_tokens, rounded up: the prompt bound it keeps
       rows, shared_width = shared_layout(int(r.prompts_per_step), group,
                                          width - int(r.max_new_tokens), int(r.max_new_tokens),

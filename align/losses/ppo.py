@@ -118,17 +118,17 @@ def ppo_loss(model: PolicyWithValue, batch: dict, cfg):
   sel = batch["loss_mask"][:, 1:] > 0
   h_bsd, _ = model.backbone.hidden_states(tokens, attn_mask=attn)
   lp = selected_token_logprobs(model.backbone, h_bsd[:, :-1], tokens[:, 1:], sel,
-                               temperature=cfg.get("temperature", 1.0))
+                               temperature=cfg.temperature)
   weight = batch["policy_weight"].mean()
   # During the critic warm-up (weight 0) the value loss reaches the head only, not the shared
   # trunk: the policy does not move until its own loss is on.
   h_value = weight * h_bsd + (1.0 - weight) * jax.lax.stop_gradient(h_bsd)
   values = model.values(h_value[:, :-1])  # V of the state before each action
   pg, metrics = policy_loss(lp, batch["old_logps"], batch["advantages"], sel,
-                            eps_low=cfg.get("cliprange", 0.2), aggregation="token_mean")
+                            eps_low=cfg.cliprange, aggregation="token_mean")
   vf, vf_clipfrac = value_loss(values, batch["old_values"], batch["returns"], sel,
-                               clip=cfg.get("cliprange_value", 0.2))
-  loss = weight * pg + cfg.get("vf_coef", 0.1) * vf
+                               clip=cfg.cliprange_value)
+  loss = weight * pg + cfg.vf_coef * vf
   metrics.update(loss=loss, policy_loss=pg, value_loss=vf, vf_clipfrac=vf_clipfrac,
                  value_mean=masked_mean(values, sel), policy_weight=weight,
                  logp_diff_max=masked_max_abs_diff(lp, batch["old_logps"], sel))
@@ -161,26 +161,25 @@ def make_batch_for(config, trainer) -> Callable:
   once on the rollout's rows; per-token rewards, GAE and whitening (`loss.whiten_advantages`)
   follow; rollouts before `rollout.critic_warmup` train the value head only."""
   r, lc = config.rollout, config.loss
-  if r.get("share_prompt", False):
+  if r.share_prompt:
     raise ValueError("rollout.share_prompt is GRPO's layout; PPO scores one row per completion "
                      "(values per token): set rollout.share_prompt=False.")
-  kl_coef = float(lc.get("kl_coef", 0.05))
+  kl_coef = float(lc.kl_coef)
 
   def make_batch(ro, total, each, rollout_index: int = 0, *, width: int, pad_id: int):
     del each
     rows = rollout_batch(ro, np.zeros(len(ro.lengths_b), np.float32), width=width,
-                         pad_id=pad_id, mask_truncated=r.get("mask_truncated", False))
-    values, ref = _rollout_scores(trainer, rows, float(lc.get("temperature", 1.0)),
+                         pad_id=pad_id, mask_truncated=r.mask_truncated)
+    values, ref = _rollout_scores(trainer, rows, float(lc.temperature),
                                   with_ref=kl_coef > 0)
     mask = rows["loss_mask"][:, 1:] > 0
     rewards_bt, kl = token_rewards(jnp.asarray(total, jnp.float32), jnp.asarray(rows["old_logps"]),
                                    ref, mask, kl_coef=kl_coef,
-                                   estimator=lc.get("kl_estimator", "k1"))
-    adv, returns = gae(rewards_bt, values, mask, gamma=lc.get("gamma", 1.0),
-                       lam=lc.get("lam", 0.95))
-    if lc.get("whiten_advantages", True):
+                                   estimator=lc.kl_estimator)
+    adv, returns = gae(rewards_bt, values, mask, gamma=lc.gamma, lam=lc.lam)
+    if lc.whiten_advantages:
       adv = whiten(adv, mask)
-    warm = rollout_index < int(r.get("critic_warmup", 0))
+    warm = rollout_index < int(r.critic_warmup)
     batch = dict(rows, advantages=np.asarray(adv, np.float32),
                  returns=np.asarray(returns, np.float32),
                  old_values=np.asarray(values * mask, np.float32),
@@ -200,9 +199,9 @@ def make_batch_for(config, trainer) -> Callable:
 def _check(config) -> None:
   online.check_config(config)
   lc = config.loss
-  if not 0 < lc.get("lam", 0.95) <= 1 or not 0 < lc.get("gamma", 1.0) <= 1:
+  if not 0 < lc.lam <= 1 or not 0 < lc.gamma <= 1:
     raise ValueError(f"loss.gamma={lc.gamma} and loss.lam={lc.lam} must be in (0, 1].")
-  if lc.get("kl_estimator", "k1") not in KL_ESTIMATORS:
+  if lc.kl_estimator not in KL_ESTIMATORS:
     raise ValueError(f"loss.kl_estimator={lc.kl_estimator!r} is unknown; choose one of "
                      f"{KL_ESTIMATORS}.")
 
