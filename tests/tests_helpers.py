@@ -1,5 +1,6 @@
 """Shared constants and helpers for tests."""
 
+import contextlib
 import os
 import sys
 from pathlib import Path
@@ -76,10 +77,13 @@ class Killed(BaseException):
   """A process death simulated in-process: a BaseException, so no task code catches it."""
 
 
-def killed_at_step(monkeypatch, step: int):
-  """From now on the trainer dies when it is about to train step `step + 1` (step `step` logged,
-  its checkpoint written only if `step` is a checkpoint step), as a SIGKILL between steps would
-  leave the run directory. tests/test_multiprocess.py kills real processes."""
+@contextlib.contextmanager
+def killed_at_step(step: int, workdir):
+  """The trainer dies inside the block when it is about to train step `step + 1` (step `step`
+  logged, its checkpoint written only if `step` is a checkpoint step), as a SIGKILL between steps
+  would leave `workdir`; the block must die there. tests/test_multiprocess.py kills real processes."""
+  import pytest
+
   from lm.train.trainer import Trainer
 
   train_step = Trainer.train_step
@@ -89,7 +93,10 @@ def killed_at_step(monkeypatch, step: int):
       raise Killed(f"killed before step {step + 1}")
     return train_step(self, batch)
 
-  monkeypatch.setattr(Trainer, "train_step", dying)
+  with pytest.MonkeyPatch.context() as m, pytest.raises(Killed):
+    m.setattr(Trainer, "train_step", dying)
+    yield
+  assert f'"step": {step}' in (Path(workdir) / "metrics.jsonl").read_text()
 
 
 def random_hf_llama(path: Path, *, tie: bool = True, max_position_embeddings: int = 128):
