@@ -12,8 +12,6 @@ import dataclasses
 import importlib
 from typing import Any, Callable
 
-from lm import heads
-
 
 @dataclasses.dataclass(frozen=True)
 class Algorithm:
@@ -34,8 +32,6 @@ class Algorithm:
   export: `export(model, path)` writes what the algorithm adds beyond the decoder's weights.
   finish: `finish(config, model, tokenizer, eval_examples, run_dir) -> dict` after training
     (eval mode): extra outputs of the run, returned into its summary.
-  backbone: `lm.heads.backbone` for every algorithm (the decoder inside a head wrapper); kept
-    as a field only until `align.train` calls `lm.heads.backbone` itself.
   online: `online(config, trainer, tokenizer) -> (data iterator, evaluate, stats)` for online RL:
     the trainer's batches come from rollouts of the policy it trains (`align.online`), not from
     `align.data`; `evaluate()` gives the held-out metrics.
@@ -53,7 +49,6 @@ class Algorithm:
   arrange: Callable[..., tuple] | None = None
   export: Callable[..., None] | None = None
   finish: Callable[..., dict] | None = None
-  backbone: Callable[[Any], Any] = heads.backbone
   online: Callable[..., tuple] | None = None
 
 
@@ -73,6 +68,6 @@ def load(module: str) -> Algorithm:
 
 def refuse_shared_prompt(config, name: str) -> None:
   """`check` for algorithms whose batches have no shared-prompt layout."""
-  if config.data.get("share_prompt"):
+  if config.data.share_prompt:
     raise ValueError(f"data.share_prompt is DPO's pair layout; {name} does not use it. Set "
                      "--config.data.share_prompt=false.")

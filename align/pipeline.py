@@ -96,7 +96,7 @@ def gsm8k_exact_match(model, tokenizer, n: int, max_new_tokens: int) -> float:
 
 
 def evaluate(model, tokenizer, e) -> dict:
-  return {"wikitext2_test_ppl": wikitext_perplexity(model, tokenizer, e.get("wikitext_tokens")),
+  return {"wikitext2_test_ppl": wikitext_perplexity(model, tokenizer, e.wikitext_tokens),
           "wikitext2_valid_lines_ppl": line_by_line_perplexity(model, tokenizer, e.n_lines),
           "gsm8k_em": gsm8k_exact_match(model, tokenizer, e.gsm8k_n, e.max_new_tokens)}
 
@@ -107,15 +107,17 @@ def run(config, run_dir: RunDir, mesh=None) -> dict:
   s = config.stages
   root = run_dir.path
   rows, verifier_rows = [], []
-  pre_cfg = _stage_config("pretrain", s.pretrain.variant, s.pretrain.get("overrides"))
-  pre_cfg.corpus.store = str(Path(pre_cfg.corpus.get("store") or
+  pre_cfg = _stage_config("pretrain", s.pretrain.variant, s.pretrain.overrides)
+  pre_cfg.corpus.store = str(Path(pre_cfg.corpus.store or
                                   f"runs/corpora/{pre_cfg.corpus.name}").resolve())
   _run_stage("pretrain", pre_cfg, root / "pretrain", "pretrain")
   previous = str(root / "pretrain")
   results = {}
+  cfgs = {name: _stage_config(name, s[name].variant, s[name].overrides) for name in STAGES[1:]}
+  loaded_by = dict(zip(STAGES, STAGES[1:]))  # stage -> the stage that starts from its weights
   for name in STAGES:
     if name != "pretrain":
-      cfg = _stage_config(name, s[name].variant, s[name].get("overrides"))
+      cfg = cfgs[name]
       cfg.model.update(name=previous, preset="", tokenizer="")
       cfg.lora.rank = 0
       cfg.train.trainable = "full"
@@ -127,12 +129,15 @@ def run(config, run_dir: RunDir, mesh=None) -> dict:
                          for m, v in methods.items()]
         continue
       previous = str(root / name / summary["exported"])
-    model, tok = load_model(ml_collections.ConfigDict({"name": previous, "dtype": "float32"}))
+    # the stage's weights as the next stage loads them, in float32
+    model_cfg = ml_collections.ConfigDict(cfgs[loaded_by[name]].model.to_dict())
+    model_cfg.update(name=previous, preset="", tokenizer="", dtype="float32")
+    model, tok = load_model(model_cfg)
     model.eval()
     row = {"stage": name, **evaluate(model, tok, config.eval)}
     log.info("stage %s: %s", name, row)
     rows.append(row)
-  reference = config.eval.get("reference")
+  reference = config.eval.reference
   if reference:
     try:
       from lm import hub

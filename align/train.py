@@ -16,7 +16,7 @@ import jax
 from flax import nnx
 
 from align import algorithm, data
-from lm import hub, lora
+from lm import heads, hub, lora
 from lm.hub import vocab
 from lm.data import batching
 from lm.train.checkpoint import Checkpointer
@@ -30,9 +30,9 @@ def load_model(model_cfg):
   """(Transformer, tokenizer) through the one loader (`lm.hub.load`): real weights by `name` (or a
   `pretrain` run directory), or a random `preset` (smoke runs) with the vocabulary of `tokenizer`;
   `scan_layers`/`remat` set how the stack runs."""
-  if model_cfg.get("preset"):
+  if model_cfg.preset:
     model, tok = hub.load(preset=model_cfg.preset, tokenizer=model_cfg.tokenizer,
-                          dtype=model_cfg.dtype, seed=model_cfg.get("seed", 0))
+                          dtype=model_cfg.dtype, seed=model_cfg.seed)
   else:
     model, tok = hub.load(model_cfg.name, dtype=model_cfg.dtype)
   if isinstance(tok, (vocab.CharTokenizer, vocab.BPETokenizer)):  # a `pretrain` run directory
@@ -40,8 +40,7 @@ def load_model(model_cfg):
       raise ValueError(f"{model_cfg.name} was pretrained with a sink token or a character "
                        "vocabulary; the alignment stages need a GPT-2 BPE model without one.")
     tok = tok.to_hf()
-  model.cfg = model.cfg.replace(scan_layers=bool(model_cfg.get("scan_layers", False)),
-                                remat=model_cfg.get("remat", "none"))
+  model.cfg = model.cfg.replace(scan_layers=bool(model_cfg.scan_layers), remat=model_cfg.remat)
   return model, tok
 
 
@@ -53,7 +52,7 @@ def _trainable(config, algo: algorithm.Algorithm):
 def _export(config, algo: algorithm.Algorithm, model, tokenizer, run_dir: RunDir) -> str:
   """Adapter (PEFT layout) when training LoRA; full HF weights otherwise; then the algorithm's own
   parts (e.g. a reward head) beside them."""
-  backbone = algo.backbone(model)
+  backbone = heads.backbone(model)
   if config.train.trainable == "lora":
     path = run_dir.path / "adapter"
     lora.export_peft(backbone, path, cfg=lora.LoraConfig.from_config(config.lora),
