@@ -84,8 +84,7 @@ def load(name_or_path: str | None = None, *, preset: str | None = None,
     model = Transformer(cfg, rngs=nnx.Rngs(int(str(name_or_path).split(":")[1])))
     tok = vocab.ByteTokenizer()
   elif runs.is_pretrain_run(name_or_path):
-    model, tok, prefix = runs.load_run(name_or_path)
-    tok.prefix_ids = prefix
+    model, tok, _ = runs.load_run(name_or_path)
   else:
     model, tok = load_pretrained(name_or_path, dtype=dtype)
     if tokenizer:

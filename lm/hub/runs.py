@@ -59,7 +59,7 @@ def trainable(config):
 
 def load_run(workdir) -> tuple[Transformer, object, list[int]]:
   """(model at the run's last checkpoint, its tokenizer, the prefix every input starts with: its
-  sink token, or none) from a `pretrain` run directory."""
+  sink token, or none; also the tokenizer's `prefix_ids`) from a `pretrain` run directory."""
   workdir = Path(workdir)
   config = ml_collections.ConfigDict(json.loads((workdir / "config.json").read_text()))
   manifest = json.loads((workdir / MANIFEST).read_text())
@@ -71,5 +71,7 @@ def load_run(workdir) -> tuple[Transformer, object, list[int]]:
     state = nnx.state(model, trainable(config))
     ckpt.restore(state, step=ckpt.latest_step)
     nnx.update(model, state)
-  prefix = [int(manifest["tokenizer"]["vocab_size"])] if config.model.sink == "token" else []
-  return model, vocab.tokenizer_from_json(manifest["tokenizer"]), prefix
+  tokenizer = vocab.tokenizer_from_json(manifest["tokenizer"])
+  sink_token = int(manifest["tokenizer"]["vocab_size"])  # one id past the corpus vocabulary
+  tokenizer.prefix_ids = [sink_token] if config.model.sink == "token" else []
+  return model, tokenizer, list(tokenizer.prefix_ids)

@@ -33,7 +33,7 @@ import numpy as np
 from flax import nnx
 
 from lm import config as lm_config
-from lm.hub import vocab
+from lm.hub import runs, vocab
 from lm.hub.runs import model_config, trainable
 from lm.pretrain import corpus, sink_stats
 from lm.train import flops
@@ -131,7 +131,7 @@ def _sample(model, tokenizer, prompt_ids: list[int], n: int, seq_len: int, seed:
 
 def run(config, run_dir: RunDir, mesh=None) -> dict:
   store = corpus.open_or_build(_store_dir(config), config.corpus)
-  run_dir.write_json("corpus_manifest.json",
+  run_dir.write_json(runs.MANIFEST,
                      {k: v for k, v in store.manifest.items() if k != "documents"})
   seq_len = int(config.data.seq_len)
   sink = store.vocab_size if config.model.sink == "token" else None
