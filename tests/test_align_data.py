@@ -20,10 +20,8 @@ IM_END = "<|im_end|>"
 
 
 @pytest.fixture(scope="module")
-def tok(smollm2_gguf):
-  from lm import hub
-
-  return hub.load_tokenizer(smollm2_gguf)
+def tok(smollm2_tokenizer):
+  return smollm2_tokenizer
 
 
 def _user(text):

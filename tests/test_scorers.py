@@ -109,16 +109,16 @@ def test_reward_model_scores_the_ids_preference_training_encodes(smollm2):
 
 
 @pytest.mark.real_weights
-def test_reward_model_cuts_a_long_prompt_from_the_left_as_training_does(smollm2_gguf):
+def test_reward_model_cuts_a_long_prompt_from_the_left_as_training_does(smollm2_tokenizer):
   """A (prompt, completion) longer than the reward model's max_seq_len is scored as the chosen
   row `encode_preference` builds at max_length = max_seq_len: the prompt's start is cut, the
   reply kept; a reply longer than the context keeps one prompt token."""
   from flax import nnx
 
   import lm
-  from lm import heads, hub
+  from lm import heads
 
-  tok = hub.load_tokenizer(smollm2_gguf)
+  tok = smollm2_tokenizer
   backbone = lm.Transformer(lm.preset("tiny", vocab_size=len(tok), max_seq_len=48),
                             rngs=nnx.Rngs(0))
   rm = heads.RewardModel(backbone, rngs=nnx.Rngs(1))

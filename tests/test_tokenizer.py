@@ -11,8 +11,8 @@ from lm.hub import tokenizer
 
 
 @pytest.fixture(scope="module")
-def ours(smollm2_gguf):
-  return hub.load_tokenizer(smollm2_gguf)
+def ours(smollm2_tokenizer):
+  return smollm2_tokenizer
 
 
 @pytest.fixture(scope="module")
