@@ -6,6 +6,7 @@ kernels `[in, out]`. HF stores linear weights as `[out, in]`.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import re
@@ -405,13 +406,24 @@ def config_from_gguf(reader, *, dtype: str = "float32", name: str = "gguf") -> M
 
 
 def open_gguf(path: str | os.PathLike):
-  import gguf
-
+  """The file's `gguf.GGUFReader` (read-only memory map). Parsing the metadata of a 49k-token
+  vocabulary takes seconds, so a process keeps the readers of the last files it opened, keyed by
+  path, size and modification time: loading the same model again (pipeline stages, evaluations
+  of several runs on one base) parses it once."""
   path = Path(path)
   if not path.is_file():
     raise WeightsError(f"{path}: GGUF file not found.")
+  stat = path.stat()
+  return _gguf_reader(str(path.resolve()), stat.st_size, stat.st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=4)
+def _gguf_reader(path: str, size: int, mtime_ns: int):
+  del size, mtime_ns  # the cache key: a rewritten file is parsed again
+  import gguf
+
   try:
-    return gguf.GGUFReader(str(path))
+    return gguf.GGUFReader(path)
   except Exception as e:  # the reader raises bare ValueError/struct errors on bad files
     raise WeightsError(
         f"{path}: not a readable GGUF file ({type(e).__name__}: {e}); the file is corrupt or "

@@ -87,6 +87,26 @@ class MetricsWriter:
       self._tb.close()
 
 
+def read_history(path: str | os.PathLike) -> list[dict]:
+  """The records of a `metrics.jsonl` as a run's history: dicts without the wall-clock `time`,
+  lists back as numpy arrays and null (a non-finite value) as nan; [] when there is no file."""
+  path = Path(path)
+  if not path.exists():
+    return []
+
+  def nan_for_null(v):
+    if isinstance(v, list):
+      return [nan_for_null(x) for x in v]
+    return float("nan") if v is None else v
+
+  def value(v):
+    v = nan_for_null(v)
+    return np.asarray(v, np.float64) if isinstance(v, list) else v
+
+  return [{k: value(v) for k, v in json.loads(line).items() if k != "time"}
+          for line in path.read_text().splitlines() if line.strip()]
+
+
 class _NoMetrics:
   """The metrics writer of a process that does not own the run directory."""
 
