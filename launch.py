@@ -15,8 +15,10 @@ task named by `config.task`.
 from __future__ import annotations
 
 import importlib
+import json
 import logging
 import os
+import shlex
 import sys
 import time
 
@@ -27,6 +29,14 @@ _CONFIG = config_flags.DEFINE_config_file("config", None, "configs/NAME.py[:vari
                                           lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "run directory (refused if it holds another run)")
 _RESUME = flags.DEFINE_bool("resume", False, "continue the run already in --workdir")
+_RESUME_STEP = flags.DEFINE_integer(
+    "resume_step", None, "with --resume: continue from this checkpoint step (default: the newest "
+    "intact one)")
+_ALLOW_CONFIG_CHANGE = flags.DEFINE_bool(
+    "allow_config_change", False, "with --resume: continue although the config differs from the "
+    "run's in fields that change the experiment (recorded in config_changes.jsonl)")
+_VERBOSE = flags.DEFINE_bool(
+    "verbose", False, "show the traceback of an error in the input (also: POSTLAB_VERBOSE=1)")
 _DISTRIBUTED = flags.DEFINE_bool(
     "distributed", None,
     "call jax.distributed.initialize(); default: auto when a multi-process launcher is detected")
@@ -86,6 +96,21 @@ def check_fields(config, where: str) -> None:
   common.check_fields(config, module.get_config(), where, schema)
 
 
+# Errors in what the user gave (config values, data files, paths, a diverged run): one line
+# naming the field or file and the fix, unless --verbose. Anything else is a bug: its traceback.
+USER_ERRORS = (ValueError, OSError, FloatingPointError)
+
+
+def _verbose() -> bool:
+  return _VERBOSE.value or os.environ.get("POSTLAB_VERBOSE") == "1"
+
+
+def _resume_command() -> str:
+  """This process's command with --resume (and without --resume_step): what continues the run."""
+  args = [a for a in sys.argv[1:] if not a.startswith(("--resume", "--noresume"))]
+  return " ".join(shlex.quote(a) for a in ["python", "launch.py", *args, "--resume"])
+
+
 def main(argv):
   del argv
   for handler in logging.getLogger().handlers:
@@ -95,7 +120,12 @@ def main(argv):
     raise app.UsageError("--config is required, e.g. --config=configs/quickstart.py:cpu")
   if not _WORKDIR.value:
     raise app.UsageError("--workdir is required, e.g. --workdir=runs/quickstart")
-  task = config.task if "task" in config else None
+  try:
+    task = config.task if "task" in config else None
+  except OSError as e:  # ml_collections reports a config file that failed to load on first use
+    if _verbose():
+      raise
+    sys.exit("error: " + _config_flag_error(sys.argv, e))
   if task not in TASKS:
     raise app.UsageError(f"config.task={task!r} is unknown; known tasks: {sorted(TASKS)}")
   try:
@@ -116,21 +146,36 @@ def main(argv):
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
     jax.distributed.initialize(coordinator_address=_COORDINATOR.value,
                                num_processes=_NUM_PROCESSES.value, process_id=_PROCESS_ID.value)
-  run(config, _WORKDIR.value, resume=_RESUME.value)
+  try:
+    result = run(config, _WORKDIR.value, resume=_RESUME.value or _RESUME_STEP.value is not None,
+                 resume_step=_RESUME_STEP.value, allow_config_change=_ALLOW_CONFIG_CHANGE.value)
+  except USER_ERRORS as e:
+    if _verbose():
+      raise
+    sys.stderr.write(f"error: {e}\n(--verbose or POSTLAB_VERBOSE=1 shows the traceback)\n")
+    sys.exit(1)
+  if result and "preempted_at" in result:
+    logging.info("to continue: %s", _resume_command())
 
 
-def run(config, workdir, *, resume: bool = False, devices=None,
-        where: str | None = None) -> dict | None:
+def run(config, workdir, *, resume: bool = False, devices=None, where: str | None = None,
+        resume_step: int | None = None, allow_config_change: bool = False) -> dict | None:
   """Runs `config.task` into `workdir` in this process, on a mesh of `config.mesh` over `devices`
   (default: every device), and returns the task's result. `main` calls it after the process-wide
   set-up (flags, the allocator, multi-process JAX, the field check); tests call it directly to run
   a task in-process, with `where` (the config's name) to check its fields first.
+
+  The run directory is locked while the task runs and its `status.json` says how it ended. A
+  run stopped by SIGTERM/SIGINT saves a checkpoint and returns `{"preempted_at": step}`; a run
+  that fails before its first step leaves nothing behind; resuming a finished run returns its
+  summary and changes nothing.
   """
   if where is not None:
     check_fields(config, where)
   import jax
 
   from lm import sharding
+  from lm.train import trainer
   from lm.train.rundir import RunDir
 
   task = config.task
@@ -140,19 +185,76 @@ def run(config, workdir, *, resume: bool = False, devices=None,
                jax.devices(), dict(mesh.shape))
   # Every process runs the task; process 0 alone writes the run directory (orbax coordinates
   # checkpoints across processes itself).
-  run_dir = RunDir(workdir, config, resume=resume, primary=jax.process_index() == 0)
+  run_dir = RunDir(workdir, config, resume=resume, primary=jax.process_index() == 0,
+                   resume_step=resume_step, allow_config_change=allow_config_change)
+  if run_dir.finished:
+    run_dir.close()
+    summary = run_dir.path / "summary.json"
+    return json.loads(summary.read_text()) if summary.exists() else {}
   module_name, fn_name = TASKS[task].split(":")
   fn = getattr(importlib.import_module(module_name), fn_name)
+  preempted = getattr(trainer, "Preempted", ())
   t0 = time.time()
   try:
     with jax.set_mesh(mesh):
       result = fn(config, run_dir, mesh)
+  except preempted as e:
+    run_dir.set_status("preempted", step=e.step)
+    logging.warning("%s stopped at step %d by a signal; its checkpoint is saved. Continue it with "
+                    "--resume.", task, e.step)
+    return {"preempted_at": e.step}
+  except Exception as e:  # a kill or Ctrl-C leaves the run as a kill would: resumable
+    run_dir.set_status("failed", error=f"{type(e).__name__}: {e}")
+    if run_dir.discard_if_unstarted():
+      logging.info("the run failed before its first step; removed what it had created in %s",
+                   run_dir.path)
+    raise
   finally:
     run_dir.close()
+  run_dir.set_status("finished", wall_s=round(time.time() - t0, 1))
   logging.info("%s finished in %.1fs; results in %s", task, time.time() - t0, run_dir.path)
   if result:
     logging.info("%s", {k: v for k, v in result.items() if isinstance(v, (int, float, str))})
   return result
+
+
+def _parse_flags(argv):
+  """absl's flag parsing, with the config's own errors (a file that does not load, an override
+  of a field the config lacks) as one line naming the flag."""
+  try:
+    return flags.FLAGS(argv)
+  except (flags.Error, KeyError, AttributeError, OSError, ValueError, TypeError) as e:
+    if _verbose_argv(argv):
+      raise
+    if isinstance(e, flags.Error) and (str(e).startswith("flag --config.") or (
+        e.__cause__ is None and e.__context__ is None)):
+      sys.exit(f"error: {str(e).splitlines()[0]}\nPass --helpshort for the flags.")
+    sys.exit("error: " + _config_flag_error(argv, e))
+
+
+def _verbose_argv(argv) -> bool:
+  return "--verbose" in argv or os.environ.get("POSTLAB_VERBOSE") == "1"
+
+
+def _config_flag_error(argv, e: BaseException) -> str:
+  spec = next((a.split("=", 1)[1] for a in argv if a.startswith("--config=")), None)
+  cause = e
+  while cause.__cause__ or cause.__context__:
+    cause = cause.__cause__ or cause.__context__
+  if spec and isinstance(cause, (OSError, ValueError)) and not isinstance(cause, KeyError):
+    path = spec.split(":", 1)[0]
+    if not os.path.isfile(path):
+      here = os.path.dirname(path) or "."
+      known = sorted(n for n in os.listdir(here) if n.endswith(".py")) if os.path.isdir(here) else []
+      return f"--config={spec}: no file {path}" + (
+          f"; {here}/ holds {', '.join(known)}." if known else ".")
+    return f"--config={spec}: {cause}"
+  key = str(cause).strip("'\"")
+  overrides = [a.split("=", 1)[0] for a in argv if a.startswith("--config.")]
+  named = [o for o in overrides if o.rsplit(".", 1)[-1] == key] or overrides
+  return (f"{' '.join(named) or '--config'}: the config {spec} has no field {key!r} "
+          f"({type(cause).__name__}); check the spelling against {spec.split(':', 1)[0] if spec else 'the config'}.")
+
 
 if __name__ == "__main__":
   sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -160,4 +262,4 @@ if __name__ == "__main__":
 
   reexec_with_cpu_allocator()  # glibc reads its tunables at start-up, before JAX allocates
   flags.mark_flags_as_required(["config", "workdir"])
-  app.run(main)
+  app.run(main, flags_parser=_parse_flags)

@@ -7,7 +7,7 @@ import subprocess
 import pytest
 
 from align import verifier
-from lm.train.rundir import RunDir, WorkdirExistsError
+from lm.train.rundir import ConfigChangedError, RunDir, WorkdirExistsError
 from tests_helpers import REPO, check_train_run_directory, launch_cmd, launch_env, run_task
 
 
@@ -16,7 +16,11 @@ def test_rundir_refuses_existing_run(tmp_path):
   with pytest.raises(WorkdirExistsError, match="--resume"):
     RunDir(tmp_path, {"a": 2})
   assert json.loads((tmp_path / "config.json").read_text()) == {"a": 1}
-  RunDir(tmp_path, {"a": 3}, resume=True).close()
+  RunDir(tmp_path, {"a": 1}, resume=True).close()
+  with pytest.raises(ConfigChangedError, match="a: 1 -> 3"):  # tests/test_faults_run.py: more
+    RunDir(tmp_path, {"a": 3}, resume=True)
+  RunDir(tmp_path, {"a": 3}, resume=True, allow_config_change=True).close()
+  assert json.loads((tmp_path / "config.json").read_text()) == {"a": 3}
 
 
 @pytest.mark.subprocess

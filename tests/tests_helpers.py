@@ -45,15 +45,17 @@ def task_config(spec: str, overrides: dict | None = None):
 
 
 def run_task(spec: str, workdir, overrides: dict | None = None, *, resume: bool = False,
-             devices: int = 1):
-  """launch.py's task in this process (`launch.run`): no interpreter start-up, imports or
-  compiles paid again. On the first `devices` CPU devices: a launch.py process has one."""
+             devices: int = 1, **run_args):
+  """launch.py's task in this process (`launch.run`; `run_args` such as `resume_step`,
+  `allow_config_change` as its flags): no interpreter start-up, imports or compiles paid again.
+  On the first `devices` CPU devices: a launch.py process has one."""
   import jax
 
   import launch
 
   return launch.run(task_config(spec, overrides), workdir, resume=resume,
-                    devices=jax.devices()[:devices], where=f"configs/{spec.replace(':', '.py:')}")
+                    devices=jax.devices()[:devices], where=f"configs/{spec.replace(':', '.py:')}",
+                    **run_args)
 
 
 # Every file a `train` run directory holds, beside its plots.

@@ -6,9 +6,14 @@ to continue it, or choose a new directory.
 
 from __future__ import annotations
 
+import fcntl
+import fnmatch
 import json
 import logging
 import os
+import shutil
+import socket
+import sys
 import time
 from pathlib import Path
 from typing import Any, Mapping
@@ -120,35 +125,231 @@ class _NoMetrics:
     pass
 
 
+class RunLockedError(WorkdirExistsError):
+  """Another live process holds the run directory."""
+
+
+class ConfigChangedError(ValueError):
+  """`--resume` with a config that differs from the run's in fields that cannot change."""
+
+
+# Fields that may differ when a run is resumed (fnmatch patterns over dotted names): how long it
+# trains, how often it evaluates, checkpoints and logs, and the device mesh. Anything else changes
+# the experiment and needs --allow_config_change, which records the change.
+RESUME_MAY_CHANGE = ("train.steps", "train.epochs", "*_every", "train.keep_checkpoints", "mesh.*")
+
+
+def _flat(tree: Any, prefix: str = "") -> dict[str, Any]:
+  if isinstance(tree, Mapping) and tree:
+    out = {}
+    for k, v in tree.items():
+      out.update(_flat(v, f"{prefix}{k}."))
+    return out
+  return {prefix[:-1]: tree}
+
+
+def config_changes(old: Mapping, new: Mapping) -> dict[str, tuple[Any, Any]]:
+  """{dotted field: (old, new)} for every field whose value differs ("<absent>" where a side
+  lacks it), both read as JSON."""
+  a, b = _flat(old), _flat(new)
+  missing = "<absent>"
+  return {k: (a.get(k, missing), b.get(k, missing)) for k in sorted(set(a) | set(b))
+          if a.get(k, missing) != b.get(k, missing)}
+
+
+def _holder() -> dict:
+  return {"pid": os.getpid(), "host": socket.gethostname(),
+          "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "command": " ".join(sys.argv)}
+
+
+class RunLock:
+  """An exclusive lock on a run directory for the life of a run: `<workdir>/.lock`, held with
+  `flock` (the kernel drops it when the process dies, however it dies) and holding the holder's
+  pid, host, start time and command, so a refused process can say who holds the run. A lock file
+  left by a dead process is taken over with a warning."""
+
+  def __init__(self, workdir: Path):
+    self.path = workdir / ".lock"
+    self._fd: int | None = None
+
+  def acquire(self) -> None:
+    fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+      fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+      holder = self._read(fd)
+      os.close(fd)
+      who = (f"pid {holder.get('pid')} on {holder.get('host')} since {holder.get('started')} "
+             f"({holder.get('command')})") if holder else "another process"
+      raise RunLockedError(
+          f"{self.path.parent} is in use by a live run: {who}. Two processes on one run would "
+          "overwrite each other's checkpoints and metrics; wait for it to end or stop it first."
+      ) from None
+    previous = self._read(fd)
+    if previous:
+      log.warning("%s: took over the lock of a run that is no longer alive (pid %s on %s, started "
+                  "%s)", self.path.parent, previous.get("pid"), previous.get("host"),
+                  previous.get("started"))
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, json.dumps(_holder()).encode(), 0)
+    os.fsync(fd)
+    self._fd = fd
+
+  @staticmethod
+  def _read(fd: int) -> dict:
+    try:
+      return json.loads(os.pread(fd, 1 << 16, 0) or b"{}")
+    except ValueError:
+      return {}
+
+  def release(self) -> None:
+    """Empties the file (an empty lock file is a cleanly ended run) and unlocks it."""
+    if self._fd is None:
+      return
+    os.ftruncate(self._fd, 0)
+    fcntl.flock(self._fd, fcntl.LOCK_UN)
+    os.close(self._fd)
+    self._fd = None
+
+
 class RunDir:
-  """A run's directory: `config.json`, `metrics.jsonl`, `tensorboard/`, `plots/`, `report.md`."""
+  """A run's directory: `config.json`, `metrics.jsonl`, `tensorboard/`, `plots/`, `report.md`,
+  and `status.json` (running / finished / failed / preempted, with pid, host and times).
+
+  The process that owns it holds `RunLock` until `close`. `resume=True` continues the run: its
+  config must equal the run's apart from `RESUME_MAY_CHANGE` unless `allow_config_change`, which
+  records the change in `config_changes.jsonl`; a finished run resumed with its own config sets
+  `finished` and changes nothing. `config.json` is only (re)written after these checks.
+  """
 
   def __init__(self, workdir: str | os.PathLike, config: Any, *, resume: bool = False,
-               primary: bool = True):
+               primary: bool = True, resume_step: int | None = None,
+               allow_config_change: bool = False):
     """`primary=False` (processes other than 0 of a multi-process run): the same paths, no
     checks and no writes, so one process owns the directory."""
     self.path = Path(workdir).absolute()
     self.resume = resume
+    self.resume_step = resume_step
     self.primary = primary
+    self.finished = False
+    self._lock: RunLock | None = None
     if not primary:
       self.metrics = _NoMetrics()
       return
-    cfg_file = self.path / "config.json"
     cfg_json = config.to_json_best_effort(indent=2) if hasattr(config, "to_json_best_effort") \
         else json.dumps(_to_jsonable(config), indent=2)
-    if cfg_file.exists() and not resume:
+    self._created = self._make_dir()
+    self._before = set(os.listdir(self.path))
+    self._lock = RunLock(self.path)
+    self._lock.acquire()
+    try:
+      self._continues = self._check_resume(json.loads(cfg_json), allow_config_change)
+      if self.finished:
+        self.metrics = _NoMetrics()
+        return
+      (self.path / "plots").mkdir(exist_ok=True)
+      cfg_file = self.path / "config.json"
+      if cfg_file.exists():
+        os.replace(cfg_file, self.path / f"config.previous.{int(time.time())}.json")
+      tmp = self.path / "config.json.tmp"
+      tmp.write_text(cfg_json)
+      os.replace(tmp, cfg_file)
+      self.metrics = MetricsWriter(self.path)
+      self.set_status("running")
+    except BaseException:
+      self._lock.release()
+      raise
+
+  def _make_dir(self) -> bool:
+    """Creates the workdir (True) or checks the existing one is a writable directory (False)."""
+    if self.path.exists() and not self.path.is_dir():
+      raise NotADirectoryError(f"--workdir {self.path} is a file, not a directory; choose another "
+                               "--workdir.")
+    existed = self.path.exists()
+    try:
+      self.path.mkdir(parents=True, exist_ok=True)
+    except PermissionError:
+      raise PermissionError(f"--workdir {self.path} cannot be created (permission denied); choose "
+                            "a directory you can write to.") from None
+    if not os.access(self.path, os.W_OK | os.X_OK):
+      raise PermissionError(f"--workdir {self.path} is not writable; choose a directory you can "
+                            "write to.")
+    return not existed
+
+  def _check_resume(self, new: dict, allow_config_change: bool) -> bool:
+    """True when this continues a run already in the directory; refuses what may not be."""
+    cfg_file = self.path / "config.json"
+    if not cfg_file.exists():
+      if self.resume:
+        log.info("--resume: %s holds no run yet; starting one", self.path)
+      return False
+    if not self.resume:
       raise WorkdirExistsError(
           f"{self.path} already holds a run (config.json). Pass --resume to continue it, or use a "
-          "new --workdir; nothing was overwritten."
-      )
-    self.path.mkdir(parents=True, exist_ok=True)
-    (self.path / "plots").mkdir(exist_ok=True)
-    if cfg_file.exists():
-      os.replace(cfg_file, self.path / f"config.previous.{int(time.time())}.json")
-    tmp = self.path / "config.json.tmp"
-    tmp.write_text(cfg_json)
-    os.replace(tmp, cfg_file)
-    self.metrics = MetricsWriter(self.path)
+          "new --workdir; nothing was overwritten.")
+    changes = config_changes(json.loads(cfg_file.read_text()), new)
+    fixed = {k: v for k, v in changes.items()
+             if not any(fnmatch.fnmatchcase(k, p) for p in RESUME_MAY_CHANGE)}
+    if fixed and not allow_config_change:
+      lines = "\n".join(f"  {k}: {old!r} -> {now!r}" for k, (old, now) in fixed.items())
+      raise ConfigChangedError(
+          f"--resume: the config differs from the run's ({cfg_file}) in fields that cannot change "
+          f"on resume:\n{lines}\nResume with the run's config, or pass --allow_config_change to "
+          f"continue with the new values (recorded in config_changes.jsonl). Fields that may "
+          f"change: {', '.join(RESUME_MAY_CHANGE)}.")
+    status = self.status()
+    if not changes and status.get("state") == "finished" and self.resume_step is None:
+      self.finished = True
+      log.info("%s finished at %s; nothing to do (raise train.steps to train further)",
+               self.path, status.get("ended"))
+      return True
+    if changes:
+      record = {"time": time.time(), "allowed": bool(fixed),
+                "changes": {k: list(v) for k, v in changes.items()}}
+      with open(self.path / "config_changes.jsonl", "a") as fh:
+        fh.write(json.dumps(record) + "\n")
+      if fixed:
+        log.warning("--allow_config_change: continuing with %d changed fields (%s); recorded in "
+                    "config_changes.jsonl", len(fixed), ", ".join(fixed))
+    return True
+
+  def status(self) -> dict:
+    """`status.json` ({} when absent)."""
+    path = self.path / "status.json"
+    return json.loads(path.read_text()) if path.exists() else {}
+
+  def set_status(self, state: str, **info: Any) -> None:
+    """Records the run's state (running, finished, failed, preempted) with who runs it."""
+    if not self.primary or self.finished:
+      return
+    now = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+    status = {"state": state, **_holder(), "updated": now, **info}
+    if state != "running":
+      status["ended"] = now
+    self.write_json("status.json", status)
+
+  def discard_if_unstarted(self) -> bool:
+    """After a failure: when this process started the run (not a resume of one) and no step
+    was taken (no record past step 0, no checkpoint), remove what it created, so the corrected
+    command can be rerun as it is. Returns whether it did."""
+    if not self.primary or self.finished or getattr(self, "_continues", True):
+      return False
+    history = read_history(self.path / "metrics.jsonl")
+    ckpts = self.path / "checkpoints"
+    if any(h.get("step", 0) > 0 for h in history) or (
+        ckpts.is_dir() and any(p.name.isdigit() for p in ckpts.iterdir())):
+      return False
+    self.metrics.close()
+    self.metrics = _NoMetrics()
+    for name in set(os.listdir(self.path)) - self._before - {".lock"}:
+      target = self.path / name
+      shutil.rmtree(target) if target.is_dir() and not target.is_symlink() else target.unlink()
+    self._lock.release()
+    (self.path / ".lock").unlink(missing_ok=True)
+    self._lock = None
+    if self._created and not os.listdir(self.path):
+      self.path.rmdir()
+    return True
 
   @property
   def plots(self) -> Path:
@@ -172,7 +373,11 @@ class RunDir:
     return path
 
   def close(self) -> None:
-    self.metrics.close()
+    if hasattr(self, "metrics"):
+      self.metrics.close()
+    if self._lock is not None:
+      self._lock.release()
+      self._lock = None
 
 
 def pyplot():
