@@ -34,9 +34,14 @@ def build(data_cfg: ml_collections.ConfigDict, tokenizer, kind: str, *,
     raise ValueError(f"kind must be 'sft' or 'preference', got {kind!r}")
   if data_cfg.pack and kind != "sft":
     raise ValueError("pack=True is for SFT only")
-  rows = load_records(data_cfg.source, split=data_cfg.split, n=data_cfg.n)
+  rows = load_records(data_cfg.source, split=data_cfg.split, n=data_cfg.n,
+                      on_error=data_cfg.on_error)
   records, norm_stats = normalize_rows(rows, kind=kind, fmt=data_cfg.format,
-                                       on_error=data_cfg.on_error)
+                                       on_error=data_cfg.on_error, source=data_cfg.source)
+  if not records:
+    raise ValueError(f"{data_cfg.source}: none of its {len(rows)} rows is a usable {kind} record "
+                     f"({norm_stats['malformed_problems']}); fix the rows or point data.source "
+                     "at another file")
   train_records, eval_records = split_holdout(records, data_cfg.n_eval, data_cfg.seed)
   encode = encode_sft if kind == "sft" else encode_preference
   limits = dict(max_length=data_cfg.max_length, max_prompt_length=data_cfg.max_prompt_length,

@@ -20,6 +20,7 @@ from urllib.parse import urlparse
 import numpy as np
 
 from lm.data import read_rows, shared_file
+from lm.data.sources import DataFileError, UnreadableLine
 
 log = logging.getLogger(__name__)
 
@@ -38,10 +39,11 @@ MAX_LISTED = 10  # row indices a log line or stats entry lists
 
 
 class MalformedRowError(ValueError):
-  """A source row that cannot be normalised; names the row index, the field and the problem."""
+  """A source row that cannot be normalised; names the row index, the field and the problem (and
+  the source, where the caller gives it)."""
 
-  def __init__(self, index: int, field: str, problem: str):
-    super().__init__(f"row {index}: field {field!r}: {problem}")
+  def __init__(self, index: int, field: str, problem: str, source: str | None = None):
+    super().__init__(f"{source + ': ' if source else ''}row {index}: field {field!r}: {problem}")
     self.index, self.field, self.problem = index, field, problem
 
 
@@ -74,8 +76,13 @@ def _offline_rows(source: str, split: str) -> list | None:
   return read_rows(path)
 
 
-def load_records(source: str, *, split: str = "train", n: int | None = None) -> list[dict]:
+def load_records(source: str, *, split: str = "train", n: int | None = None,
+                 on_error: str = "fail") -> list[dict]:
   """The first `n` raw rows of a local `.json`/`.jsonl`(`.gz`) file, an HF dataset or an alias.
+
+  A local file's line that is not JSON raises DataFileError naming the file, the line and the fix,
+  or with `on_error="skip"` stays in its row's place as an `UnreadableLine`, which
+  `normalize_rows` leaves out and counts.
 
   HF names ("Anthropic/hh-rlhf", "Intel/orca_dpo_pairs", "HuggingFaceH4/ultrafeedback_binarized"
   with split "train_prefs", "yahma/alpaca-cleaned", ...) load through `datasets.load_dataset`.
@@ -85,7 +92,13 @@ def load_records(source: str, *, split: str = "train", n: int | None = None) -> 
   """
   path = Path(os.path.expanduser(source))
   if path.exists():
-    rows = read_rows(path)
+    try:
+      rows = read_rows(path, on_error=on_error)
+    except DataFileError as e:
+      if not e.skippable:
+        raise
+      raise DataFileError(e.path, e.problem, f"{e.fix}, or set data.on_error=skip to leave "
+                          "such lines out (counted in the data stats)", e.line) from None
   elif source.endswith((".json", ".jsonl", ".gz")):
     raise FileNotFoundError(f"data file {source!r} does not exist.")
   elif source.lower() in _DERIVED:
@@ -282,23 +295,27 @@ def normalize_sft(row: dict, index: int, fmt: str = "auto") -> dict:
 
 
 def normalize_rows(rows: list, *, kind: str, fmt: str = "auto",
-                   on_error: str = "fail") -> tuple[list[dict], dict]:
+                   on_error: str = "fail", source: str | None = None) -> tuple[list[dict], dict]:
   """Normalised records and stats of raw rows; kind "sft" | "preference".
 
-  on_error="fail" raises the first MalformedRowError; "skip" leaves malformed rows out, counts them
-  in the stats (`n_malformed`, first indices, problems by field) and logs a warning.
+  on_error="fail" raises the first MalformedRowError (naming `source` when given); "skip" leaves
+  malformed rows out, counts them in the stats (`n_malformed`, first indices, problems by field)
+  and logs a warning. A file's line that was not JSON (`UnreadableLine`) is a malformed row.
   """
   if on_error not in ("fail", "skip"):
     raise ValueError(f"on_error must be 'fail' or 'skip', got {on_error!r}")
   normalize = {"sft": normalize_sft, "preference": normalize_preference}[kind]
-  records, bad, problems = [], [], collections.Counter()
+  records, bad, lines, problems = [], [], [], collections.Counter()
   for i, row in enumerate(rows):
     try:
+      if isinstance(row, UnreadableLine):
+        lines.append(row.line)
+        raise MalformedRowError(i, "<line>", "not valid JSON")
       records.append(normalize(row, i, fmt))
     except MalformedRowError as e:
       if on_error == "fail":
         raise MalformedRowError(e.index, e.field, e.problem + " (on_error='skip' skips and "
-                                "counts malformed rows)") from None
+                                "counts malformed rows)", source) from None
       bad.append(i)
       problems[f"{e.field}: {e.problem}"] += 1
   if bad:
@@ -306,13 +323,16 @@ def normalize_rows(rows: list, *, kind: str, fmt: str = "auto",
                 bad[:MAX_LISTED], " ..." if len(bad) > MAX_LISTED else "", dict(problems))
   stats = {"n_rows": len(rows), "n_records": len(records), "n_malformed": len(bad),
            "malformed_indices": bad[:MAX_LISTED], "malformed_problems": dict(problems)}
+  if lines:  # the file's lines (1-based) that were not JSON
+    stats["unreadable_lines"] = lines[:MAX_LISTED]
   return records, stats
 
 
 def split_holdout(records: list, n_eval: int, seed: int) -> tuple[list, list]:
   """(train, eval): `n_eval` records drawn by `seed`, both in source order; deterministic."""
   if not 0 <= n_eval < len(records):
-    raise ValueError(f"n_eval={n_eval} must be in [0, {len(records)}) for {len(records)} records")
+    raise ValueError(f"data.n_eval={n_eval} must be in [0, {len(records)}) for {len(records)} "
+                     "records (it leaves at least one to train on); lower data.n_eval")
   held = set(np.random.default_rng(seed).permutation(len(records))[:n_eval].tolist())
   return ([r for i, r in enumerate(records) if i not in held],
           [r for i, r in enumerate(records) if i in held])

@@ -56,11 +56,14 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.rewards = ml_collections.ConfigDict({"arith_correct": 1.0, "number_only": 0.1})
   c.reward_args = ml_collections.ConfigDict()
   c.eval = ml_collections.ConfigDict({"sample": False, "seed": 1234, "batch_size": 0})
+  # kl_clamp: log r = log π_ref - log π is clipped to [-kl_clamp, kl_clamp] before the estimator,
+  # so k3 = e^{log r} - log r - 1 stays finite (<= e^20, not e^88+ = inf in float32); 20 is verl's
+  # clamp of the log-ratio in its k3 ("low_var_kl"), which also caps the estimate at 10 (not here)
   c.loss.update(temperature=c.rollout.get_ref("temperature"), eps_low=0.2, eps_high=0.2,
                 dual_clip=ml_collections.config_dict.placeholder(float),
                 aggregation="seq_mean_token_mean",
                 max_completion_length=c.rollout.get_ref("max_new_tokens"),
-                beta=0.04, kl_estimator="k3", kl_clamp=ml_collections.config_dict.placeholder(float),
+                beta=0.04, kl_estimator="k3", kl_clamp=20.0,
                 kl_in="loss")  # or "reward": β Σ_t KL_t off each sequence's reward
   c.train.update(steps=50, lr=1e-4, warmup_steps=3, schedule="cosine", min_lr_ratio=0.1,
                  grad_clip=1.0, eval_every=25, checkpoint_every=25)

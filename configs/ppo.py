@@ -25,7 +25,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.loss = ml_collections.ConfigDict({
       "temperature": c.rollout.get_ref("temperature"), "cliprange": 0.2, "cliprange_value": 0.2,
       "vf_coef": 0.1, "kl_coef": 0.05, "kl_estimator": "k1", "gamma": 1.0, "lam": 0.95,
-      "whiten_advantages": True})
+      "whiten_advantages": True,
+      # |log r| bound before the estimator, as grpo.py's (verl's): k3 stays finite too
+      "kl_clamp": 20.0})
   # the value head learns 10x faster than the adapters: it starts at zero, and at the policy's
   # lr (Adam moves it by ~lr a step whatever vf_coef is) it explained 4% of the returns' variance
   # after 50 rollouts

@@ -62,6 +62,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       "b1": 0.9, "b2": 0.99, "eps": 1e-8, "eval_every": 250, "eval_batch_size": 64,
       "eval_batches": 40, "checkpoint_every": 500, "keep_checkpoints": 2, "seed": 1337,
       "spike_factor": 0.0, "spike_warmup": 100, "spike_ema": 0.99,
+      # consecutive steps with a zero gradient after which the trainer stops the run; 0 = off
+      "stall_steps": 5,
       "lr_multipliers": {}})  # parameter-path substring -> learning-rate factor; {} = none
   c.sample_tokens = 300  # a sample of this many tokens in the report (0 = none)
   c.sink_rate_sequences = 16  # validation windows for the sink rate logged at every evaluation

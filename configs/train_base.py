@@ -62,6 +62,8 @@ def base(algorithm: str, variant: str | None) -> ml_collections.ConfigDict:
       # a step whose loss exceeds spike_factor x its running mean (EMA spike_ema, after
       # spike_warmup steps) is skipped; 0 = off
       "spike_factor": 0.0, "spike_warmup": 100, "spike_ema": 0.99,
+      # consecutive steps with a zero gradient after which the trainer stops the run; 0 = off
+      "stall_steps": 5,
   })
   c.algorithm = algorithm  # e.g. "align.losses.dpo": its ALGORITHM record, run by align/train.py
   c.loss = ml_collections.ConfigDict()  # the algorithm's own settings (beta, margin, ...)

@@ -1,14 +1,17 @@
 """Every config variant builds, unknown variants are refused by name, every variant has the fields
-its task reads and a config that lacks one is refused at start-up naming it, and the stability
-study's runs point at each other: the GRPO runs read the reward model the study trains, align_eval
-reads the adapters the study writes, and no GRPO run trains on align_eval's prompts."""
+its task reads and a config that lacks one is refused at start-up naming it, every numeric field
+has a range rule that every variant passes and a bad value or type is refused naming the field,
+the value and the range, and the stability study's runs point at each other: the GRPO runs read
+the reward model the study trains, align_eval reads the adapters the study writes, and no GRPO run
+trains on align_eval's prompts."""
 
 import importlib
 import subprocess
 
+import ml_collections
 import pytest
 
-from configs import align_eval, common, dpo, grpo
+from configs import align_eval, common, dpo, grpo, ppo
 from tests_helpers import REPO, launch_cmd, launch_env
 
 VARIANTS = {
@@ -78,6 +81,80 @@ def test_a_missing_field_is_refused_by_name_and_extra_fields_are_allowed(tmp_pat
                      cwd=REPO, env=launch_env(), capture_output=True, text=True, timeout=300)
   assert r.returncode != 0 and want.replace("configs/mine.py", str(mine)) in r.stderr
   assert not (tmp_path / "w").exists()
+
+
+@pytest.mark.parametrize("name", sorted(VARIANTS))
+def test_every_numeric_field_has_a_rule_and_every_variant_passes_it(name):
+  """A new numeric field cannot slip past check_values: every number (and numeric placeholder) of
+  every variant matches a pattern of common.RULES, and every shipped variant passes the check."""
+  module = importlib.import_module(f"configs.{name}")
+  for variant in VARIANTS[name]:
+    config = module.get_config(variant)
+    uncovered = [path for path, field in common.numeric_fields(config)
+                 if common.rule_for(field, config.task) is None]
+    assert not uncovered, (name, variant, uncovered)
+    common.check_values(config, f"configs/{name}.py:{variant}")
+
+
+# (field, bad value, what the message says is allowed)
+BAD_VALUES = [
+    ("train.steps", -1, "must be an integer >= 1"),
+    ("train.lr", -0.01, "must be a number > 0"),
+    ("train.lr", 0.0, "must be a number > 0"),
+    ("train.batch_size", 0, "must be an integer >= 1"),
+    ("train.grad_accum", 0, "must be an integer >= 1"),
+    ("train.eval_every", -1, "must be an integer >= 0"),
+    ("train.b2", 1.0, "must be a number in [0, 1)"),
+    ("train.stall_steps", -1, "must be an integer >= 0"),
+    ("rollout.top_p", 1.5, "must be a number in (0, 1]"),
+    ("rollout.temperature", float("nan"), "must be a number >= 0"),
+    ("lora.dropout", 1.0, "must be a number in [0, 1)"),
+    ("lora.rank", -8, "must be an integer >= 0"),
+    ("loss.kl_clamp", None, "or None with kl_estimator k1 or k2 only"),
+    ("loss.kl_clamp", 1000.0, "must be a number in (0, 80]"),
+]
+
+
+@pytest.mark.parametrize("field,value,allowed", BAD_VALUES)
+def test_a_bad_value_is_refused_naming_the_field_value_and_range(field, value, allowed):
+  config = grpo.get_config("smoke")
+  section, key = field.split(".")
+  config[section][key] = value
+  with pytest.raises(ValueError) as e:
+    common.check_values(config, "configs/mine.py:smoke")
+  (line,) = [line for line in str(e.value).splitlines() if f" {field}=" in line]
+  assert line.startswith(f"config configs/mine.py:smoke: {field}={value!r} ")
+  assert allowed in line
+
+
+def test_a_value_of_the_wrong_type_is_refused_and_every_bad_field_is_listed():
+  """A string where a number goes, a float where an int goes and a bool for a number are refused
+  against the schema's types (an int where a float goes is fine); one error lists them all."""
+  config = dpo.get_config("cpu")
+  # sections replaced whole, as a config of one's own may: ConfigDict no longer casts
+  config.train = ml_collections.ConfigDict(dict(config.train.to_dict(), lr="1e-4", steps=10.0,
+                                                weight_decay=1, grad_clip=True))
+  config.lora.dropout = 0.5
+  config.data.batch_size = 0
+  with pytest.raises(ValueError) as e:
+    common.check_values(config, "configs/mine.py:cpu")
+  assert sorted(str(e.value).splitlines()) == [
+      "config configs/mine.py:cpu: data.batch_size=0 is out of range; must be an integer >= 1",
+      ("config configs/mine.py:cpu: train.grad_clip=True is a bool, not a float as in "
+       "configs/dpo.py; must be a number >= 0"),
+      ("config configs/mine.py:cpu: train.lr='1e-4' is a str, not a float as in configs/dpo.py; "
+       "must be a number > 0"),
+      ("config configs/mine.py:cpu: train.steps=10.0 is a float, not an int as in "
+       "configs/dpo.py; must be an integer >= 1")]
+
+
+def test_kl_clamp_may_be_none_only_where_the_estimator_cannot_overflow():
+  config = ppo.get_config("smoke")  # k1
+  config.loss.kl_clamp = None
+  common.check_values(config, "configs/ppo.py:smoke")
+  config.loss.kl_estimator = "k3"
+  with pytest.raises(ValueError, match=r"loss.kl_clamp=None"):
+    common.check_values(config, "configs/ppo.py:smoke")
 
 
 def _load(spec: str):

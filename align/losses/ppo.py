@@ -175,7 +175,7 @@ def make_batch_for(config, trainer) -> Callable:
     mask = rows["loss_mask"][:, 1:] > 0
     rewards_bt, kl = token_rewards(jnp.asarray(total, jnp.float32), jnp.asarray(rows["old_logps"]),
                                    ref, mask, kl_coef=kl_coef,
-                                   estimator=lc.kl_estimator)
+                                   estimator=lc.kl_estimator, clamp=lc.kl_clamp)
     adv, returns = gae(rewards_bt, values, mask, gamma=lc.gamma, lam=lc.lam)
     if lc.whiten_advantages:
       adv = whiten(adv, mask)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import gzip
 import json
 import logging
@@ -30,19 +31,92 @@ def shared_file(rel: str) -> Path | None:
   return path if path is not None and path.exists() else None
 
 
+class DataFileError(ValueError):
+  """A local data file that cannot be read as rows: names the file, the line (1-based, in the
+  file) where there is one, what is wrong and the fix. `skippable`: a JSONL line that is not
+  JSON, which `read_rows(..., on_error="skip")` would have left out."""
+
+  def __init__(self, path, problem: str, fix: str, line: int | None = None, *,
+               skippable: bool = False):
+    where = f"{path}, line {line}" if line is not None else f"{path}"
+    super().__init__(f"{where}: {problem}.\nFix: {fix}.")
+    self.path, self.problem, self.fix, self.line = path, problem, fix, line
+    self.skippable = skippable
+
+
+@dataclasses.dataclass(frozen=True)
+class UnreadableLine:
+  """A JSONL line that is not valid JSON, in place of its row when `read_rows` skips such lines:
+  the caller counts it where it counts malformed rows."""
+
+  path: str
+  line: int
+  problem: str
+
+
 def open_text(path: Path) -> str:
-  """The text of a file, gunzipped when its name ends in .gz."""
+  """The text of a file, gunzipped when its name ends in .gz (a leading UTF-8 byte-order mark is
+  dropped). A file that is not UTF-8, or not gzip though named so, raises DataFileError naming
+  the line of the first bad byte."""
+  path = Path(path)
   opener = gzip.open if path.suffix == ".gz" else open
-  with opener(path, "rt", encoding="utf-8") as fh:
-    return fh.read()
+  try:
+    with opener(path, "rt", encoding="utf-8-sig") as fh:
+      return fh.read()
+  except UnicodeDecodeError:
+    with opener(path, "rb") as fh:  # text mode decodes in chunks: find the byte in the file
+      data = fh.read()
+    try:
+      data.decode("utf-8")
+      start = 0
+    except UnicodeDecodeError as e:
+      start = e.start
+    raise DataFileError(path, f"not UTF-8 text (byte 0x{data[start]:02x})",
+                        "save the file as UTF-8, e.g. `iconv -f latin1 -t utf-8 FILE > NEW`",
+                        data.count(b"\n", 0, start) + 1) from None
+  except (gzip.BadGzipFile, EOFError) as e:
+    raise DataFileError(path, f"not a whole gzip file ({e})",
+                        "recreate it with gzip, or drop the .gz suffix if it is plain text"
+                        ) from None
 
 
-def read_rows(path: Path) -> list:
-  """Rows of a local `.json` (one list) or `.jsonl` file, either optionally gzipped."""
-  text = open_text(Path(path))
+def read_rows(path: Path, *, on_error: str = "fail") -> list:
+  """Rows of a local `.json` (one list) or `.jsonl` file, either optionally gzipped.
+
+  A JSONL line that is not JSON raises DataFileError naming the file and the line, or with
+  `on_error="skip"` comes back as an `UnreadableLine` in its row's place (the caller leaves it
+  out and counts it). A file without rows raises DataFileError.
+  """
+  path = Path(path)
+  text = open_text(path)
   if text.lstrip().startswith("["):
-    return json.loads(text)
-  return [json.loads(line) for line in text.splitlines() if line.strip()]
+    try:
+      rows = json.loads(text)
+    except json.JSONDecodeError as e:
+      raise DataFileError(path, f"not valid JSON ({e.msg}, column {e.colno})",
+                          "correct the file: a .json file is one JSON list of rows", e.lineno
+                          ) from None
+  else:
+    rows = []
+    # "\n" alone ends a line, as in the file (str.splitlines also splits at U+2028 and others,
+    # which JSON strings may hold)
+    for number, line in enumerate(text.split("\n"), 1):
+      if not line.strip():
+        continue
+      try:
+        rows.append(json.loads(line))
+      except json.JSONDecodeError as e:
+        problem = f"not valid JSON ({e.msg}, column {e.colno})"
+        if on_error != "skip":
+          raise DataFileError(path, problem, "correct or delete the line", number,
+                              skippable=True) from None
+        rows.append(UnreadableLine(str(path), number, problem))
+  if not rows:
+    raise DataFileError(path, "holds no records (" + ("an empty list)" if text.strip() else
+                                                      "the file is empty)"),
+                        "fill it with one JSON object per line (.jsonl) or one JSON list of "
+                        "objects (.json), or point the config at another file")
+  return rows
 
 
 def load_instructions(source: str = "alpaca_eval", n: int | None = None) -> list[str]:
