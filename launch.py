@@ -85,15 +85,19 @@ class _QuietLibraries(logging.Filter):
 
 
 def check_fields(config, where: str) -> None:
-  """A field the task reads and the config (from `where`) lacks fails here, before anything starts
-  (ValueError naming the field and the config module that holds its default)."""
+  """A field the task reads and the config (from `where`) lacks, or a value no run can use
+  (`configs.common.check_values`: out of its range, or of another type), fails here, before
+  anything starts or is created on disk (ValueError naming the field, the value and the range or
+  the config module that holds its default)."""
   from configs import common
 
   schema = common.schema_of(config)
   if schema is None:
     return
   module = importlib.import_module(schema.removesuffix(".py").replace("/", "."))
-  common.check_fields(config, module.get_config(), where, schema)
+  reference = module.get_config()
+  common.check_fields(config, reference, where, schema)
+  common.check_values(config, where, reference)
 
 
 # Errors in what the user gave (config values, data files, paths, a diverged run): one line
@@ -131,7 +135,9 @@ def main(argv):
   try:
     check_fields(config, flags.FLAGS["config"].config_filename)
   except ValueError as e:
-    raise app.UsageError(str(e)) from None
+    if _verbose():
+      raise
+    sys.exit(f"error: {e}")
 
   if task in ("train", "pretrain", "pipeline"):
     from lm.train.runtime import use_cpu_training_flags

@@ -122,6 +122,8 @@ def test_launch_errors_are_one_line_naming_the_flag_and_the_fix(tmp_path):
       (["--config=configs/sft.py:nosuch"], "unknown sft variant 'nosuch'; use one of smoke"),
       (["--config=configs/sft.py:smoke", "--config.train.steps=abc"],
        "flag --config.train.steps=abc: invalid literal"),
+      (["--config=configs/sft.py:smoke", "--config.train.steps=-1", "--config.train.lr=-0.01"],
+       "train.steps=-1 is out of range; must be an integer >= 1"),
       (["--config=configs/quickstart.py:smoke", f"--workdir={tmp_path / 'a_file'}"],
        f"--workdir {tmp_path / 'a_file'} is a file, not a directory; choose another --workdir."),
   ]
@@ -133,3 +135,4 @@ def test_launch_errors_are_one_line_naming_the_flag_and_the_fix(tmp_path):
     assert out.returncode == 1, (args, out.stderr[-2000:])
     assert expected in out.stderr, (args, out.stderr[-2000:])
     assert "Traceback" not in out.stderr, (args, out.stderr[-2000:])
+    assert not (tmp_path / "w").exists()  # refused before anything was created
