@@ -48,6 +48,21 @@ def _stage_config(name: str, variant: str, overrides) -> ml_collections.ConfigDi
   return c
 
 
+def _check_stage_values(cfgs: dict, stages) -> None:
+  """launch.py's value check (`configs.common.check_values`) on each stage's config as the
+  stage will run it, so a bad override fails before the first stage trains."""
+  from configs import common
+
+  errors = []
+  for name, cfg in cfgs.items():
+    try:
+      common.check_values(cfg, f"configs/{name}.py:{stages[name].variant} + stages.{name}.overrides")
+    except ValueError as e:
+      errors.append(str(e))
+  if errors:
+    raise ValueError("\n".join(errors))
+
+
 def _run_stage(name: str, stage_cfg, path: Path, task: str):
   from importlib import import_module
 
@@ -110,10 +125,11 @@ def run(config, run_dir: RunDir, mesh=None) -> dict:
   pre_cfg = _stage_config("pretrain", s.pretrain.variant, s.pretrain.overrides)
   pre_cfg.corpus.store = str(Path(pre_cfg.corpus.store or
                                   f"runs/corpora/{pre_cfg.corpus.name}").resolve())
+  cfgs = {name: _stage_config(name, s[name].variant, s[name].overrides) for name in STAGES[1:]}
+  _check_stage_values({"pretrain": pre_cfg, **cfgs}, s)  # every stage, before the first runs
   _run_stage("pretrain", pre_cfg, root / "pretrain", "pretrain")
   previous = str(root / "pretrain")
   results = {}
-  cfgs = {name: _stage_config(name, s[name].variant, s[name].overrides) for name in STAGES[1:]}
   loaded_by = dict(zip(STAGES, STAGES[1:]))  # stage -> the stage that starts from its weights
   for name in STAGES:
     if name != "pretrain":
