@@ -113,8 +113,11 @@ def run(config, run_dir: RunDir, mesh=None) -> dict:
   ckpt = Checkpointer(run_dir.path / "checkpoints",
                       max_to_keep=config.train.keep_checkpoints)
   t0 = time.time()
+  # the whole run's history, a resumed run's earlier records included, so the report's start
+  # values and plots are those of an uninterrupted run
   history = trainer.fit(train_iter, run_dir=run_dir, ckpt=ckpt, eval_batches=eval_batches,
-                        evaluate=evaluate, resume=getattr(run_dir, "resume", False))
+                        evaluate=evaluate, resume=getattr(run_dir, "resume", False),
+                        resume_step=getattr(run_dir, "resume_step", None))
   wall = time.time() - t0
   ckpt.close()
   model = trainer.host_model()  # every process takes part in gathering; process 0 writes

@@ -151,10 +151,13 @@ def train(config, run_dir, models: _Models, train_stores, standardise, mesh=None
     state = sae_train.shard_instances(state, mesh)
   start = 0
   ckpt = Checkpointer(run_dir.path / "checkpoints", max_to_keep=2)
-  if run_dir.resume and ckpt.latest_step is not None:
-    state, extra = ckpt.restore_tree(state)
+  resume_step = getattr(run_dir, "resume_step", None)
+  if (run_dir.resume or resume_step is not None) and (ckpt.all_steps() or resume_step is not None):
+    # the newest intact checkpoint (or resume_step, verified); later ones are dropped
+    state, extra = ckpt.restore_tree(state, step=resume_step)
     it.set_state(extra["data"])
     start = int(extra["step"])
+    ckpt.discard_after(start)
     run_dir.metrics.rewind(start)
     log.info("resumed at step %d of %d", start, steps)
   t0 = time.time()

@@ -175,7 +175,8 @@ def run(config, run_dir: RunDir, mesh=None) -> dict:
 
   t0 = time.time()
   history = trainer.fit(train_iter, run_dir=run_dir, ckpt=ckpt, evaluate=evaluate,
-                        resume=getattr(run_dir, "resume", False))
+                        resume=getattr(run_dir, "resume", False),
+                        resume_step=getattr(run_dir, "resume_step", None))
   wall = time.time() - t0
   ckpt.close()
   final = validation_loss(trainer, val_w, eval_bs, None)  # every validation window

@@ -16,6 +16,13 @@ the parameters and optimizer state as they were (metric `skipped`); the EMA is c
 With `flops_per_token` (`lm.flops`), each step also reports `tflops_per_s` and, where the device's
 peak is known, `mfu` (model FLOP/s over the peak of all devices in the mesh).
 
+Guards: a non-finite loss, a step that makes the trainable parameters non-finite (checked inside
+the step, one fused reduction) and a stall (a zero gradient with a non-zero loss for
+`train.stall_steps` consecutive steps) stop the run with a `DivergedError` naming the step and the
+newest good checkpoint; a checkpoint whose state led there is marked bad in its digest
+(`lm.train.checkpoint`), so `--resume` skips it. A non-finite state is never saved. During `fit`,
+SIGTERM/SIGINT save a checkpoint at the next step boundary and raise `Preempted`.
+
 Metrics are scalars or diagnostics of any fixed shape (e.g. a per-layer norm `[L]`, a histogram
 of advantages `[bins]`): both are averaged over micro-batches (and eval batches); scalars come back
 as floats, diagnostics as numpy arrays, and the run's `metrics.jsonl` holds them as lists.
@@ -27,8 +34,11 @@ import dataclasses
 import json
 import logging
 import math
+import signal
+import threading
 import time
-from typing import Any, Callable, Iterator
+from collections.abc import Callable, Iterator
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -37,13 +47,67 @@ import optax
 from flax import nnx
 
 from lm import heads, inputs, lora, sharding
-from lm.train.checkpoint import Checkpointer
+from lm.train.checkpoint import Checkpointer, all_finite
+from lm.train.rundir import read_history
 
 log = logging.getLogger(__name__)
 
 
-class NonFiniteLossError(FloatingPointError):
-  """The loss became NaN/inf; the message names the step and the last good checkpoint."""
+class DivergedError(FloatingPointError):
+  """Training cannot go on from here; the message names the step (and, from `fit`, the newest
+  good checkpoint). `bad_from`: the checkpoints of this step and later hold the state that led
+  here (`why` says how), so `fit` marks them bad; None when every saved one is still good."""
+
+  def __init__(self, message: str, *, step: int, bad_from: int | None = None, why: str = "",
+               fix: str = ""):
+    super().__init__(message)
+    self.step, self.bad_from, self.why, self.fix = step, bad_from, why, fix
+
+
+class NonFiniteLossError(DivergedError):
+  """The loss, or the trainable state an update made, became NaN/inf."""
+
+
+class StalledError(DivergedError):
+  """A zero gradient with a non-zero loss for `train.stall_steps` consecutive steps."""
+
+
+class Preempted(Exception):
+  """A SIGTERM/SIGINT stopped `fit` at a step boundary, after it saved a checkpoint there
+  (`checkpoint_dir`: the checkpoints' directory, None when `fit` had no checkpointer)."""
+
+  def __init__(self, signal_name: str, step: int, checkpoint_dir):
+    where = (f"checkpoint saved in {checkpoint_dir}" if checkpoint_dir
+             else "no checkpointer: nothing saved")
+    super().__init__(f"stopped by {signal_name} at step {step}; {where}")
+    self.signal, self.step, self.checkpoint_dir = signal_name, step, checkpoint_dir
+
+
+class _StopSignals:
+  """Within the block, SIGTERM and SIGINT set `received` (their name) for `fit` to act on at the
+  next step boundary; a second SIGINT raises KeyboardInterrupt at once (Ctrl-C twice: out now).
+  Installed only in the main thread; the previous handlers come back when the block ends."""
+
+  def __init__(self):
+    self.received: str | None = None
+    self._previous = {}
+
+  def _handle(self, signum, frame):
+    del frame
+    if signum == signal.SIGINT and self.received is not None:
+      raise KeyboardInterrupt
+    self.received = self.received or signal.Signals(signum).name
+    log.warning("%s received: stopping after this step", self.received)
+
+  def __enter__(self):
+    if threading.current_thread() is threading.main_thread():
+      for sig in (signal.SIGTERM, signal.SIGINT):
+        self._previous[sig] = signal.signal(sig, self._handle)
+    return self
+
+  def __exit__(self, *exc):
+    for sig, handler in self._previous.items():
+      signal.signal(sig, signal.SIG_DFL if handler is None else handler)
 
 
 def make_schedule(cfg) -> optax.Schedule:
@@ -192,9 +256,13 @@ class Trainer:
     self.spike_warmup = int(train_cfg.spike_warmup)
     self.spike_decay = float(train_cfg.spike_ema)
     self.loss_ema: float | None = None
+    # read with a default until every config names it; 0 turns the stall guard off
+    self.stall_steps = int(getattr(train_cfg, "stall_steps", 5))
+    self._stalled_since: int | None = None  # first step of the current run of zero gradients
+    self._finite: bool | None = None  # whether self.params are all finite; None: not known
     self._train_step = jax.jit(self._step_fn, donate_argnums=(0, 1),
                                out_shardings=(_tree_shardings(self.params),
-                                              _tree_shardings(self.opt_state), None))
+                                              _tree_shardings(self.opt_state), None, None))
     self._eval_step = jax.jit(self._eval_fn)
     log.info("trainable parameters: %s of %s", f"{self.n_trainable:,}",
              f"{self.n_trainable + sum(x.size for x in jax.tree.leaves(rest)):,}")
@@ -227,6 +295,8 @@ class Trainer:
     return nnx.split(m, self.trainable, ...)[2]
 
   def _step_fn(self, params, opt_state, rest, batch, step, max_loss):
+    """One update: `(params, opt_state, metrics, finite)`, `finite` saying whether the new
+    trainable parameters are all finite (what the trainer may save)."""
     base_key = jax.random.fold_in(jax.random.key(self._seed), step)
 
     def micro(carry, mb_and_i):
@@ -238,7 +308,7 @@ class Trainer:
       def loss_of(p):
         return self.loss_fn(self._merged(p, rest_i), mb, self.loss_cfg)
 
-      (loss, metrics), grads = jax.value_and_grad(loss_of, has_aux=True)(params)
+      (_, metrics), grads = jax.value_and_grad(loss_of, has_aux=True)(params)
       acc = jax.tree.map(jnp.add, carry, grads)
       return acc, metrics
 
@@ -256,7 +326,8 @@ class Trainer:
       keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(ok, n, o), new, old)
       new_params, new_opt_state = keep(new_params, params), keep(new_opt_state, opt_state)
       metrics["skipped"] = 1.0 - ok.astype(jnp.float32)
-    return new_params, new_opt_state, metrics
+    finite = jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(new_params)]))
+    return new_params, new_opt_state, metrics, finite
 
   def _eval_fn(self, params, rest, batch):
     _, metrics = self.loss_fn(self._merged(params, rest, train=False), batch, self.loss_cfg)
@@ -289,13 +360,14 @@ class Trainer:
           f"{self._max_seq_len}; lower data.max_length.")
 
   def train_step(self, batch: dict) -> dict[str, float]:
-    """One optimizer step on a global batch; returns host metrics (raises on a non-finite loss)."""
+    """One optimizer step on a global batch; returns host metrics. Raises `NonFiniteLossError` on
+    a non-finite loss or parameters, `StalledError` on a stall (see the module docstring)."""
     self._check_batch(batch)
     n_tokens = int(np.asarray(batch["attn_mask"]).sum()) if "attn_mask" in batch else int(
         np.asarray(batch["tokens"]).size)
     t0 = time.perf_counter()
     with jax.set_mesh(self.mesh):
-      self.params, self.opt_state, metrics = self._train_step(
+      self.params, self.opt_state, metrics, finite = self._train_step(
           self.params, self.opt_state, self.rest, self._device_batch(batch),
           jnp.asarray(self.step, jnp.int32), jnp.asarray(self._max_loss(), jnp.float32))
     metrics = {k: host_metric(v) for k, v in metrics.items()}
@@ -316,13 +388,43 @@ class Trainer:
       metrics["tflops_per_s"] = n_tokens * self.flops_per_token / dt / 1e12
       if self._peak:
         metrics["mfu"] = n_tokens * self.flops_per_token / dt / self._peak
-    if not math.isfinite(metrics["loss"]):
-      raise NonFiniteLossError(f"loss is {metrics['loss']} at step {self.step}")
+    self._check_progress(metrics, bool(sharding.host_array(finite)))
     if not metrics.get("skipped"):
       d = self.spike_decay
       self.loss_ema = metrics["loss"] if self.loss_ema is None else (
           d * self.loss_ema + (1 - d) * metrics["loss"])
     return metrics
+
+  def _check_progress(self, metrics: dict, finite: bool) -> None:
+    """Raise when the step just taken (`self.step`) cannot be trained on from."""
+    self._finite = finite
+    loss, step = metrics["loss"], self.step
+    lower = "Lower train.lr, raise train.warmup_steps or check the data"
+    if not math.isfinite(loss):
+      # the state before this step (a checkpoint at step - 1) gave this loss
+      raise NonFiniteLossError(f"loss is {loss} at step {step}", step=step, bad_from=step - 1,
+                               why=f"the loss of step {step} computed from it was {loss}",
+                               fix=lower)
+    if not finite:
+      raise NonFiniteLossError(
+          f"the update of step {step} made the trainable parameters non-finite (its loss was "
+          f"{loss:.6g}); that state is not saved", step=step, fix=lower)
+    if self.stall_steps <= 0 or not (metrics["grad_norm"] < 1e-30 and loss != 0):
+      self._stalled_since = None
+      return
+    if self._stalled_since is None:
+      self._stalled_since = step
+    since = self._stalled_since
+    if step - since + 1 < self.stall_steps:
+      return
+    uniform = math.log(self._vocab_size)
+    at = (f" (= ln {self._vocab_size}, the uniform prediction)"
+          if abs(loss - uniform) <= 1e-3 * uniform else "")
+    raise StalledError(
+        f"the run stalled at step {step}: the loss sits at {loss:.6g}{at} with zero gradient "
+        f"since step {since} (train.stall_steps={self.stall_steps})", step=step,
+        bad_from=since - 1, why=f"the gradient computed from it at step {since} was zero",
+        fix="Lower train.lr or raise train.warmup_steps (train.stall_steps=0 turns this guard off)")
 
   def _max_loss(self) -> float:
     """The loss above which the spike guard skips this step (inf when it is off or warming up)."""
@@ -344,31 +446,44 @@ class Trainer:
     return {k: v / max(n, 1) for k, v in sums.items()}
 
   def save(self, ckpt: Checkpointer, data_state: Any = None, force: bool = False) -> bool:
+    """Save the trainable and optimizer state at `self.step`; a non-finite state is refused."""
+    finite = all_finite(self.params) if self._finite is None else self._finite
+    if not finite:
+      raise NonFiniteLossError(f"the trainable state at step {self.step} is not finite; it was "
+                               "not saved", step=self.step)
     extra = {"data_state": json.dumps(data_state) if data_state is not None else None,
              "loss_ema": self.loss_ema}
-    return ckpt.save(self.step, self.params, opt_state=self.opt_state, extra=extra, force=force)
+    return ckpt.save(self.step, self.params, opt_state=self.opt_state, extra=extra, force=force,
+                     finite=True)
 
   def restore(self, ckpt: Checkpointer, step: int | None = None) -> Any:
-    """Restore trainable state, optimizer state and step; returns the saved data-iterator state."""
+    """Restore trainable state, optimizer state and step from `step` (verified), or from the
+    newest intact checkpoint; returns the saved data-iterator state."""
     opt_state, extra = ckpt.restore(self.params, step=step, opt_state=self.opt_state)
     self.opt_state = opt_state
     self.step = int(extra["step"])
     self.loss_ema = extra.get("loss_ema")
+    self._finite, self._stalled_since = None, None
     data_state = extra.get("data_state")
     return json.loads(data_state) if data_state else None
 
   def fit(self, data_iter: Iterator[dict], *, run_dir=None, ckpt: Checkpointer | None = None,
           eval_batches: Callable[[], Any] | None = None,
-          evaluate: Callable[[], dict] | None = None, resume: bool = False
-          ) -> list[dict[str, float | np.ndarray]]:
+          evaluate: Callable[[], dict] | None = None, resume: bool = False,
+          resume_step: int | None = None) -> list[dict[str, float | np.ndarray]]:
     """Train to `train.steps`: metrics every step, eval every `eval_every` (and at 0 and the end),
     checkpoints every `checkpoint_every`. `data_iter` is a grain iterator or any iterator with
     `get_state`/`set_state` (its state is saved); one with `pop_metrics() -> dict` (an online-RL
     rollout stream) adds host metrics about the batch it made to the step's. Eval is the loss's
     metrics over `eval_batches()`, or `evaluate()` (e.g. held-out rollouts) when given.
 
-    A NaN/inf loss stops the run with `NonFiniteLossError` naming the step; the last good
-    checkpoint is left as it was.
+    `resume`: continue from the newest intact checkpoint, or from `resume_step` (verified); the
+    checkpoints and metrics after it are dropped. Returns the whole run's history: on a resume,
+    the records of `run_dir`'s `metrics.jsonl` up to the resumed step, then this call's.
+
+    A `DivergedError` (non-finite loss or state, a stall) stops the run naming the step and the
+    newest good checkpoint, after marking bad the checkpoints whose state led there. A SIGTERM or
+    SIGINT saves a checkpoint at the next step boundary and raises `Preempted`.
     """
     from tqdm import tqdm
 
@@ -376,14 +491,20 @@ class Trainer:
     steps = int(cfg.steps)
     eval_every = int(cfg.eval_every)
     ckpt_every = int(cfg.checkpoint_every)
-    if resume and ckpt is not None and ckpt.latest_step is not None:
-      data_state = self.restore(ckpt)
+    resume = resume or resume_step is not None
+    if resume and ckpt is not None and (ckpt.all_steps() or resume_step is not None):
+      data_state = self.restore(ckpt, resume_step)
       if data_state is not None:
         data_iter.set_state(data_state)
+      ckpt.discard_after(self.step)
       if run_dir is not None:
         run_dir.metrics.rewind(self.step)
       log.info("resumed at step %d from %s", self.step, ckpt.directory)
+    elif resume and run_dir is not None:  # nothing to resume from: the run starts over
+      run_dir.metrics.rewind(-1)
     history = []
+    if resume and run_dir is not None and getattr(run_dir, "primary", True):
+      history = read_history(run_dir.path / "metrics.jsonl")
 
     def record(scalars, prefix):
       scalars = {f"{prefix}/{k}": v for k, v in scalars.items()}
@@ -391,35 +512,68 @@ class Trainer:
         run_dir.metrics.write(self.step, scalars)
       history.append({"step": self.step, **scalars})
 
+    def data_state():
+      return data_iter.get_state() if hasattr(data_iter, "get_state") else None
+
     if evaluate is None and eval_batches is not None:
       evaluate = lambda: self.evaluate(eval_batches())
-    if evaluate is not None and self.step == 0:
-      record(evaluate(), "eval")
-    bar = tqdm(total=steps, initial=self.step, desc="train", unit="step", mininterval=2.0)
-    t_log = time.perf_counter()
-    while self.step < steps:
-      batch = next(data_iter)
-      try:
-        metrics = self.train_step(batch)
-      except NonFiniteLossError as e:
-        last = ckpt.latest_step if ckpt is not None else None
-        where = (f"the last good checkpoint (step {last}) in {ckpt.directory} is kept"
-                 if last is not None else "no checkpoint had been written")
-        raise NonFiniteLossError(f"{e}; the run stopped and {where}. Lower train.lr, raise "
-                                 "train.warmup_steps or check the data.") from None
-      if hasattr(data_iter, "pop_metrics"):
-        metrics.update(data_iter.pop_metrics())
-      record(metrics, "train")
-      bar.update(1)
-      bar.set_postfix(loss=f"{metrics['loss']:.4f}", tok_s=f"{metrics['tokens_per_s']:.0f}")
-      if time.perf_counter() - t_log > 30 or self.step == steps:
-        log.info("step %d/%d loss %.4f  %.0f tokens/s  lr %.2e", self.step, steps,
-                 metrics["loss"], metrics["tokens_per_s"], metrics["lr"])
-        t_log = time.perf_counter()
-      if evaluate is not None and ((eval_every and self.step % eval_every == 0)
-                                   or self.step == steps):
+    with _StopSignals() as signals:
+      if evaluate is not None and self.step == 0:
         record(evaluate(), "eval")
-      if ckpt is not None and ((ckpt_every and self.step % ckpt_every == 0) or self.step == steps):
-        self.save(ckpt, data_iter.get_state() if hasattr(data_iter, "get_state") else None)
-    bar.close()
+      bar = tqdm(total=steps, initial=self.step, desc="train", unit="step", mininterval=2.0)
+      t_log = time.perf_counter()
+      while self.step < steps:
+        batch = next(data_iter)
+        try:
+          metrics = self.train_step(batch)
+        except DivergedError as e:
+          bar.close()
+          raise type(e)(self._stopped_message(e, ckpt), step=e.step, bad_from=e.bad_from,
+                        why=e.why, fix=e.fix) from None
+        if hasattr(data_iter, "pop_metrics"):
+          metrics.update(data_iter.pop_metrics())
+        record(metrics, "train")
+        bar.update(1)
+        bar.set_postfix(loss=f"{metrics['loss']:.4f}", tok_s=f"{metrics['tokens_per_s']:.0f}")
+        if time.perf_counter() - t_log > 30 or self.step == steps:
+          log.info("step %d/%d loss %.4f  %.0f tokens/s  lr %.2e", self.step, steps,
+                   metrics["loss"], metrics["tokens_per_s"], metrics["lr"])
+          t_log = time.perf_counter()
+        if evaluate is not None and ((eval_every and self.step % eval_every == 0)
+                                     or self.step == steps):
+          record(evaluate(), "eval")
+        saved = False
+        if ckpt is not None and ((ckpt_every and self.step % ckpt_every == 0)
+                                 or self.step == steps):
+          saved = self.save(ckpt, data_state())
+        if signals.received:  # a step boundary: save here and stop
+          if ckpt is not None and not saved:
+            self.save(ckpt, data_state(), force=True)
+          bar.close()
+          stop = Preempted(signals.received, self.step, ckpt.directory if ckpt else None)
+          log.warning("%s", stop)
+          raise stop
+      bar.close()
     return history
+
+  def _stopped_message(self, e: DivergedError, ckpt: Checkpointer | None) -> str:
+    """`e`'s message with what became of the checkpoints and how to go on; marks bad those from
+    `e.bad_from` on."""
+    marked = []
+    if ckpt is not None and e.bad_from is not None:
+      marked = [s for s in ckpt.all_steps() if s >= e.bad_from]
+      for s in marked:
+        ckpt.mark_bad(s, e.why)
+    msg = f"{e}; the run stopped"
+    if len(marked) == 1:
+      msg += f"; checkpoint {marked[0]} held the state that led here and is marked bad"
+    elif marked:
+      msg += (f"; checkpoints {', '.join(map(str, marked))} held the states that led here and "
+              "are marked bad")
+    good = ckpt.newest_good() if ckpt is not None else None
+    if good is not None:
+      return (f"{msg}; the last good checkpoint (step {good}) in {ckpt.directory} is kept. "
+              f"{e.fix}, then continue with --resume (or --resume_step={good}).")
+    where = (f"no good checkpoint is left in {ckpt.directory}" if ckpt is not None
+             and ckpt.all_steps() else "no checkpoint had been written")
+    return f"{msg}; {where}. {e.fix}, then start a new run (a new --workdir)."
