@@ -69,7 +69,7 @@ def load_run(workdir) -> tuple[Transformer, object, list[int]]:
     if ckpt.latest_step is None:
       raise FileNotFoundError(f"{workdir} has no checkpoint; train it first.")
     state = nnx.state(model, trainable(config))
-    ckpt.restore(state, step=ckpt.latest_step)
+    ckpt.restore(state)  # the newest intact checkpoint
     nnx.update(model, state)
   tokenizer = vocab.tokenizer_from_json(manifest["tokenizer"])
   sink_token = int(manifest["tokenizer"]["vocab_size"])  # one id past the corpus vocabulary

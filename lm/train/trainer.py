@@ -96,8 +96,8 @@ class _StopSignals:
     del frame
     if signum == signal.SIGINT and self.received is not None:
       raise KeyboardInterrupt
+    # no logging here: a handler that writes could re-enter a write it interrupted
     self.received = self.received or signal.Signals(signum).name
-    log.warning("%s received: stopping after this step", self.received)
 
   def __enter__(self):
     if threading.current_thread() is threading.main_thread():
@@ -546,7 +546,8 @@ class Trainer:
         if ckpt is not None and ((ckpt_every and self.step % ckpt_every == 0)
                                  or self.step == steps):
           saved = self.save(ckpt, data_state())
-        if signals.received:  # a step boundary: save here and stop
+        if signals.received and self.step < steps:  # a step boundary: save here and stop
+          # (after the last step the run is done: the task finishes its export and report)
           if ckpt is not None and not saved:
             self.save(ckpt, data_state(), force=True)
           bar.close()
