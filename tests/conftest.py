@@ -1,5 +1,6 @@
 """Test set-up: 8 fake CPU devices (before JAX starts) and shared fixtures."""
 
+import functools
 import os
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
@@ -79,13 +80,36 @@ def smollm2(smollm2_gguf, smollm2_tokenizer):
 
 
 @pytest.fixture(scope="session")
-def smollm2_hf(smollm2_gguf):
+def smollm2_hf(smollm2_gguf, tmp_path_factory):
   """transformers' own SmolLM2 from the same GGUF (dequantized by transformers), loaded once.
 
-  sdpa attention: eager beam search takes 20-100 s on a 2-core CPU, sdpa ~3 s.
+  Under pytest-xdist the first worker to need it dequantizes it and saves it as safetensors beside
+  the workers' temporary directories; the others load that copy (the same float32 tensors, without
+  transformers' slow GGUF path a second time). sdpa attention: eager beam search takes 20-100 s on
+  a 2-core CPU, sdpa ~3 s.
   """
+  import fcntl
+
   torch = pytest.importorskip("torch")
   transformers = pytest.importorskip("transformers")
-  return transformers.AutoModelForCausalLM.from_pretrained(
-      str(smollm2_gguf.parent), gguf_file=smollm2_gguf.name, dtype=torch.float32,
-      attn_implementation="sdpa").eval()
+  load = functools.partial(transformers.AutoModelForCausalLM.from_pretrained,
+                           dtype=torch.float32, attn_implementation="sdpa")
+  run = os.environ.get("PYTEST_XDIST_TESTRUNUID")
+  if not run:
+    return load(str(smollm2_gguf.parent), gguf_file=smollm2_gguf.name).eval()
+  from safetensors.torch import load_model, save_model
+
+  shared = tmp_path_factory.getbasetemp().parent / f"smollm2-hf-{run}"
+  with open(f"{shared}.lock", "w") as lock:
+    fcntl.flock(lock, fcntl.LOCK_EX)
+    if not (shared / "model.safetensors").exists():
+      model = load(str(smollm2_gguf.parent), gguf_file=smollm2_gguf.name)
+      shared.mkdir()
+      model.config.to_json_file(shared / "config.json")
+      save_model(model, str(shared / "model.safetensors"))
+      return model.eval()
+  model = transformers.AutoModelForCausalLM.from_config(
+      transformers.AutoConfig.from_pretrained(shared), dtype=torch.float32,
+      attn_implementation="sdpa")
+  load_model(model, str(shared / "model.safetensors"))
+  return model.eval()
