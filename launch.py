@@ -78,10 +78,12 @@ def _multiprocess_launch() -> bool:
 
 
 class _QuietLibraries(logging.Filter):
-  """Orbax logs every file it renames at INFO; keep its warnings and our progress lines."""
+  """Orbax logs every file it renames at INFO, and jax each backend it did not find (libtpu on a
+  CPU host); keep their warnings and our progress lines."""
 
   def filter(self, record: logging.LogRecord) -> bool:
-    return record.levelno >= logging.WARNING or "/orbax/" not in record.pathname
+    return record.levelno >= logging.WARNING or not (
+        "/orbax/" in record.pathname or record.pathname.endswith("xla_bridge.py"))
 
 
 def check_fields(config, where: str) -> None:
@@ -189,6 +191,10 @@ def run(config, workdir, *, resume: bool = False, devices=None, where: str | Non
                             tensor=config.mesh.tensor, devices=devices)
   logging.info("process %d/%d, devices %s, mesh %s", jax.process_index(), jax.process_count(),
                jax.devices(), dict(mesh.shape))
+  from lm.train.runtime import unused_accelerator
+
+  if hint := unused_accelerator(jax.default_backend()):
+    logging.warning("%s", hint)
   # Every process runs the task; process 0 alone writes the run directory (orbax coordinates
   # checkpoints across processes itself).
   run_dir = RunDir(workdir, config, resume=resume, primary=jax.process_index() == 0,

@@ -1,5 +1,6 @@
 """The glibc allocator settings of `lm.train.runtime`: added once, the user's tunables win, and the
-re-executed process sees them (glibc reads them only at start-up)."""
+re-executed process sees them (glibc reads them only at start-up); and the line that names the
+extra to install when a GPU or TPU host runs JAX on its CPU."""
 
 import os
 import subprocess
@@ -32,3 +33,19 @@ def test_reexec_starts_the_same_command_with_the_tunables():
   out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env,
                        cwd=root, check=True)
   assert out.stdout.strip() == runtime.cpu_allocator_env(env)["GLIBC_TUNABLES"]
+
+
+@pytest.mark.parametrize("devices,extra", [(["/dev/nvidia0"], "cuda13"), (["/dev/accel0"], "tpu"),
+                                           ([], None)])
+def test_an_unused_accelerator_names_the_extra_that_installs_its_build(monkeypatch, devices, extra):
+  monkeypatch.delenv("JAX_PLATFORMS", raising=False)
+  monkeypatch.setattr(runtime.glob, "glob",
+                      lambda pattern: [d for d in devices if d.startswith(pattern.split("[")[0])])
+  hint = runtime.unused_accelerator("cpu")
+  if extra is None:
+    assert hint is None
+    return
+  assert f"make run EXTRAS={extra}" in hint and f"'.[{extra}]'" in hint
+  assert runtime.unused_accelerator("gpu") is None  # JAX already runs on it
+  monkeypatch.setenv("JAX_PLATFORMS", "cpu")  # the user chose the CPU
+  assert runtime.unused_accelerator("cpu") is None

@@ -14,6 +14,7 @@ environment for a subprocess. Set `POSTLAB_SYSTEM_ALLOCATOR=1` to keep glibc's d
 
 from __future__ import annotations
 
+import glob
 import os
 import platform
 import sys
@@ -49,6 +50,25 @@ def reexec_with_cpu_allocator(argv: Sequence[str] | None = None) -> None:
   sys.stdout.flush()
   sys.stderr.flush()
   os.execve(sys.executable, argv, env)
+
+
+def unused_accelerator(backend: str) -> str | None:
+  """When JAX runs on `backend` "cpu" on a host that has an NVIDIA GPU or a TPU (jaxlib from PyPI
+  is CPU-only), the line that says how to install the accelerator build; else None. Nothing is
+  said when the user chose the platform ($JAX_PLATFORMS)."""
+  if backend != "cpu" or os.environ.get("JAX_PLATFORMS"):
+    return None
+  if glob.glob("/dev/nvidia[0-9]*"):
+    kind, extra = "an NVIDIA GPU", "cuda13"
+  elif glob.glob("/dev/accel[0-9]*") or glob.glob("/dev/vfio/[0-9]*"):
+    kind, extra = "a TPU", "tpu"
+  else:
+    return None
+  return (f"this host has {kind} but JAX runs on the CPU (the CPU-only jaxlib is installed): "
+          f"install the accelerator build with `make run EXTRAS={extra}` or `pip install -e "
+          f"'.[{extra}]' --constraint constraints.txt`"
+          + (" (cuda12 for NVIDIA drivers older than 580)" if extra == "cuda13" else "")
+          + "; JAX_PLATFORMS=cpu keeps the CPU and silences this.")
 
 
 def _glibc_linux() -> bool:
