@@ -46,6 +46,13 @@ _COORDINATOR = flags.DEFINE_string(
     "or the cluster's launcher)")
 _NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "processes in a run started by hand")
 _PROCESS_ID = flags.DEFINE_integer("process_id", None, "this process's index in [0, num_processes)")
+_COMPILE_ONLY = flags.DEFINE_bool(
+    "compile_only", False, "compile the training step for --topology on abstract arrays (no "
+    "weights or data read), write <workdir>/aot.json (memory per device, fits, FLOPs, roofline) "
+    "and stop")
+_TOPOLOGY = flags.DEFINE_string(
+    "topology", None, "with --compile_only: the target, a TPU topology name (v5p:2x2x1, v5e:4x4, "
+    "...; needs the tpu extra) or cpu:N")
 _CPU_DEVICES = flags.DEFINE_integer(
     "cpu_devices", None, "CPU devices this process exposes (tests and multi-process CPU runs)")
 
@@ -60,6 +67,11 @@ TASKS = {
     "align_eval": "align.evals.compare:run",
     "toy_superposition": "sae.toy:run",
     "usae": "sae.experiment:run",
+}
+
+# task name -> "module:function(config, mesh, topology)" of --compile_only
+COMPILE_ONLY = {
+    "pretrain": "lm.pretrain.task:compile_only",
 }
 
 _MULTIPROCESS_ENV = ("JAX_COORDINATOR_ADDRESS", "COORDINATOR_ADDRESS", "MEGASCALE_COORDINATOR_ADDRESS")
@@ -154,6 +166,15 @@ def main(argv):
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
     jax.distributed.initialize(coordinator_address=_COORDINATOR.value,
                                num_processes=_NUM_PROCESSES.value, process_id=_PROCESS_ID.value)
+  if _COMPILE_ONLY.value:
+    try:
+      compile_only(config, _WORKDIR.value, _TOPOLOGY.value,
+                   where=flags.FLAGS["config"].config_filename)
+    except USER_ERRORS as e:
+      if _verbose():
+        raise
+      sys.exit(f"error: {e}")
+    return
   try:
     result = run(config, _WORKDIR.value, resume=_RESUME.value or _RESUME_STEP.value is not None,
                  resume_step=_RESUME_STEP.value, allow_config_change=_ALLOW_CONFIG_CHANGE.value)
@@ -227,6 +248,51 @@ def run(config, workdir, *, resume: bool = False, devices=None, where: str | Non
   logging.info("%s finished in %.1fs; results in %s", task, time.time() - t0, run_dir.path)
   if result:
     logging.info("%s", {k: v for k, v in result.items() if isinstance(v, (int, float, str))})
+  return result
+
+
+def compile_only(config, workdir, topology: str | None, where: str | None = None) -> dict:
+  """Compiles `config`'s training step for `topology` with the config's mesh laid over its
+  devices, and writes `workdir/aot.json` (see `lm.train.aot`); returns what it wrote."""
+  if not topology:
+    raise ValueError("--compile_only needs --topology, e.g. --topology=v5p:2x2x1 or cpu:8.")
+  if config.task not in COMPILE_ONLY:
+    raise ValueError(f"--compile_only is built for the tasks {sorted(COMPILE_ONLY)}; "
+                     f"config.task={config.task!r} is not one yet.")
+  from pathlib import Path
+
+  import jax
+
+  from lm import sharding
+  from lm.train import aot
+
+  devices = aot.topology_devices(topology)
+  try:
+    mesh = sharding.make_mesh(data=config.mesh.data, fsdp=config.mesh.fsdp,
+                              tensor=config.mesh.tensor, devices=devices)
+  except ValueError as e:
+    raise ValueError(f"--topology={topology} has {len(devices)} devices: {e} Set "
+                     "--config.mesh.data/fsdp/tensor so their product is the device count (one "
+                     "may be -1).") from None
+  module_name, fn_name = COMPILE_ONLY[config.task].split(":")
+  fn = getattr(importlib.import_module(module_name), fn_name)
+  t0 = time.time()
+  with jax.set_mesh(mesh):
+    result = fn(config, mesh, topology)
+  result["compile_s"] = round(time.time() - t0, 1)
+  result["config"] = where
+  out = Path(workdir)
+  out.mkdir(parents=True, exist_ok=True)
+  tmp = out / "aot.json.tmp"
+  tmp.write_text(json.dumps(result, indent=1))
+  tmp.replace(out / "aot.json")
+  gb = result["bytes_per_device"]["total"] / 1e9
+  logging.info("compiled %s for %s (%d devices, mesh %s): %.2f GB per device%s; step >= %s s; "
+               "written to %s", config.task, topology, result["devices"], result["mesh"], gb,
+               "" if result.get("fits") is None else (" (fits)" if result["fits"] else
+                                                       " (does NOT fit)"),
+               f"{result['step_s_bound']:.3g}" if result.get("step_s_bound") else "?",
+               out / "aot.json")
   return result
 
 

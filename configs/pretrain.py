@@ -88,7 +88,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   elif variant == "gpu_full":
     c.corpus.update(OFFLINE_BPE)
     c.data.seq_len = 1024
-    c.model.update(preset="modern-253m", overrides={}, vocab_multiple=64, dtype="bfloat16",
+    c.model.overrides = {}  # the preset as it is (update() would merge into the base's overrides)
+    c.model.update(preset="modern-253m", vocab_multiple=64, dtype="bfloat16",
                    scan_layers=True, remat="none", attention_impl="fused", sink="logit")
     c.train.update(steps=40_000, batch_size=128, grad_accum=4, lr=3e-4, warmup_steps=500,
                    min_lr_ratio=0.1, b2=0.95, eval_every=1000, eval_batch_size=32,

@@ -201,3 +201,17 @@ def test_study_prompts_fit_the_instruction_set(shared_data):
   for variant in grpo.STUDY:
     p = grpo.get_config(variant).prompts
     assert p.skip_first + p.n_train + p.n_eval <= n, variant
+
+
+def test_pretrain_gpu_full_builds_the_modern_253m_preset_itself():
+  """`:gpu_full` trains the preset as published, not the small base variant's overrides merged in
+  (ConfigDict.update merges a nested dict: it once trained a 7M model under this name)."""
+  from configs import pretrain
+  from lm import config as lm_config
+  from lm.hub.runs import model_config
+
+  cfg = model_config(pretrain.get_config("gpu_full"), 50257)
+  ref = lm_config.preset("modern-253m")
+  assert (cfg.d_model, cfg.n_layers, cfg.n_heads, cfg.d_ff) == (
+      ref.d_model, ref.n_layers, ref.n_heads, ref.d_ff)
+  assert cfg.n_params == pytest.approx(253e6, rel=0.01)

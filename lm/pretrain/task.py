@@ -26,6 +26,7 @@ from __future__ import annotations
 import logging
 import math
 import time
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -36,7 +37,7 @@ from lm import config as lm_config
 from lm.hub import runs, vocab
 from lm.hub.runs import model_config, trainable
 from lm.pretrain import corpus, sink_stats
-from lm.train import flops
+from lm.train import aot, flops
 from lm.train.checkpoint import Checkpointer
 from lm.model import Transformer
 from lm.data import REPO_ROOT
@@ -127,6 +128,42 @@ def _sample(model, tokenizer, prompt_ids: list[int], n: int, seq_len: int, seed:
     key, sub = jax.random.split(key)
     ids.append(int(jax.random.categorical(sub, logits / temperature)))
   return tokenizer.decode(ids)
+
+
+def _vocab_size_without_data(config) -> int:
+  """The corpus vocabulary, from its token store when one exists, else from the tokenizer alone
+  (GPT-2 BPE); a character vocabulary comes from the text, so it needs the store."""
+  manifest = Path(_store_dir(config)) / "manifest.json"
+  if manifest.exists():
+    return corpus.TokenStore(manifest.parent).vocab_size
+  if config.corpus.tokenizer == "gpt2":
+    return vocab.gpt2_tokenizer().vocab_size
+  raise ValueError(f"--compile_only: corpus.tokenizer={config.corpus.tokenizer!r} takes its "
+                   "vocabulary from the text; build the token store first (run the config once) "
+                   "or compile a GPT-2 BPE config.")
+
+
+def compile_only(config, mesh, topology: str) -> dict:
+  """The training step of `config` compiled for `mesh` (the target topology's devices) on abstract
+  arrays, no weights or data read: `aot.report`'s fields for `aot.json`."""
+  seq_len = int(config.data.seq_len)
+  n_vocab = _vocab_size_without_data(config)
+  cfg = model_config(config, n_vocab)
+  model = nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(params=int(config.model.seed))))
+  fpt = flops.flops_per_token(cfg, seq_len)
+  trainer = Trainer(model, lm_loss, config.loss, config.train, trainable=trainable(config),
+                    mesh=mesh, flops_per_token=fpt.total)
+  sink = n_vocab if config.model.sink == "token" else None
+  zeros = np.zeros(seq_len + 2, np.int32)
+  row = corpus.Windows(zeros, zeros, seq_len, sink)[0]
+  batch_size = int(config.train.batch_size)
+  batch = {k: jax.ShapeDtypeStruct((batch_size,) + v.shape, np.int32) for k, v in row.items()}
+  compiled = trainer.compile_step(batch)
+  out = aot.report(compiled, topology=topology, mesh=mesh,
+                   model_flops=fpt.total * batch_size * seq_len, chips=aot.chips_of(topology))
+  out.update(task="pretrain", model=cfg.name, n_params=cfg.n_params,
+             trainable_params=trainer.n_trainable, batch_size=batch_size, seq_len=seq_len)
+  return out
 
 
 def run(config, run_dir: RunDir, mesh=None) -> dict:

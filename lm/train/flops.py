@@ -17,7 +17,7 @@ MaxText do; rematerialisation is not counted (hardware FLOPs are not model FLOPs
   * "nanogpt" (`estimate_mfu`, PaLM): K = T for every layer (no causal halving, no windows), and
     N = every parameter except position embeddings; this reproduces nanoGPT's figure.
 
-MFU = achieved model FLOP/s / the device's peak dense bf16 FLOP/s (`PEAK_FLOPS`; None on CPU,
+MFU = achieved model FLOP/s / the device's peak dense bf16 FLOP/s (`CHIPS`; None on CPU,
 where MFU is not reported).
 """
 
@@ -27,18 +27,35 @@ import dataclasses
 
 from lm.config import ModelConfig
 
-# Dense bf16 peak FLOP/s per device, by the start of `device_kind` (lower case).
-PEAK_FLOPS = {
-    "nvidia h100 pcie": 756e12,
-    "nvidia h100": 989e12,
-    "nvidia h200": 989e12,
-    "nvidia a100": 312e12,
-    "tpu v5p": 459e12,
-    "tpu v5 lite": 197e12,
-    "tpu v5e": 197e12,
-    "tpu v4": 275e12,
-    "tpu v6": 918e12,
+@dataclasses.dataclass(frozen=True)
+class Chip:
+  peak_flops: float  # dense bf16 FLOP/s
+  hbm_bytes: float
+  hbm_bytes_per_s: float
+
+
+# Per chip, by the start of `device_kind` (lower case; the longest prefix wins), from the vendors'
+# spec sheets. TPU v5p reports its kind as "TPU v5", v5e as "TPU v5 lite", v6e as "TPU v6 lite".
+CHIPS = {
+    "nvidia h100 pcie": Chip(756e12, 80e9, 2.0e12),
+    "nvidia h100": Chip(989e12, 80e9, 3.35e12),
+    "nvidia h200": Chip(989e12, 141e9, 4.8e12),
+    "nvidia a100": Chip(312e12, 80e9, 2.039e12),
+    "tpu v4": Chip(275e12, 32 * 2**30, 1.2e12),
+    "tpu v5 lite": Chip(197e12, 16 * 2**30, 819e9),
+    "tpu v5e": Chip(197e12, 16 * 2**30, 819e9),
+    "tpu v5": Chip(459e12, 95 * 2**30, 2.765e12),
+    "tpu v6 lite": Chip(918e12, 32 * 2**30, 1.64e12),
 }
+
+
+def chip(device_kind: str) -> Chip | None:
+  """The `CHIPS` entry of a device kind; None if unknown (CPUs)."""
+  kind = device_kind.lower()
+  for prefix in sorted(CHIPS, key=len, reverse=True):
+    if kind.startswith(prefix):
+      return CHIPS[prefix]
+  return None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -99,8 +116,5 @@ def peak_flops(device=None) -> float | None:
   """The peak dense bf16 FLOP/s of `device` (default: the first JAX device); None if unknown."""
   import jax
 
-  kind = (device or jax.devices()[0]).device_kind.lower()
-  for prefix in sorted(PEAK_FLOPS, key=len, reverse=True):
-    if kind.startswith(prefix):
-      return PEAK_FLOPS[prefix]
-  return None
+  spec = chip((device or jax.devices()[0]).device_kind)
+  return spec.peak_flops if spec else None

@@ -203,6 +203,12 @@ def _tree_shardings(tree):
   return jax.tree.map(lambda x: x.sharding, tree)
 
 
+def _abstract(tree, shardings):
+  """`tree`'s shapes and dtypes with `shardings` (same structure), as ShapeDtypeStructs."""
+  return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree,
+                      shardings)
+
+
 @dataclasses.dataclass
 class StepTimes:
   compile_s: float = 0.0
@@ -235,14 +241,24 @@ class Trainer:
     if not self.n_trainable:
       raise ValueError("the trainable filter selects no parameters; check config.train.trainable "
                        "(and that LoRA was applied when training 'lora').")
-    # Copies (may_alias=False): the step donates them, and the caller's model keeps its arrays.
-    self.params = jax.device_put(params, sharding.state_shardings(params, self.mesh),
-                                 may_alias=False)
-    self.rest = jax.device_put(rest, sharding.state_shardings(rest, self.mesh))
     self.tx = make_optimizer(train_cfg)
     self.schedule = make_schedule(train_cfg)
-    with jax.set_mesh(self.mesh):
-      self.opt_state = jax.jit(self.tx.init)(self.params)
+    # A model of shapes alone (nnx.eval_shape) gives an abstract trainer: its state is
+    # ShapeDtypeStructs with their shardings, for `compile_step` on any mesh (lm.train.aot).
+    self.abstract = all(isinstance(x, jax.ShapeDtypeStruct) for x in jax.tree.leaves(params))
+    if self.abstract:
+      self.params = _abstract(params, sharding.state_shardings(params, self.mesh))
+      self.rest = _abstract(rest, sharding.state_shardings(rest, self.mesh))
+      self.opt_state = _abstract(jax.eval_shape(self.tx.init, self.params),
+                                 self._opt_shardings(self.params))
+    else:
+      # Copies (may_alias=False): the step donates them, and the caller's model keeps its arrays.
+      self.params = jax.device_put(params, sharding.state_shardings(params, self.mesh),
+                                   may_alias=False)
+      self.rest = jax.device_put(rest, sharding.state_shardings(rest, self.mesh))
+      with jax.set_mesh(self.mesh):
+        self.opt_state = jax.jit(self.tx.init, out_shardings=self._opt_shardings(self.params))(
+            self.params)
     self.step = 0
     self.times = StepTimes()
     self._seed = int(train_cfg.seed)
@@ -266,6 +282,22 @@ class Trainer:
     self._eval_step = jax.jit(self._eval_fn)
     log.info("trainable parameters: %s of %s", f"{self.n_trainable:,}",
              f"{self.n_trainable + sum(x.size for x in jax.tree.leaves(rest)):,}")
+
+  def _opt_shardings(self, params):
+    """The optimizer state's shardings: each moment sharded as its parameter, the rest (step
+    counts) replicated."""
+    replicated = jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec())
+    by_path = {jax.tree_util.keystr(path): (x.shape, x.sharding)
+               for path, x in jax.tree_util.tree_leaves_with_path(params)}
+
+    def one(path, leaf):  # a moment's path ends with its parameter's: `[1][0].mu['embed']...`
+      name = jax.tree_util.keystr(path)
+      for p, (shape, s) in by_path.items():
+        if name.endswith(p) and leaf.shape == shape:
+          return s
+      return replicated
+
+    return jax.tree_util.tree_map_with_path(one, jax.eval_shape(self.tx.init, params))
 
   @property
   def model(self) -> nnx.Module:
@@ -332,6 +364,19 @@ class Trainer:
   def _eval_fn(self, params, rest, batch):
     _, metrics = self.loss_fn(self._merged(params, rest, train=False), batch, self.loss_cfg)
     return metrics
+
+  def compile_step(self, batch: dict):
+    """The training step compiled ahead of time for this trainer's mesh (any topology, no
+    device needed) on a global batch of `batch`'s shapes and dtypes (anything with .shape and
+    .dtype); returns jax's `Compiled` (memory_analysis, cost_analysis)."""
+    specs = {k: jax.ShapeDtypeStruct(v.shape, v.dtype,
+                                     sharding=sharding.batch_sharding(self.mesh, len(v.shape)))
+             for k, v in batch.items()}
+    replicated = jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec())
+    scalar = lambda dtype: jax.ShapeDtypeStruct((), dtype, sharding=replicated)
+    with jax.set_mesh(self.mesh):
+      return self._train_step.lower(self.params, self.opt_state, self.rest, specs,
+                                    scalar(jnp.int32), scalar(jnp.float32)).compile()
 
   def _device_batch(self, batch: dict) -> dict:
     """Global numpy batch -> arrays sharded on the batch axis (each process feeds its rows)."""
