@@ -271,9 +271,8 @@ def compile_only(config, workdir, topology: str | None, where: str | None = None
     mesh = sharding.make_mesh(data=config.mesh.data, fsdp=config.mesh.fsdp,
                               tensor=config.mesh.tensor, devices=devices)
   except ValueError as e:
-    raise ValueError(f"--topology={topology} has {len(devices)} devices: {e} Set "
-                     "--config.mesh.data/fsdp/tensor so their product is the device count (one "
-                     "may be -1).") from None
+    raise ValueError(f"--topology={topology}: {str(e).rstrip('.')} (--config.mesh.data/fsdp/"
+                     "tensor; one may be -1).") from None
   module_name, fn_name = COMPILE_ONLY[config.task].split(":")
   fn = getattr(importlib.import_module(module_name), fn_name)
   t0 = time.time()
