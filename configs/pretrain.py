@@ -21,13 +21,17 @@ Variants:
   float32 masters, 40k steps, a learned sink logit per head kept on under the fused (cuDNN)
   attention that the Modern LLM run had to give sinks up for. Offline it trains on the same text
   as `cpu` (about 3.7M tokens: many epochs); with a hub, point corpus.sources at a real corpus.
+- `tpu_pod`: `gpu_full` on a TPU slice of two hosts or more (v5p:2x2x2: 8 chips, 2 hosts): the data
+  axis (2) across the hosts, FSDP over the chips of each; the fused attention is XLA's there
+  (`jax.nn.dot_product_attention`; no Splash kernel). Check it from any host with
+  `launch.py --config=configs/pretrain.py:tpu_pod --compile_only --topology=v5p:2x2x2`.
 """
 
 import ml_collections
 
 from configs import common
 
-VARIANTS = ("smoke", "cpu_char", "cpu_char256", "cpu", "gpu_full")
+VARIANTS = ("smoke", "cpu_char", "cpu_char256", "cpu", "gpu_full", "tpu_pod")
 # the offline text in GPT-2 BPE (WikiText-2 is kept out: it is the evaluation set)
 OFFLINE_BPE = {"name": "offline-gpt2", "tokenizer": "gpt2",
                "sources": ["tinyshakespeare", "gsm8k", "hh-rlhf", "alpaca-eval"],
@@ -85,7 +89,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.train.update(steps=600, batch_size=8, lr=1e-3, warmup_steps=60, b2=0.95,
                    eval_every=100, eval_batch_size=16, eval_batches=20, checkpoint_every=100)
     c.sample_tokens = 60
-  elif variant == "gpu_full":
+  elif variant in ("gpu_full", "tpu_pod"):
     c.corpus.update(OFFLINE_BPE)
     c.data.seq_len = 1024
     c.model.overrides = {}  # the preset as it is (update() would merge into the base's overrides)
@@ -95,4 +99,6 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
                    min_lr_ratio=0.1, b2=0.95, eval_every=1000, eval_batch_size=32,
                    eval_batches=20, checkpoint_every=1000, spike_factor=3.0, spike_warmup=1000)
     c.sample_tokens = 100
+    if variant == "tpu_pod":
+      c.mesh.update(data=2, fsdp=-1, tensor=1)
   return c
