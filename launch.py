@@ -166,16 +166,11 @@ def main(argv):
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
     jax.distributed.initialize(coordinator_address=_COORDINATOR.value,
                                num_processes=_NUM_PROCESSES.value, process_id=_PROCESS_ID.value)
-  if _COMPILE_ONLY.value:
-    try:
+  try:
+    if _COMPILE_ONLY.value:
       compile_only(config, _WORKDIR.value, _TOPOLOGY.value,
                    where=flags.FLAGS["config"].config_filename)
-    except USER_ERRORS as e:
-      if _verbose():
-        raise
-      sys.exit(f"error: {e}")
-    return
-  try:
+      return
     result = run(config, _WORKDIR.value, resume=_RESUME.value or _RESUME_STEP.value is not None,
                  resume_step=_RESUME_STEP.value, allow_config_change=_ALLOW_CONFIG_CHANGE.value)
   except USER_ERRORS as e:
@@ -265,6 +260,7 @@ def compile_only(config, workdir, topology: str | None, where: str | None = None
 
   from lm import sharding
   from lm.train import aot
+  from lm.train.rundir import write_text_atomic
 
   devices = aot.topology_devices(topology)
   try:
@@ -282,9 +278,7 @@ def compile_only(config, workdir, topology: str | None, where: str | None = None
   result["config"] = where
   out = Path(workdir)
   out.mkdir(parents=True, exist_ok=True)
-  tmp = out / "aot.json.tmp"
-  tmp.write_text(json.dumps(result, indent=1))
-  tmp.replace(out / "aot.json")
+  write_text_atomic(out / "aot.json", json.dumps(result, indent=1))
   gb = result["bytes_per_device"]["total"] / 1e9
   logging.info("compiled %s for %s (%d devices, mesh %s): %.2f GB per device%s; step >= %s s; "
                "written to %s", config.task, topology, result["devices"], result["mesh"], gb,

@@ -72,6 +72,11 @@ def logical_spec(names: Sequence[str | None] | None, shape: Sequence[int],
   return PartitionSpec(*out)
 
 
+def replicated(mesh: jax.sharding.Mesh) -> NamedSharding:
+  """Whole on every device of `mesh`."""
+  return NamedSharding(mesh, PartitionSpec())
+
+
 def state_shardings(state, mesh: jax.sharding.Mesh):
   """NamedShardings (same tree as `state`) from each Variable's `logical_axes` names."""
 
@@ -79,7 +84,7 @@ def state_shardings(state, mesh: jax.sharding.Mesh):
     if isinstance(v, nnx.Variable):
       names = v.get_metadata().get("logical_axes")
       return v.replace(NamedSharding(mesh, logical_spec(names, v.get_value().shape, mesh)))
-    return NamedSharding(mesh, PartitionSpec())
+    return replicated(mesh)
 
   return jax.tree.map(one, state, is_leaf=lambda x: isinstance(x, nnx.Variable))
 

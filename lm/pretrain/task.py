@@ -160,7 +160,7 @@ def compile_only(config, mesh, topology: str) -> dict:
   batch = {k: jax.ShapeDtypeStruct((batch_size,) + v.shape, np.int32) for k, v in row.items()}
   compiled = trainer.compile_step(batch)
   out = aot.report(compiled, topology=topology, mesh=mesh,
-                   model_flops=fpt.total * batch_size * seq_len, chips=aot.chips_of(topology))
+                   model_flops=fpt.total * batch_size * seq_len)
   out.update(task="pretrain", model=cfg.name, n_params=cfg.n_params,
              trainable_params=trainer.n_trainable, batch_size=batch_size, seq_len=seq_len)
   return out

@@ -46,8 +46,8 @@ def topology_devices(topology: str) -> list:
                      "cpu:N.") from None
 
 
-def report(compiled, *, topology: str, mesh: jax.sharding.Mesh, model_flops: float | None,
-           chips: int | None = None) -> dict:
+def report(compiled, *, topology: str, mesh: jax.sharding.Mesh,
+           model_flops: float | None) -> dict:
   """`aot.json`'s fields for a compiled step: memory per device, cost, roofline."""
   devices = list(mesh.devices.flat)
   kind = devices[0].device_kind
@@ -59,7 +59,8 @@ def report(compiled, *, topology: str, mesh: jax.sharding.Mesh, model_flops: flo
   total = arg + out + tmp - alias + mem.generated_code_size_in_bytes
   flops, bytes_accessed = float(cost.get("flops", 0.0)), float(cost.get("bytes accessed", 0.0))
   spec = chip(kind)
-  # chips: TPU v4 topologies expose each chip's two cores as devices
+  # devices per chip: TPU v4 topologies expose each chip's two cores as devices
+  chips = chips_of(topology)
   per_chip = len(devices) / chips if chips else 1
   result = {
       "topology": topology, "device_kind": kind, "devices": len(devices),

@@ -30,6 +30,7 @@ import orbax.checkpoint as ocp
 from flax import nnx
 
 from lm import sharding
+from lm.train.rundir import write_text_atomic
 
 log = logging.getLogger(__name__)
 
@@ -142,10 +143,8 @@ class Checkpointer:
     return self._save(step, items, force, all_finite(tree))
 
   def _write_digest(self, step: int, digest: dict) -> None:
-    path = self.step_dir(step) / DIGEST
-    tmp = path.with_name(DIGEST + ".tmp")
-    tmp.write_text(json.dumps({"step": int(step), **digest}, indent=1))
-    os.replace(tmp, path)
+    write_text_atomic(self.step_dir(step) / DIGEST,
+                      json.dumps({"step": int(step), **digest}, indent=1))
 
   def _read_digest(self, step: int) -> dict | None:
     """The step's digest; None when it has none; raises ValueError when it does not parse."""

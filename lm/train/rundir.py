@@ -23,6 +23,16 @@ import numpy as np
 log = logging.getLogger(__name__)
 
 
+def write_text_atomic(path: Path, text: str) -> Path:
+  """`text` into `path` through `<name>.tmp` beside it and a rename: a reader, or a crash, sees
+  the old file or the new one, never part of one."""
+  path = Path(path)
+  tmp = path.with_name(path.name + ".tmp")
+  tmp.write_text(text)
+  os.replace(tmp, path)
+  return path
+
+
 class WorkdirExistsError(FileExistsError):
   pass
 
@@ -81,9 +91,7 @@ class MetricsWriter:
     self._fh.close()
     kept = [line for line in self.path.read_text().splitlines()
             if line.strip() and json.loads(line)["step"] <= step]
-    tmp = self.path.with_suffix(".jsonl.tmp")
-    tmp.write_text("".join(line + "\n" for line in kept))
-    os.replace(tmp, self.path)
+    write_text_atomic(self.path, "".join(line + "\n" for line in kept))
     self._fh = open(self.path, "a")
 
   def close(self) -> None:
@@ -251,9 +259,7 @@ class RunDir:
       cfg_file = self.path / "config.json"
       if cfg_file.exists():
         os.replace(cfg_file, self.path / f"config.previous.{int(time.time())}.json")
-      tmp = self.path / "config.json.tmp"
-      tmp.write_text(cfg_json)
-      os.replace(tmp, cfg_file)
+      write_text_atomic(cfg_file, cfg_json)
       self.metrics = MetricsWriter(self.path)
       self.set_status("running")
     except BaseException:
@@ -359,10 +365,7 @@ class RunDir:
     path = self.path / name
     if not self.primary:
       return path
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(_to_jsonable(obj), indent=2))
-    os.replace(tmp, path)
-    return path
+    return write_text_atomic(path, json.dumps(_to_jsonable(obj), indent=2))
 
   def write_report(self, text: str) -> Path:
     path = self.path / "report.md"

@@ -249,16 +249,17 @@ class Trainer:
     if self.abstract:
       self.params = _abstract(params, sharding.state_shardings(params, self.mesh))
       self.rest = _abstract(rest, sharding.state_shardings(rest, self.mesh))
-      self.opt_state = _abstract(jax.eval_shape(self.tx.init, self.params),
-                                 self._opt_shardings(self.params))
+      opt_shapes = jax.eval_shape(self.tx.init, self.params)
+      self.opt_state = _abstract(opt_shapes, self._opt_shardings(self.params, opt_shapes))
     else:
       # Copies (may_alias=False): the step donates them, and the caller's model keeps its arrays.
       self.params = jax.device_put(params, sharding.state_shardings(params, self.mesh),
                                    may_alias=False)
       self.rest = jax.device_put(rest, sharding.state_shardings(rest, self.mesh))
       with jax.set_mesh(self.mesh):
-        self.opt_state = jax.jit(self.tx.init, out_shardings=self._opt_shardings(self.params))(
-            self.params)
+        opt_shapes = jax.eval_shape(self.tx.init, self.params)
+        self.opt_state = jax.jit(self.tx.init, out_shardings=self._opt_shardings(
+            self.params, opt_shapes))(self.params)
     self.step = 0
     self.times = StepTimes()
     self._seed = int(train_cfg.seed)
@@ -283,21 +284,20 @@ class Trainer:
     log.info("trainable parameters: %s of %s", f"{self.n_trainable:,}",
              f"{self.n_trainable + sum(x.size for x in jax.tree.leaves(rest)):,}")
 
-  def _opt_shardings(self, params):
-    """The optimizer state's shardings: each moment sharded as its parameter, the rest (step
+  def _opt_shardings(self, params, opt_shapes):
+    """Shardings for the optimizer state of shapes `opt_shapes`: each moment sharded as its
+    parameter (its path ends with the parameter's: `[1][0].mu['embed']...`), the rest (step
     counts) replicated."""
-    replicated = jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec())
-    by_path = {jax.tree_util.keystr(path): (x.shape, x.sharding)
-               for path, x in jax.tree_util.tree_leaves_with_path(params)}
+    by_path = {path: x for path, x in jax.tree_util.tree_leaves_with_path(params)}
 
-    def one(path, leaf):  # a moment's path ends with its parameter's: `[1][0].mu['embed']...`
-      name = jax.tree_util.keystr(path)
-      for p, (shape, s) in by_path.items():
-        if name.endswith(p) and leaf.shape == shape:
-          return s
-      return replicated
+    def one(path, leaf):
+      for i in range(len(path)):  # the longest tail of the path that is a parameter's
+        param = by_path.get(path[i:])
+        if param is not None and param.shape == leaf.shape:
+          return param.sharding
+      return sharding.replicated(self.mesh)
 
-    return jax.tree_util.tree_map_with_path(one, jax.eval_shape(self.tx.init, params))
+    return jax.tree_util.tree_map_with_path(one, opt_shapes)
 
   @property
   def model(self) -> nnx.Module:
@@ -372,8 +372,7 @@ class Trainer:
     specs = {k: jax.ShapeDtypeStruct(v.shape, v.dtype,
                                      sharding=sharding.batch_sharding(self.mesh, len(v.shape)))
              for k, v in batch.items()}
-    replicated = jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec())
-    scalar = lambda dtype: jax.ShapeDtypeStruct((), dtype, sharding=replicated)
+    scalar = lambda dtype: jax.ShapeDtypeStruct((), dtype, sharding=sharding.replicated(self.mesh))
     with jax.set_mesh(self.mesh):
       return self._train_step.lower(self.params, self.opt_state, self.rest, specs,
                                     scalar(jnp.int32), scalar(jnp.float32)).compile()
