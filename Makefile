@@ -13,7 +13,7 @@ TEST_STAMP := $(VENV)/.postlab-test$(if $(EXTRAS),-$(EXTRAS))
 WORKDIR ?= runs/quickstart-$(shell date +%Y%m%d-%H%M%S)
 CONFIG ?= configs/quickstart.py:cpu
 
-.PHONY: run test bench stability lock compat clean
+.PHONY: run test bench stability aot lock compat clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -57,6 +57,17 @@ stability: $(RUN_STAMP)
 	  else $(BIN)/python launch.py --config=$$cfg --workdir=$$dir < /dev/null || exit 1; fi; \
 	done
 	$(BIN)/python launch.py --config=configs/align_eval.py:$(if $(filter gpu_full,$(STUDY)),stability_gpu,stability) --workdir=runs/stability-$(STUDY)-$(shell date +%Y%m%d-%H%M%S)
+
+# Every accelerator recipe compiled ahead of time for a TPU topology from this host (rows:
+# configs/aot.py; libtpu comes with the test extra, no TPU needed): docs/aot/<row>/aot.json and the
+# table in docs/aot/README.md. A row whose aot.json exists is kept; FORCE=1 compiles every row again.
+aot: $(TEST_STAMP)
+	@$(BIN)/python -c "from configs.aot import ROWS, row_dir, command; import shlex; [print(row_dir(*r), shlex.join(command(*r, 'docs/aot/' + row_dir(*r)))) for r in ROWS]" | \
+	while read -r dir args; do \
+	  if [ -f "docs/aot/$$dir/aot.json" ] && [ -z "$(FORCE)" ]; then echo "kept docs/aot/$$dir"; \
+	  else echo "compiling docs/aot/$$dir"; JAX_PLATFORMS=cpu $(BIN)/python launch.py $$args < /dev/null || exit 1; fi; \
+	done
+	$(BIN)/python -c "from configs.aot import ROWS, row_dir; from lm.train import aot; print(aot.write_readme('docs/aot', [row_dir(*r) for r in ROWS]))"
 
 # Renew the pins: resolve pyproject.toml afresh in a scratch venv (newest releases the ranges allow),
 # freeze it, drop local version labels (torch's +cpu) so the pins also resolve off this machine.

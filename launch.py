@@ -72,6 +72,9 @@ TASKS = {
 # task name -> "module:function(config, mesh, topology)" of --compile_only
 COMPILE_ONLY = {
     "pretrain": "lm.pretrain.task:compile_only",
+    "usae": "sae.experiment:compile_only",
+    "train": "align.train:compile_only",
+    "pipeline": "align.pipeline:compile_only",
 }
 
 _MULTIPROCESS_ENV = ("JAX_COORDINATOR_ADDRESS", "COORDINATOR_ADDRESS", "MEGASCALE_COORDINATOR_ADDRESS")
@@ -169,7 +172,8 @@ def main(argv):
   try:
     if _COMPILE_ONLY.value:
       compile_only(config, _WORKDIR.value, _TOPOLOGY.value,
-                   where=flags.FLAGS["config"].config_filename)
+                   where=flags.FLAGS["config"].config_filename,
+                   command=shlex.join(["python", "launch.py", *sys.argv[1:]]))
       return
     result = run(config, _WORKDIR.value, resume=_RESUME.value or _RESUME_STEP.value is not None,
                  resume_step=_RESUME_STEP.value, allow_config_change=_ALLOW_CONFIG_CHANGE.value)
@@ -246,9 +250,11 @@ def run(config, workdir, *, resume: bool = False, devices=None, where: str | Non
   return result
 
 
-def compile_only(config, workdir, topology: str | None, where: str | None = None) -> dict:
+def compile_only(config, workdir, topology: str | None, where: str | None = None,
+                 command: str | None = None) -> dict:
   """Compiles `config`'s training step for `topology` with the config's mesh laid over its
-  devices, and writes `workdir/aot.json` (see `lm.train.aot`); returns what it wrote."""
+  devices, and writes `workdir/aot.json` (see `lm.train.aot`; `where` and `command` say which
+  config and command line made it); returns what it wrote."""
   if not topology:
     raise ValueError("--compile_only needs --topology, e.g. --topology=v5p:2x2x1 or cpu:8.")
   if config.task not in COMPILE_ONLY:
@@ -272,10 +278,9 @@ def compile_only(config, workdir, topology: str | None, where: str | None = None
   module_name, fn_name = COMPILE_ONLY[config.task].split(":")
   fn = getattr(importlib.import_module(module_name), fn_name)
   t0 = time.time()
-  with jax.set_mesh(mesh):
-    result = fn(config, mesh, topology)
+  result = fn(config, mesh, topology)  # host-side work runs on this host's CPU, not the mesh
   result["compile_s"] = round(time.time() - t0, 1)
-  result["config"] = where
+  result.update(config=where, command=command, versions=aot.versions())
   out = Path(workdir)
   out.mkdir(parents=True, exist_ok=True)
   write_text_atomic(out / "aot.json", json.dumps(result, indent=1))

@@ -32,9 +32,10 @@ class Algorithm:
   export: `export(model, path)` writes what the algorithm adds beyond the decoder's weights.
   finish: `finish(config, model, tokenizer, eval_examples, run_dir) -> dict` after training
     (eval mode): extra outputs of the run, returned into its summary.
-  online: `online(config, trainer, tokenizer) -> (data iterator, evaluate, stats)` for online RL:
-    the trainer's batches come from rollouts of the policy it trains (`align.online`), not from
-    `align.data`; `evaluate()` gives the held-out metrics.
+  make_batch_for: online RL: the trainer's batches come from rollouts of the policy it trains
+    (`align.online.setup`), not from `align.data`; `make_batch_for(config, trainer)(width,
+    pad_id)` is the algorithm's `make_batch(rollout, total, each, rollout_index)` (advantages and
+    training rows of a rollout) at the run's static row width.
   """
 
   name: str
@@ -49,7 +50,7 @@ class Algorithm:
   arrange: Callable[..., tuple] | None = None
   export: Callable[..., None] | None = None
   finish: Callable[..., dict] | None = None
-  online: Callable[..., tuple] | None = None
+  make_batch_for: Callable[..., Callable] | None = None
 
 
 def load(module: str) -> Algorithm:

@@ -151,3 +151,21 @@ def encode_preference(records: list[dict], tokenizer, *, max_length: int,
       ex["attn_mask"][j, :len(tokens_l)] = 1
     out.append(ex)
   return out, stats
+
+
+def longest_examples(n: int, kind: str, *, max_length: int,
+                     max_prompt_length: int | None = None) -> list[dict]:
+  """`n` examples of the longest shape the limits admit, no data read: a prompt of
+  `max_prompt_length` tokens (half of `max_length` when unset) and replies that fill `max_length`,
+  laid out as `encode_sft` / `encode_preference` lay them out (token ids are 1). The shapes of
+  `launch.py --compile_only`: a packed or shared-prompt layout built from them is the largest a
+  run can meet."""
+  prompt_len = min(int(max_prompt_length or max_length // 2), int(max_length) - 1)
+  tokens_l, loss_l = _row([1] * prompt_len, [1] * (int(max_length) - prompt_len))
+  if kind == "sft":
+    one = {"tokens": tokens_l, "attn_mask": np.ones_like(tokens_l), "loss_mask": loss_l}
+  else:
+    pair = lambda x: np.stack([x, x])
+    one = {"tokens": pair(tokens_l), "attn_mask": pair(np.ones_like(tokens_l)),
+           "loss_mask": pair(loss_l)}
+  return [{k: v.copy() for k, v in one.items()} for _ in range(n)]

@@ -21,7 +21,9 @@ import logging
 import time
 from typing import Any, Callable
 
+import jax
 import numpy as np
+from flax import nnx
 
 from decode import metrics
 from decode import rewards as reward_fns
@@ -316,6 +318,46 @@ def setup(config, trainer, tokenizer, make_batch_for: Callable[[int, int], Calla
   stream = RolloutStream(trainer, tokenizer, train, config,
                          make_batch_for(width, pad_id_of(tokenizer)), rewards)
   return stream, held_out_eval(trainer, tokenizer, held_out, config, rewards), stats
+
+
+def compile_only(config, trainer, tokenizer, make_batch_for: Callable[[int, int], Callable],
+                 topology: str) -> tuple[dict, dict]:
+  """(a training batch of the largest shape a step can meet, the `lm.train.aot.report` of the
+  rollout's decoding program) for `launch.py --compile_only`, no data read and no weights:
+  rollout.prompts_per_step prompts of prompts.max_prompt_tokens tokens (at most what the model's
+  context leaves beside the completions), each with
+  rollout.num_generations completions of rollout.max_new_tokens, through the algorithm's own
+  `make_batch` (an abstract trainer scores zeros) and `decode.engine.compile_generate` on the
+  trainer's abstract policy."""
+  from decode.engine import compile_generate
+  from lm.train import aot, flops
+
+  r = config.rollout
+  n, group, new = int(r.prompts_per_step), int(r.num_generations), int(r.max_new_tokens)
+  policy = heads.backbone(trainer.model)
+  policy.eval()
+  room = (policy.cfg.max_seq_len - new) // 16 * 16  # prompts are left-padded to 16s
+  longest = min(int(config.prompts.max_prompt_tokens) or room, room)
+  pad = pad_id_of(tokenizer)
+  zeros = np.zeros((n * group, new), np.float32)
+  ro = Rollout(tokens_bt=np.full((n * group, new), pad, np.int32), logprobs_bt=zeros,
+               sample_logprobs_bt=zeros, policy_logprobs_bt=zeros,
+               lengths_b=np.full(n * group, new, np.int32), finish_b=np.zeros(n * group, np.int32),
+               prompts=[[pad] * longest] * n, prompt_index_b=np.repeat(np.arange(n), group))
+  width = batch_width({"longest_prompt": longest}, new)
+  batch, _ = make_batch_for(width, pad)(ro, np.zeros(n * group), {}, rollout_index=0)
+  compiled = compile_generate(policy, n, longest, max_new_tokens=new, eos_ids=hub.stop_ids(tokenizer),
+                              pad_id=pad, mesh=trainer.mesh, sampler=sampler_of(r),
+                              num_samples=group)
+  # forward FLOPs (a third of training's) of the prompts once and every sampled token; every
+  # weight read once per decoded token
+  per_token = flops.flops_per_token(policy.cfg, longest + new).total / 3
+  weight_bytes = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(nnx.state(policy)))
+  program = aot.report(compiled, topology=topology, mesh=trainer.mesh,
+                       model_flops=per_token * (n * longest + n * group * new),
+                       model_bytes=weight_bytes * (new + 1))
+  program.update(prompts=n, samples_per_prompt=group, prompt_tokens=longest, max_new_tokens=new)
+  return batch, program
 
 
 def _series(records: list[dict], key: str) -> list[tuple[int, float]]:

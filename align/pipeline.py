@@ -116,27 +116,62 @@ def evaluate(model, tokenizer, e) -> dict:
           "gsm8k_em": gsm8k_exact_match(model, tokenizer, e.gsm8k_n, e.max_new_tokens)}
 
 
-def run(config, run_dir: RunDir, mesh=None) -> dict:
-  from align.train import load_model
-
+def _stage_configs(config) -> tuple[ml_collections.ConfigDict, dict]:
+  """(the pretraining stage's config, the later stages' configs by name), every one checked."""
   s = config.stages
-  root = run_dir.path
-  rows, verifier_rows = [], []
   pre_cfg = _stage_config("pretrain", s.pretrain.variant, s.pretrain.overrides)
   pre_cfg.corpus.store = str(Path(pre_cfg.corpus.store or
                                   f"runs/corpora/{pre_cfg.corpus.name}").resolve())
   cfgs = {name: _stage_config(name, s[name].variant, s[name].overrides) for name in STAGES[1:]}
   _check_stage_values({"pretrain": pre_cfg, **cfgs}, s)  # every stage, before the first runs
+  return pre_cfg, cfgs
+
+
+def _chained(cfg, previous: str):
+  """A stage's config as it runs: from the previous stage's weights, every parameter trained."""
+  cfg.model.update(name=previous, preset="", tokenizer="")
+  cfg.lora.rank = 0
+  cfg.train.trainable = "full"
+  return cfg
+
+
+def compile_only(config, mesh, topology: str) -> dict:
+  """Every stage's training step compiled for `mesh` on abstract arrays (`launch.py
+  --compile_only`): the pretraining step, then SFT, DPO and the verifier on the pretrained
+  architecture (shapes only: no stage has trained). `stages` holds each stage's `aot.report`;
+  the top-level fields are the stage that needs the most memory per device."""
+  from align import train
+  from lm.hub import runs, vocab
+  from lm.hub.loader import shapes_of
+  from lm.pretrain import task
+
+  pre_cfg, cfgs = _stage_configs(config)
+  stages = {"pretrain": task.compile_only(pre_cfg, mesh, topology)}
+  arch = runs.model_config(pre_cfg, task.vocab_size_without_data(pre_cfg))
+  for name, cfg in cfgs.items():
+    cfg = _chained(cfg, "pretrain/")
+    model = shapes_of(arch)
+    model.cfg = model.cfg.replace(scan_layers=bool(cfg.model.scan_layers), remat=cfg.model.remat)
+    stages[name] = train.compile_only(cfg, mesh, topology,
+                                      base=(model, vocab.gpt2_tokenizer().to_hf()))
+  largest = max(stages.values(), key=lambda r: r["bytes_per_device"]["total"])
+  name = next(k for k, v in stages.items() if v is largest)
+  return {**largest, "task": "pipeline", "largest_stage": name, "stages": stages}
+
+
+def run(config, run_dir: RunDir, mesh=None) -> dict:
+  from align.train import load_model
+
+  root = run_dir.path
+  rows, verifier_rows = [], []
+  pre_cfg, cfgs = _stage_configs(config)
   _run_stage("pretrain", pre_cfg, root / "pretrain", "pretrain")
   previous = str(root / "pretrain")
   results = {}
   loaded_by = dict(zip(STAGES, STAGES[1:]))  # stage -> the stage that starts from its weights
   for name in STAGES:
     if name != "pretrain":
-      cfg = cfgs[name]
-      cfg.model.update(name=previous, preset="", tokenizer="")
-      cfg.lora.rank = 0
-      cfg.train.trainable = "full"
+      cfg = _chained(cfgs[name], previous)
       summary = _run_stage(name, cfg, root / name, "train")
       results[name] = summary
       if name == "verifier":

@@ -15,10 +15,11 @@ import time
 import jax
 from flax import nnx
 
-from align import algorithm, data
+from align import algorithm, data, online
 from lm import heads, hub, lora
 from lm.hub import vocab
 from lm.data import batching
+from lm.train import aot
 from lm.train.checkpoint import Checkpointer
 from lm.train.rundir import RunDir, is_scalar, markdown_table, plot_history
 from lm.train.trainer import Trainer
@@ -26,15 +27,16 @@ from lm.train.trainer import Trainer
 log = logging.getLogger(__name__)
 
 
-def load_model(model_cfg):
+def load_model(model_cfg, shapes_only: bool = False):
   """(Transformer, tokenizer) through the one loader (`lm.hub.load`): real weights by `name` (or a
   `pretrain` run directory), or a random `preset` (smoke runs) with the vocabulary of `tokenizer`;
-  `scan_layers`/`remat` set how the stack runs."""
+  `scan_layers`/`remat` set how the stack runs. `shapes_only`: the model's arrays are
+  ShapeDtypeStructs, no weights read."""
   if model_cfg.preset:
     model, tok = hub.load(preset=model_cfg.preset, tokenizer=model_cfg.tokenizer,
-                          dtype=model_cfg.dtype, seed=model_cfg.seed)
+                          dtype=model_cfg.dtype, seed=model_cfg.seed, shapes_only=shapes_only)
   else:
-    model, tok = hub.load(model_cfg.name, dtype=model_cfg.dtype)
+    model, tok = hub.load(model_cfg.name, dtype=model_cfg.dtype, shapes_only=shapes_only)
   if isinstance(tok, (vocab.CharTokenizer, vocab.BPETokenizer)):  # a `pretrain` run directory
     if tok.prefix_ids or not isinstance(tok, vocab.BPETokenizer):
       raise ValueError(f"{model_cfg.name} was pretrained with a sink token or a character "
@@ -42,6 +44,14 @@ def load_model(model_cfg):
     tok = tok.to_hf()
   model.cfg = model.cfg.replace(scan_layers=bool(model_cfg.scan_layers), remat=model_cfg.remat)
   return model, tok
+
+
+def _adapted(config, algo: algorithm.Algorithm, model):
+  """The model as the algorithm trains it: LoRA on the decoder, then the algorithm's wrapper."""
+  if config.lora.rank > 0:
+    lora.apply_lora(model, lora.LoraConfig.from_config(config.lora),
+                    rngs=nnx.Rngs(params=config.train.seed, lora_dropout=config.train.seed))
+  return algo.wrap(model, config) if algo.wrap else model
 
 
 def _trainable(config, algo: algorithm.Algorithm):
@@ -89,21 +99,54 @@ def _offline_data(config, algo: algorithm.Algorithm, model, tok, mesh):
   return iter(train_ds), eval_examples, eval_batches, data_stats
 
 
+def compile_only(config, mesh, topology: str, base=None) -> dict:
+  """The training step of `config`'s algorithm compiled for `mesh` (the target topology's devices)
+  on abstract arrays, no weights or data read (`lm.train.aot`): the model's shapes from its config
+  or file metadata with LoRA and the algorithm's wrapper, the largest batch the data limits admit
+  in the algorithm's own layout, and for online RL also the rollout's decoding program
+  (`programs.rollout`). Returns `aot.report`'s fields for `aot.json`. `base`: (model of shapes,
+  tokenizer) in place of `config.model`'s (a pipeline stage whose base is not trained yet)."""
+  algo = algorithm.load(config.algorithm)
+  if algo.check:
+    algo.check(config)
+  base, tok = base or load_model(config.model, shapes_only=True)
+  model = nnx.eval_shape(lambda m: _adapted(config, algo, m), base)
+  trainer = Trainer(model, algo.loss, config.loss, config.train,
+                    trainable=_trainable(config, algo), mesh=mesh)
+  programs = {}
+  if algo.make_batch_for:
+    batch, programs["rollout"] = online.compile_only(
+        config, trainer, tok, algo.make_batch_for(config, trainer), topology)
+  else:
+    transform = algo.transform_train(config, model) if algo.transform_train else None
+    train_ds, _, _ = data.build(config.data, tok, algo.data_kind, transform_train=transform,
+                                shapes_only=True)
+    if algo.arrange:
+      train_ds, _, _ = algo.arrange(config, train_ds, None, mesh)
+    batch = next(iter(train_ds))
+  # XLA's FLOPs are the step's (no loop in it) unless micro-batches or a scanned stack loop
+  looped = int(config.train.grad_accum) > 1 or bool(config.model.scan_layers)
+  out = aot.report(trainer.compile_step(batch), topology=topology, mesh=mesh, model_flops=None)
+  out.update(task="train", algorithm=algo.name, model=config.model.name or config.model.preset,
+             n_params=sum(x.size for x in jax.tree.leaves(nnx.state(base))),
+             trainable_params=trainer.n_trainable, batch_size=int(config.train.batch_size),
+             batch_shapes={k: list(v.shape) for k, v in batch.items()},
+             flops_loop_counted_once=looped, programs=programs)
+  return out
+
+
 def run(config, run_dir: RunDir, mesh=None) -> dict:
   algo = algorithm.load(config.algorithm)
   if algo.check:
     algo.check(config)
   model, tok = load_model(config.model)
-  if config.lora.rank > 0:
-    lora.apply_lora(model, lora.LoraConfig.from_config(config.lora),
-                    rngs=nnx.Rngs(params=config.train.seed, lora_dropout=config.train.seed))
-  if algo.wrap:
-    model = algo.wrap(model, config)
+  model = _adapted(config, algo, model)
   # The trainer copies the trainable state, so the data hooks below may still read `model`.
   trainer = Trainer(model, algo.loss, config.loss, config.train,
                     trainable=_trainable(config, algo), mesh=mesh)
-  if algo.online:  # batches come from rollouts of the policy being trained
-    train_iter, evaluate, data_stats = algo.online(config, trainer, tok)
+  if algo.make_batch_for:  # batches come from rollouts of the policy being trained
+    train_iter, evaluate, data_stats = online.setup(config, trainer, tok,
+                                                    algo.make_batch_for(config, trainer))
     eval_examples, eval_batches = [], None
   else:
     train_iter, eval_examples, eval_batches, data_stats = _offline_data(config, algo, model, tok,

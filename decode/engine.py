@@ -19,6 +19,7 @@ from flax import nnx
 
 from decode.sampling import GREEDY, Sampler, SamplingParams
 from lm import inputs
+from lm import sharding as lm_sharding
 from lm.model import KVCache
 from lm.scoring import left_pad_rows, token_logprobs
 
@@ -235,6 +236,30 @@ def _generate(graphdef, state, tokens_bp, mask_bp, eos_ids, params: SamplingPara
 def compile_count() -> int:
   """How many programs the decoding loop has compiled in this process."""
   return _generate._cache_size()
+
+
+def compile_generate(model, n_prompts: int, prompt_len: int, *, max_new_tokens: int,
+                     eos_ids: Sequence[int], pad_id: int, mesh: jax.sharding.Mesh,
+                     sampler: Sampler = GREEDY, num_samples: int = 1, stop: StopRules = StopRules()):
+  """`generate`'s decoding loop compiled ahead of time for `n_prompts` prompts of up to
+  `prompt_len` tokens (left-padded as `generate` pads them) on `model`, whose arrays may be
+  ShapeDtypeStructs with shardings (`launch.py --compile_only`); prompts and sampling values are
+  replicated over `mesh`. Returns jax's `Compiled` (memory_analysis, cost_analysis)."""
+  from lm.train.aot import replicated_spec
+
+  width = left_pad([[pad_id] * prompt_len], pad_id, max_new_tokens=max_new_tokens,
+                   max_seq_len=model.cfg.max_seq_len)[0].shape[1]
+  spec = lambda shape, dtype: jax.ShapeDtypeStruct(shape, dtype,
+                                                   sharding=lm_sharding.replicated(mesh))
+  rows = n_prompts * num_samples
+  params = jax.tree.map(lambda x: replicated_spec(x, mesh), sampler.params(rows))
+  key = replicated_spec(jax.eval_shape(lambda: jax.random.key(0)), mesh)
+  graphdef, state = nnx.split(model)
+  with jax.set_mesh(mesh):
+    return _generate.lower(
+        graphdef, state, spec((n_prompts, width), jnp.int32), spec((n_prompts, width), jnp.int32),
+        spec((max(len(eos_ids), 1),), jnp.int32), params, key, max_new_tokens=max_new_tokens,
+        sampler=sampler.structure(), stop=stop, pad_id=pad_id, num_samples=num_samples).compile()
 
 
 def generate(model, prompts: Sequence[Sequence[int]], *, max_new_tokens: int,

@@ -137,6 +137,36 @@ def _check_reusable(store: Store, want: dict) -> None:
                      "store_dir elsewhere.")
 
 
+def image_rows(model, spec, tap: str, pool: str) -> Callable[[Any], jax.Array]:
+  """`fn(images [B, H, W, 3]) -> rows [R, d]`: what an image store holds of `model`'s `tap`."""
+  def fn(images):
+    return pool_rows(model.features(spec.preprocess(images), (tap,))[tap], pool)
+
+  return fn
+
+
+def image_width(model_name: str, image_shape: tuple[int, int, int], *, tap: str | None = None,
+                pool: str = "mean") -> int:
+  """d of `image_store`'s rows for images of `image_shape` (H, W, C): the capture traced on a
+  randomly initialised model of shapes alone (`jax.eval_shape`), no weights read."""
+  from sae import vision
+
+  src = vision.source(model_name)
+  tap = tap or src.pooled_tap
+  images = jax.ShapeDtypeStruct((1, *image_shape), jnp.uint8)
+  return int(jax.eval_shape(lambda x: image_rows(src.make(), src.spec, tap, pool)(x),
+                            images).shape[-1])
+
+
+def lm_width(model_name: str) -> int:
+  """d of `lm_store`'s rows (the residual stream: the model's d_model), from the model's config
+  (a GGUF's metadata or an HF `config.json`), no weights read."""
+  from lm.hub.loader import model_config
+  from lm.hub.names import resolve
+
+  return int(model_config(resolve(model_name)).d_model)
+
+
 def image_store(root, model_name: str, data, dataset: str, *, tap: str | None = None,
                 pool: str = "mean", batch: int = 128) -> Store:
   """The store of `model_name`'s `tap` (default: its pooled vector) over `data` (`sae.images.Images`),
@@ -154,11 +184,8 @@ def image_store(root, model_name: str, data, dataset: str, *, tap: str | None = 
     log.info("reusing %s (%d rows)", path, len(store))
     return store
   model, spec = vision.load(model_name)
-
-  def fn(images):
-    return pool_rows(model.features(spec.preprocess(images), (tap,))[tap], pool)
-
-  acts = capture(fn, data.images, batch=batch, label=f"{model_name}.{tap} on {dataset}")
+  acts = capture(image_rows(model, spec, tap, pool), data.images, batch=batch,
+                 label=f"{model_name}.{tap} on {dataset}")
   labels = data.labels if pool == "mean" else None
   manifest = {**want, "weights": str(vision.weights_path(model_name)), "inputs": data.source,
               "classes": list(data.classes)}

@@ -69,12 +69,35 @@ def _text_stores(config):
   return out[0], out[1], None
 
 
+def _image_widths(config) -> list[int]:
+  return [activations.image_width(s.model, images.CIFAR10_SHAPE, tap=s.tap or None, pool=s.pool)
+          for s in config.sources]
+
+
+def _text_widths(config) -> list[int]:
+  return [activations.lm_width(s.model) for s in config.sources]
+
+
+# config.data.dataset -> (its stores, its sources' widths without a capture)
+_DATASETS = {"cifar10": (_image_stores, _image_widths),
+             "wikitext-2": (_text_stores, _text_widths)}
+
+
+def _dataset(config):
+  if config.data.dataset not in _DATASETS:
+    raise ValueError(f"data.dataset={config.data.dataset!r}: use one of {sorted(_DATASETS)}.")
+  return _DATASETS[config.data.dataset]
+
+
 def _stores(config):
   """(training stores, held-out stores, the held-out images or None) for config.data.dataset."""
-  loaders = {"cifar10": _image_stores, "wikitext-2": _text_stores}
-  if config.data.dataset not in loaders:
-    raise ValueError(f"data.dataset={config.data.dataset!r}: use one of {sorted(loaders)}.")
-  return loaders[config.data.dataset](config)
+  return _dataset(config)[0](config)
+
+
+def widths(config) -> list[int]:
+  """Each source's activation width d_j, as its store will hold it, from the models' shapes alone
+  (no weights, images or text read)."""
+  return _dataset(config)[1](config)
 
 
 def _take(tree, i):
@@ -312,6 +335,79 @@ def activation_maximisation(model_name: str, tap: str, pool: str, standardise, p
     if viz.blur_every and (s + 1) % viz.blur_every == 0:
       img = blur(img)
   return np.asarray(img), np.asarray(jax.jit(objective)(img))
+
+
+def step_flops(config, d_ins, source: int) -> float:
+  """Analytic FLOPs of one training step (`_Models.step`) with `source` drawn, every instance and
+  model together. Only the matmuls count, 2 FLOPs per multiply-add, each `[B, d] x [d, m]` (or its
+  transpose) 2·B·m·d. A USAE instance encodes source i and decodes every source j: forward
+  2·B·m·(d_i + Σ_j d_j); backward the same again for the input gradients (dz from every decoder,
+  d(x − b_dec) for b_dec_i), plus the weight gradients of the encoder (2·B·m·d_i) and of the
+  decoders that step (`official`: decoder i's, 2·B·m·d_i; `joint`: every one, 2·B·m·Σ_j d_j). An
+  independent SAE on source j is 6·B·(2·m·d_j) (6 FLOPs per weight and row). Not counted: top-k,
+  the element-wise loss and Adam, the `l1` loss's auxiliary decode and AuxK (which runs only on
+  steps with dead latents)."""
+  b, m = int(config.train.batch), int(config.usae.n_latents)
+  d_i, d_all = d_ins[source], sum(d_ins)
+
+  def mm(d):
+    return 2.0 * b * m * d
+
+  per = 0.0
+  for rule in config.usae.rules:
+    stepped = d_i if rule == "official" else d_all
+    per += 2 * (mm(d_i) + mm(d_all)) + mm(d_i) + mm(stepped)
+  if config.independent:
+    per += sum(6 * mm(d) for d in d_ins)
+  return len(config.train.seeds) * len(config.train.lrs) * per
+
+
+def compile_only(config, mesh, topology: str) -> dict:
+  """The task's training step compiled for `mesh` (the target topology's devices) on abstract
+  arrays, no weights or data read (`launch.py --compile_only`): `aot.report`'s fields for
+  `aot.json`, with the task's own.
+
+  The step is `_Models.step` (every rule's USAE instances and the independent SAEs, one after
+  another) jitted as one program with the state donated, as `train` calls it: the state is
+  `jax.eval_shape` of `_Models.init` with the shardings `sae.train.shard_instances` gives it, the
+  batch each source's `[B, d_j]` float32 rows, replicated (a run feeds them from the host). d_j
+  comes from the sources' shapes (`widths`). The drawn source is static (one program each), so
+  every source is compiled: the report is the one with the most bytes per device, `per_source`
+  lists each. A run calls the pieces as separate programs, one after another; compiled as one,
+  XLA may keep several pieces' temporaries alive at once, so the temporaries here may exceed the
+  run's largest piece's."""
+  from lm import sharding
+  from lm.train import aot
+
+  d_ins = widths(config)
+  models = _Models(config, d_ins)
+  state = sae_train.abstract_instances(models.init, mesh)
+  batch = int(config.train.batch)
+  xs = [jax.ShapeDtypeStruct((batch, d), jnp.float32, sharding=sharding.replicated(mesh))
+        for d in d_ins]
+  reports = []
+  for source in range(len(d_ins)):
+    step = jax.jit(lambda s, x, i=source: models.step(s, i, x), donate_argnums=0)
+    compiled = step.lower(state, xs).compile()
+    reports.append(aot.report(compiled, topology=topology, mesh=mesh,
+                              model_flops=step_flops(config, d_ins, source)))
+  worst = max(range(len(reports)), key=lambda i: reports[i]["bytes_per_device"]["total"])
+  params = [u["params"] for u in state["usae"].values()] + [
+      s["params"] for s in state.get("sae", ())]
+  leaf = jax.tree.leaves(state["usae"])[0]
+  out = dict(reports[worst])
+  out.update(
+      task="usae", models=[dict(s) for s in config.sources], d_ins=d_ins,
+      n_instances=len(models.seeds),
+      instance_shards=leaf.shape[0] // leaf.sharding.shard_shape(leaf.shape)[0],
+      n_latents=int(config.usae.n_latents), k=int(config.usae.k),
+      rules=list(config.usae.rules), independent=bool(config.independent), batch_size=batch,
+      trainable_params=int(sum(x.size for x in jax.tree.leaves(params))), source=worst,
+      per_source=[{"source": i, "bytes_per_device": r["bytes_per_device"]["total"],
+                   "model_flops_per_step": r["model_flops_per_step"],
+                   "flops_per_step_per_device": r["flops_per_step_per_device"],
+                   "step_s_bound": r["step_s_bound"]} for i, r in enumerate(reports)])
+  return out
 
 
 def run(config, run_dir, mesh) -> dict:

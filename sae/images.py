@@ -17,6 +17,7 @@ log = logging.getLogger(__name__)
 
 CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship",
                    "truck")
+CIFAR10_SHAPE = (32, 32, 3)  # H, W, C of every image, both splits
 
 
 @dataclasses.dataclass(frozen=True)

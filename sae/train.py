@@ -67,20 +67,36 @@ def init_state(cfg: sae_lib.SAEConfig, inst: Instances, data_mean=None) -> dict:
   return {**state, "step": jnp.zeros((), jnp.int32)}
 
 
-def shard_instances(tree, mesh):
-  """`tree` (a stacked state, or batches `[I, ...]`) on `mesh`: every leaf's leading instance
-  axis split over the mesh's batch axes (`instances` in `lm.sharding.RULES`, where their size
-  divides I; else replicated), scalars replicated. The vmapped steps then run each device's
-  instances on that device: instances never talk to each other."""
+def instance_shardings(tree, mesh):
+  """The NamedShardings (same tree as `tree`: arrays or ShapeDtypeStructs) of a stacked state or
+  batches `[I, ...]` on `mesh`: every leaf's leading instance axis split over the mesh's batch axes
+  (`instances` in `lm.sharding.RULES`, where their size divides I; else replicated), scalars
+  replicated. The vmapped steps then run each device's instances on that device: instances never
+  talk to each other."""
   from jax.sharding import NamedSharding
 
   from lm import sharding
 
-  def place(a):
+  def one(a):
     names = ("instances",) + (None,) * (a.ndim - 1) if a.ndim else None
-    return jax.device_put(a, NamedSharding(mesh, sharding.logical_spec(names, a.shape, mesh)))
+    return NamedSharding(mesh, sharding.logical_spec(names, a.shape, mesh))
 
-  return jax.tree.map(place, tree)
+  return jax.tree.map(one, tree)
+
+
+def shard_instances(tree, mesh):
+  """`tree` (a stacked state, or batches `[I, ...]`) placed on `mesh` by `instance_shardings`."""
+  return jax.device_put(tree, instance_shardings(tree, mesh))
+
+
+def abstract_instances(init, mesh):
+  """The state `init()` returns, as ShapeDtypeStructs with the shardings `shard_instances` gives
+  it on `mesh`: `jax.eval_shape` of the real initialiser (nothing computed, no weights), so an
+  ahead-of-time compile sees the shapes, dtypes and placement a run has."""
+  from lm.train import aot
+
+  shapes = jax.eval_shape(init)
+  return aot.abstract(shapes, instance_shardings(shapes, mesh))
 
 
 def _instance_step(cfg: sae_lib.SAEConfig, state, x_bd, clip, l1_coef, l0_coef, aux: bool):
@@ -110,7 +126,9 @@ def make_step(cfg: sae_lib.SAEConfig, inst: Instances):
   """`step(state, x_ibd) -> (state, metrics [I])`, jitted, the state donated. AuxK's top-k runs
   only on steps where some instance has a dead latent (one `cond` outside the vmap, so it stays
   a branch rather than a select)."""
-  clip, l1, l0 = (jnp.asarray(a) for a in (inst.max_grad_norm, inst.l1_coef, inst.l0_coef))
+  # host arrays: building the step puts nothing on a device (an ahead-of-time compile has none)
+  clip, l1, l0 = (np.asarray(a, np.float32) for a in (inst.max_grad_norm, inst.l1_coef,
+                                                      inst.l0_coef))
 
   def instances(inner, x_ibd, aux: bool):
     return jax.vmap(lambda s, x, c, a, b: _instance_step(cfg, s, x, c, a, b, aux))(

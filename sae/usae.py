@@ -32,6 +32,7 @@ import functools
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from sae import metrics as sae_metrics
@@ -159,7 +160,7 @@ def make_instances_step(cfg: USAEConfig, max_grad_norms):
   """`step(states, source, xs) -> (states, metrics [I])` for I stacked USAEs (`init_instances`)
   in one compiled, vmapped program. The source is drawn once per step for every instance (so the
   step stays one branch); xs[j] `[B, d_j]` are shared by all instances."""
-  clips = jnp.asarray(max_grad_norms, jnp.float32)
+  clips = np.asarray(max_grad_norms, np.float32)  # on no device until the step runs
 
   def step(states, source: int, xs):
     return jax.vmap(lambda s, c: _update(cfg, s, source, xs, c))(states, clips)

@@ -17,11 +17,11 @@ from tests_helpers import REPO, launch_cmd, launch_env
 VARIANTS = {
     "align_eval": ["smoke", "cpu", "standin", "gpu_full", "stability", "stability_gpu"],
     "decode_sweep": ["smoke", "cpu", "gpu_full"],
-    "dpo": ["smoke", "cpu", "gpu_full"],
+    "dpo": ["smoke", "cpu", "gpu_full", "tpu_pod"],
     "grpo": ["smoke", "cpu", "gpu_full", *grpo.STUDY],
     "pipeline": ["smoke", "cpu", "gpu_full"],
     "ppo": ["smoke", "cpu", "gpu_full"],
-    "pretrain": ["smoke", "cpu_char", "cpu_char256", "cpu", "gpu_full"],
+    "pretrain": ["smoke", "cpu_char", "cpu_char256", "cpu", "gpu_full", "tpu_pod"],
     "quickstart": ["smoke", "cpu", "gpu_full"],
     "reward": ["smoke", "cpu", "gpu_full"],
     "sae_lm": ["smoke", "cpu", "gpu_full"],

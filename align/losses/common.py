@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from lm.scoring import next_token_logprobs, reference_token_logprobs
 
@@ -27,7 +28,11 @@ def sequence_logprobs(model, tokens_bs, attn_mask_bs, loss_mask_bs) -> tuple[jax
 def trainer_reference_logprobs(trainer, rows: dict, temperature: float) -> jax.Array:
   """`lm.scoring.reference_token_logprobs` `[B, S-1]` of training rows (tokens / attn_mask /
   loss_mask `[B, S]`, the loss mask selecting the targets) under a `Trainer`'s current model, on
-  its mesh: the reference of GRPO's KL in the reward and of PPO's KL penalty."""
+  its mesh: the reference of GRPO's KL in the reward and of PPO's KL penalty. An abstract
+  trainer (`launch.py --compile_only`) gives zeros of that shape."""
+  if trainer.abstract:
+    b, s = np.shape(rows["tokens"])
+    return jnp.zeros((b, s - 1), jnp.float32)
   with jax.set_mesh(trainer.mesh):
     return reference_token_logprobs(
         trainer.graphdef, (trainer.params, trainer.rest), jnp.asarray(rows["tokens"]),

@@ -24,6 +24,7 @@ from align.losses.shared_prompt import layout_token_logprobs
 from lm import lora
 from lm.scoring import reference_token_logprobs, score_rows
 from lm.sharding import host_array
+from lm.train import aot
 
 VARIANTS = ("sigmoid", "robust", "hinge", "ipo")
 
@@ -133,7 +134,10 @@ def precompute_reference(model, examples: list[dict], batch_size: int = 8) -> li
   """Examples with `ref_logps` `[2]` added: the reference (adapters off, or the model as given
   when it has none) scored once through the one host loop (`lm.scoring.score_rows`), so training
   and eval skip the reference forward. Each branch is a (prompt, response) row: the response
-  starts at its first loss-mask token, and its log-probs are summed with the loss-mask weights."""
+  starts at its first loss-mask token, and its log-probs are summed with the loss-mask weights.
+  A model of shapes alone (`launch.py --compile_only`) gives zeros: the field's shape."""
+  if aot.is_abstract(model):
+    return [dict(ex, ref_logps=np.zeros(2, np.float32)) for ex in examples]
   prompts, responses, weights = [], [], []
   for ex in examples:
     for branch in range(2):

@@ -329,6 +329,5 @@ ALGORITHM = Algorithm(
              "truncated_share", "entropy", "clip_low", "clip_high", "kl", "logp_diff_max",
              "time/*", "step_s"),
     check=_check,
-    online=lambda config, trainer, tok: online.setup(config, trainer, tok,
-                                                     make_batch_for(config, trainer)),
+    make_batch_for=make_batch_for,
     finish=online.finish)

@@ -146,7 +146,11 @@ def _values(graphdef, params, rest, tokens_bs, attn_mask_bs) -> jax.Array:
 
 def _rollout_scores(trainer, rows: dict, temperature: float, with_ref: bool):
   """(values `[B, S-1]`, reference log-probs `[B, S-1]` or zeros) of training rows under the
-  trainer's current model; the reference is `trainer_reference_logprobs` (adapters off)."""
+  trainer's current model; the reference is `trainer_reference_logprobs` (adapters off). An
+  abstract trainer (`launch.py --compile_only`) gives zeros of their shapes."""
+  if trainer.abstract:
+    b, s = np.shape(rows["tokens"])
+    return jnp.zeros((b, s - 1), jnp.float32), jnp.zeros((b, s - 1), jnp.float32)
   with jax.set_mesh(trainer.mesh):
     values = _values(trainer.graphdef, trainer.params, trainer.rest, jnp.asarray(rows["tokens"]),
                      jnp.asarray(rows["attn_mask"]))
@@ -216,6 +220,5 @@ ALGORITHM = Algorithm(
     check=_check,
     wrap=lambda model, config: PolicyWithValue(model, rngs=nnx.Rngs(config.train.seed)),
     trainable=lambda filt: nnx.Any(filt, nnx.All(nnx.Param, nnx.PathContains("value"))),
-    online=lambda config, trainer, tok: online.setup(config, trainer, tok,
-                                                     make_batch_for(config, trainer)),
+    make_batch_for=make_batch_for,
     finish=online.finish)

@@ -57,21 +57,25 @@ def trainable(config):
   return nnx.Param
 
 
-def load_run(workdir) -> tuple[Transformer, object, list[int]]:
+def load_run(workdir, *, shapes_only: bool = False) -> tuple[Transformer, object, list[int]]:
   """(model at the run's last checkpoint, its tokenizer, the prefix every input starts with: its
-  sink token, or none; also the tokenizer's `prefix_ids`) from a `pretrain` run directory."""
+  sink token, or none; also the tokenizer's `prefix_ids`) from a `pretrain` run directory.
+  `shapes_only`: the model's arrays are ShapeDtypeStructs (`nnx.eval_shape`), no checkpoint read."""
   workdir = Path(workdir)
   config = ml_collections.ConfigDict(json.loads((workdir / "config.json").read_text()))
   manifest = json.loads((workdir / MANIFEST).read_text())
-  model = Transformer(model_config(config, int(manifest["tokenizer"]["vocab_size"])),
-                      rngs=nnx.Rngs(0))
+  make = lambda: Transformer(model_config(config, int(manifest["tokenizer"]["vocab_size"])),
+                             rngs=nnx.Rngs(0))
+  tokenizer = vocab.tokenizer_from_json(manifest["tokenizer"])
+  sink_token = int(manifest["tokenizer"]["vocab_size"])  # one id past the corpus vocabulary
+  tokenizer.prefix_ids = [sink_token] if config.model.sink == "token" else []
+  if shapes_only:
+    return nnx.eval_shape(make), tokenizer, list(tokenizer.prefix_ids)
+  model = make()
   with Checkpointer(workdir / "checkpoints") as ckpt:
     if ckpt.latest_step is None:
       raise FileNotFoundError(f"{workdir} has no checkpoint; train it first.")
     state = nnx.state(model, trainable(config))
     ckpt.restore(state)  # the newest intact checkpoint
     nnx.update(model, state)
-  tokenizer = vocab.tokenizer_from_json(manifest["tokenizer"])
-  sink_token = int(manifest["tokenizer"]["vocab_size"])  # one id past the corpus vocabulary
-  tokenizer.prefix_ids = [sink_token] if config.model.sink == "token" else []
   return model, tokenizer, list(tokenizer.prefix_ids)

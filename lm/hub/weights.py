@@ -303,16 +303,22 @@ def config_to_hf(cfg: ModelConfig) -> dict:
   }
 
 
+def config_from_hf_dir(path: str | os.PathLike, *, dtype: str = "float32") -> ModelConfig:
+  """The architecture in an HF directory's `config.json`."""
+  path = Path(path)
+  cfg_file = path / "config.json"
+  if not cfg_file.exists():
+    raise WeightsError(f"{path}: no config.json; pass an HF model directory or a .gguf file.")
+  return config_from_hf(json.loads(cfg_file.read_text()), dtype=dtype, name=path.name)
+
+
 def load_hf_dir(path: str | os.PathLike, *, dtype: str = "float32") -> Transformer:
   """A Transformer from an HF directory with `config.json` and `*.safetensors`."""
   from safetensors import safe_open
   from safetensors import SafetensorError
 
   path = Path(path)
-  cfg_file = path / "config.json"
-  if not cfg_file.exists():
-    raise WeightsError(f"{path}: no config.json; pass an HF model directory or a .gguf file.")
-  cfg = config_from_hf(json.loads(cfg_file.read_text()), dtype=dtype, name=path.name)
+  cfg = config_from_hf_dir(path, dtype=dtype)
   files = sorted(path.glob("*.safetensors"))
   if not files:
     raise WeightsError(

@@ -130,7 +130,7 @@ def _sample(model, tokenizer, prompt_ids: list[int], n: int, seq_len: int, seed:
   return tokenizer.decode(ids)
 
 
-def _vocab_size_without_data(config) -> int:
+def vocab_size_without_data(config) -> int:
   """The corpus vocabulary, from its token store when one exists, else from the tokenizer alone
   (GPT-2 BPE); a character vocabulary comes from the text, so it needs the store."""
   manifest = Path(_store_dir(config)) / "manifest.json"
@@ -147,7 +147,7 @@ def compile_only(config, mesh, topology: str) -> dict:
   """The training step of `config` compiled for `mesh` (the target topology's devices) on abstract
   arrays, no weights or data read: `aot.report`'s fields for `aot.json`."""
   seq_len = int(config.data.seq_len)
-  n_vocab = _vocab_size_without_data(config)
+  n_vocab = vocab_size_without_data(config)
   cfg = model_config(config, n_vocab)
   model = nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(params=int(config.model.seed))))
   fpt = flops.flops_per_token(cfg, seq_len)

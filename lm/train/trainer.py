@@ -47,6 +47,7 @@ import optax
 from flax import nnx
 
 from lm import heads, inputs, lora, sharding
+from lm.train import aot
 from lm.train.checkpoint import Checkpointer, all_finite
 from lm.train.rundir import read_history
 
@@ -203,12 +204,6 @@ def _tree_shardings(tree):
   return jax.tree.map(lambda x: x.sharding, tree)
 
 
-def _abstract(tree, shardings):
-  """`tree`'s shapes and dtypes with `shardings` (same structure), as ShapeDtypeStructs."""
-  return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree,
-                      shardings)
-
-
 @dataclasses.dataclass
 class StepTimes:
   compile_s: float = 0.0
@@ -245,12 +240,12 @@ class Trainer:
     self.schedule = make_schedule(train_cfg)
     # A model of shapes alone (nnx.eval_shape) gives an abstract trainer: its state is
     # ShapeDtypeStructs with their shardings, for `compile_step` on any mesh (lm.train.aot).
-    self.abstract = all(isinstance(x, jax.ShapeDtypeStruct) for x in jax.tree.leaves(params))
+    self.abstract = aot.is_abstract(params)
     if self.abstract:
-      self.params = _abstract(params, sharding.state_shardings(params, self.mesh))
-      self.rest = _abstract(rest, sharding.state_shardings(rest, self.mesh))
+      self.params = aot.abstract(params, sharding.state_shardings(params, self.mesh))
+      self.rest = aot.abstract(rest, sharding.state_shardings(rest, self.mesh))
       opt_shapes = jax.eval_shape(self.tx.init, self.params)
-      self.opt_state = _abstract(opt_shapes, self._opt_shardings(self.params, opt_shapes))
+      self.opt_state = aot.abstract(opt_shapes, self._opt_shardings(self.params, opt_shapes))
     else:
       # Copies (may_alias=False): the step donates them, and the caller's model keeps its arrays.
       self.params = jax.device_put(params, sharding.state_shardings(params, self.mesh),
