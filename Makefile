@@ -61,10 +61,13 @@ stability: $(RUN_STAMP)
 # Every accelerator recipe compiled ahead of time for a TPU topology from this host (rows:
 # configs/aot.py; libtpu comes with the test extra, no TPU needed): docs/aot/<row>/aot.json and the
 # table in docs/aot/README.md. A row whose aot.json exists is kept; FORCE=1 compiles every row again.
+# GPU rows need jax's CUDA plugin beside libtpu: make aot EXTRAS=cuda12 (no GPU or driver needed).
 aot: $(TEST_STAMP)
-	@$(BIN)/python -c "from configs.aot import ROWS, row_dir, command; import shlex; [print(row_dir(*r), shlex.join(command(*r, 'docs/aot/' + row_dir(*r)))) for r in ROWS]" | \
-	while read -r dir args; do \
+	@$(BIN)/python -c "from configs.aot import ROWS, row_dir, command, needs; import shlex; [print(row_dir(*r), needs(r[1]), shlex.join(command(*r, 'docs/aot/' + row_dir(*r)))) for r in ROWS]" | \
+	while read -r dir needs args; do \
 	  if [ -f "docs/aot/$$dir/aot.json" ] && [ -z "$(FORCE)" ]; then echo "kept docs/aot/$$dir"; \
+	  elif [ "$$needs" = cuda ] && ! $(BIN)/python -c "from lm.train import aot; exit(not aot.has_cuda_plugin())"; then \
+	    echo "skipped docs/aot/$$dir: it needs jax's CUDA plugin (make aot EXTRAS=cuda12)"; \
 	  else echo "compiling docs/aot/$$dir"; JAX_PLATFORMS=cpu $(BIN)/python launch.py $$args < /dev/null || exit 1; fi; \
 	done
 	$(BIN)/python -c "from configs.aot import ROWS, row_dir; from lm.train import aot; print(aot.write_readme('docs/aot', [row_dir(*r) for r in ROWS]))"

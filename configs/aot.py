@@ -2,7 +2,8 @@
 training config and the `:tpu_pod` variants, each on a TPU topology it fits, compiled from this
 host with `launch.py --compile_only` (libtpu, no TPU). Not a launch config: a table of rows.
 
-A row is (config, topology, mesh overrides): the overrides are `--config.mesh.*` flags, and the
+Each `:gpu_full` recipe has a TPU row, and the GPU recipes with a history on one H100/H200 a GPU
+row. A row is (config, topology, mesh overrides): the overrides are `--config.mesh.*` flags, and the
 rows of one config over several meshes are the mesh search (data / fsdp / tensor). The sink study
 (`configs/sinks.py`) trains nothing (it analyses trained models); its training runs are
 `pretrain.py`'s.
@@ -26,13 +27,24 @@ ROWS = (
     ("usae_vision.py:gpu_full", "v5p:2x2x1", ""),
     ("sae_lm.py:gpu_full", "v5p:2x2x1", ""),
     ("pipeline.py:gpu_full", "v5p:2x2x1", ""),
+    # GPU targets (jax's CUDA plugin, no GPU: `make aot EXTRAS=cuda12`)
+    ("pretrain.py:gpu_full", "h200:1x1", ""),
+    ("dpo.py:gpu_full", "h100:1x1", ""),
+    ("grpo.py:gpu_full", "h100:1x1", ""),
 )
+
+GPU_TARGETS = ("h100", "h200")
 
 
 def row_dir(config: str, topology: str, mesh: str) -> str:
   """The row's directory under docs/aot/: `dpo-gpu_full-v5p-2x2x1` (+ `-mesh-4-1-1`)."""
   name = config.replace(".py:", "-") + "-" + topology.replace(":", "-")
   return name + (f"-mesh-{mesh.replace(',', '-')}" if mesh else "")
+
+
+def needs(topology: str) -> str:
+  """What compiling for `topology` needs beyond the test extra: "cuda" (jax's CUDA plugin) or "-"."""
+  return "cuda" if topology.split(":")[0] in GPU_TARGETS else "-"
 
 
 def command(config: str, topology: str, mesh: str, workdir: str) -> list[str]:
