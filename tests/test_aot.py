@@ -149,3 +149,23 @@ def test_grpo_compiles_its_step_and_its_rollouts_decoding_program(tmp_path):
     assert rollout["step_s_memory_bound"] >= (
         rollout["model_bytes_per_step"] / rollout["devices"]
         / rollout["hbm_bytes_per_s_per_device"] * (1 - 1e-9))
+
+
+def test_the_docs_table_has_every_row_compiled_and_fitting():
+  """docs/aot (made by `make aot`) holds an aot.json for every row of configs/aot.py, each
+  fitting its chip, and its README's table is the one those files give."""
+  from pathlib import Path
+
+  from configs.aot import ROWS, command, row_dir
+
+  root = Path(__file__).resolve().parents[1] / "docs" / "aot"
+  results = []
+  for row in ROWS:
+    path = root / row_dir(*row) / "aot.json"
+    assert path.exists(), f"{path} is missing: run make aot"
+    result = json.loads(path.read_text())
+    assert result["topology"] == row[1] and result["fits"] is True, row
+    # the row's command is the one make aot runs
+    assert result["command"].split()[2:] == command(*row, f"docs/aot/{row_dir(*row)}"), row
+    results.append(result)
+  assert aot.table(results) in (root / "README.md").read_text()
