@@ -221,7 +221,7 @@ class RolloutStream:
     rows = ro.prompt_index_b
     columns = {k: [v[i] for i in rows] for k, v in chosen.columns.items()}
     total, each = reward_fns.combine(self.fns, self.weights, [chosen.texts[i] for i in rows],
-                                     texts, columns)
+                                     texts, columns, completion_ids=ro.sequences())
     batch, metrics = self.make_batch(ro, total, each, rollout_index=g)
     t2 = time.perf_counter()
     metrics.update(rollout_stats(ro, texts, total, each))
@@ -262,7 +262,8 @@ def held_out_eval(trainer, tokenizer, prompts: Prompts, config, rewards: tuple[d
                  tokenizer=tokenizer, sampler=sampler, seed=int(eval_cfg.seed),
                  batch_size=batch_size)
     texts = ro.texts(tokenizer)
-    total, each = reward_fns.combine(fns, weights, prompts.texts, texts, prompts.columns)
+    total, each = reward_fns.combine(fns, weights, prompts.texts, texts, prompts.columns,
+                                     completion_ids=ro.sequences())
     stats = rollout_stats(ro, texts, total, each)
     if sampler is GREEDY:  # argmax tokens say nothing about the policy's entropy
       del stats["entropy"]
@@ -346,9 +347,9 @@ def compile_only(config, trainer, tokenizer, make_batch_for: Callable[[int, int]
                prompts=[[pad] * longest] * n, prompt_index_b=np.repeat(np.arange(n), group))
   width = batch_width({"longest_prompt": longest}, new)
   batch, _ = make_batch_for(width, pad)(ro, np.zeros(n * group), {}, rollout_index=0)
-  compiled = compile_generate(policy, n, longest, max_new_tokens=new, eos_ids=hub.stop_ids(tokenizer),
-                              pad_id=pad, mesh=trainer.mesh, sampler=sampler_of(r),
-                              num_samples=group)
+  compiled = compile_generate(policy, n, longest, max_new_tokens=new,
+                              eos_ids=hub.stop_ids(tokenizer), pad_id=pad, mesh=trainer.mesh,
+                              sampler=sampler_of(r), num_samples=group)
   # forward FLOPs (a third of training's) of the prompts once and every sampled token; every
   # weight read once per decoded token
   per_token = flops.flops_per_token(policy.cfg, longest + new).total / 3

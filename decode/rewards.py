@@ -1,7 +1,8 @@
 """Rule-based rewards for online RL and evaluation, as Scorers with dataset columns.
 
-Each reward is `fn(prompts, completions, **columns) -> [K]` (TRL's reward-function shape; the
-columns are the dataset's, e.g. `answer`), checked by `decode.scorers.score`. `combine` sums
+Each reward is `fn(prompts, completions, **columns) -> [K]`, called by keyword as TRL calls reward
+functions (the columns are the dataset's, e.g. `answer`, plus `completion_ids` in online RL),
+checked by `decode.scorers.score`. `combine` sums
 several with weights and keeps each one's scores for logging.
 
   gsm8k_correct   1 if the final number of the completion equals the `answer` column, else 0
@@ -102,14 +103,17 @@ def get(name: str, **kw) -> Callable:
 
 
 def combine(rewards: Mapping[str, Callable], weights: Mapping[str, float], prompts: Sequence[str],
-            completions: Sequence[str], columns: Mapping[str, Sequence] | None = None
+            completions: Sequence[str], columns: Mapping[str, Sequence] | None = None,
+            completion_ids: Sequence[Sequence[int]] | None = None
             ) -> tuple[np.ndarray, dict[str, np.ndarray]]:
-  """(Σ_name weight · scores `[K]`, each reward's own scores by name). A nan score (a reward's "no
-  score") counts as 0 in the sum and stays nan in its own scores."""
+  """(Σ_name weight · scores `[K]`, each reward's own scores by name), each reward called by
+  keyword (`decode.scorers.score`: prompts, completions, completion_ids, the columns). A nan score
+  (a reward's "no score") counts as 0 in the sum and stays nan in its own scores."""
   missing = set(rewards) - set(weights)
   if missing:
     raise ValueError(f"no weight for rewards {sorted(missing)}; give every reward a weight.")
-  each = {name: scorers.score(fn, prompts, completions, columns=columns)
+  each = {name: scorers.score(fn, prompts, completions, columns=columns,
+                              completion_ids=completion_ids)
           for name, fn in rewards.items()}
   total = sum(weights[n] * np.nan_to_num(s, nan=0.0) for n, s in each.items())
   return np.asarray(total, np.float64), each

@@ -1,10 +1,13 @@
 """One protocol for whatever scores a response: reward models, rule-based rewards, verifiers,
 likelihood proxies.
 
-A `Scorer` is `scorer(prompts, completions) -> scores`: the prompts as plain instruction text,
-the completions as the model wrote them, one real number per completion (`nan` = "no score").
-It is TRL's reward-function shape, so the same callable serves the decoding sweep, the
-reward-hacking probes and online RL's rewards. `score` is the one place scores are checked.
+A `Scorer` is called as TRL's `GRPOTrainer` calls a reward function, by keyword:
+`scorer(prompts=..., completions=..., **columns)` (+ `completion_ids=` where the caller has the
+token ids, as online RL does) -> one real number per completion, `nan` or `None` = "no score".
+The prompts are plain instruction text, the completions as the model wrote them, the columns the
+dataset's (e.g. `answer`), so a function written for TRL (`def f(completions, answer, **kwargs)`)
+serves the decoding sweep, the reward-hacking probes and online RL's rewards unchanged. `score` is
+the one place scores are checked.
 
   completions_only(fn)         a `texts -> scores` function as a Scorer;
   reward_model(rm, tokenizer)  an `lm.heads.RewardModel` scoring each (prompt, completion) as
@@ -23,8 +26,9 @@ import numpy as np
 from lm import heads, hub
 
 Scorer = Callable[..., np.ndarray]
-"""(prompts, completions, **columns) -> scores: K prompts and K completions in, a real array [K]
-out; rule-based rewards read dataset columns (`decode.rewards`)."""
+"""(*, prompts, completions, [completion_ids,] **columns) -> scores: K prompts and K completions
+in, K real numbers out (a list with None for "no score" too); rule-based rewards read dataset
+columns (`decode.rewards`)."""
 
 
 def _name(scorer) -> str:
@@ -32,17 +36,20 @@ def _name(scorer) -> str:
 
 
 def score(scorer: Scorer, prompts: Sequence[str], completions: Sequence[str], *,
-          batch_size: int = 32, columns: Mapping[str, Sequence] | None = None) -> np.ndarray:
+          batch_size: int = 32, columns: Mapping[str, Sequence] | None = None,
+          completion_ids: Sequence[Sequence[int]] | None = None) -> np.ndarray:
   """Scores of `completions` (each answering the prompt at its index), at most `batch_size` per
-  call. `columns` (e.g. {"answer": [...]}, one entry per completion) reach the scorer as keyword
-  arguments, sliced with each batch, as TRL passes dataset columns to reward functions.
+  call, the scorer called by keyword as TRL calls reward functions. `columns` (e.g. {"answer":
+  [...]}, one entry per completion) and `completion_ids` (the completions' token ids) reach it
+  as keyword arguments, sliced with each batch.
 
   Returns:
-    [K] float64 scores in input order; nan scores pass through (a scorer's "no score").
+    [K] float64 scores in input order; nan and None scores come back nan (a scorer's "no score").
 
   Raises:
-    ValueError, naming the scorer, if a call returns anything but a 1-D real array with one entry
-    per completion, or returns +-inf; or if prompts and completions differ in number.
+    ValueError, naming the scorer, if a call returns anything but one real score per completion,
+    or returns +-inf; if prompts and completions differ in number; or if the scorer does not take
+    its inputs by keyword.
   """
   if batch_size < 1:
     raise ValueError(f"batch_size must be >= 1, got {batch_size}")
@@ -52,6 +59,8 @@ def score(scorer: Scorer, prompts: Sequence[str], completions: Sequence[str], *,
                      "of every completion (repeat a prompt for its several samples).")
   name = _name(scorer)
   columns = dict(columns or {})
+  if completion_ids is not None:
+    columns["completion_ids"] = [list(ids) for ids in completion_ids]
   for key, col in columns.items():
     if len(col) != len(completions):
       raise ValueError(f"column {key!r} has {len(col)} entries for {len(completions)} completions; "
@@ -60,8 +69,18 @@ def score(scorer: Scorer, prompts: Sequence[str], completions: Sequence[str], *,
   for start in range(0, len(completions), batch_size):
     batch = completions[start:start + batch_size]
     kw = {key: list(col[start:start + batch_size]) for key, col in columns.items()}
-    raw = np.asarray(scorer(prompts[start:start + batch_size], batch, **kw))
     where = f"scorer {name!r} on completions [{start}:{start + len(batch)}]"
+    try:
+      raw = scorer(prompts=prompts[start:start + batch_size], completions=batch, **kw)
+    except TypeError as e:
+      if "argument" not in str(e):
+        raise
+      raise ValueError(f"{where}: {e}. A scorer is called by keyword, as TRL calls reward "
+                       f"functions: prompts=, completions=, the columns {sorted(kw)}; name its "
+                       "parameters so and end them with **kwargs.") from e
+    if isinstance(raw, (list, tuple)):  # TRL's list of floats, None = no score
+      raw = [np.nan if v is None else v for v in raw]
+    raw = np.asarray(raw)
     if raw.dtype == np.bool_ or not (np.issubdtype(raw.dtype, np.integer)
                                       or np.issubdtype(raw.dtype, np.floating)):
       raise ValueError(f"{where} returned dtype {raw.dtype}; expected real float scores")
@@ -80,8 +99,8 @@ def score(scorer: Scorer, prompts: Sequence[str], completions: Sequence[str], *,
 def completions_only(fn: Callable[[Sequence[str]], np.ndarray]) -> Scorer:
   """A `texts -> scores` function as a Scorer that reads the completions alone."""
 
-  def scorer(prompts, completions):
-    del prompts
+  def scorer(prompts, completions, **kwargs):
+    del prompts, kwargs
     return fn(completions)
 
   scorer.__qualname__ = _name(fn)

@@ -27,9 +27,10 @@ def test_score_batches_keeps_order_and_pairs_each_completion_with_its_prompt():
 
 
 def test_score_nan_passes_and_ints_accepted():
-  out = scorers.score(lambda p, t: np.array([np.nan] * len(t)), ["q", "q"], ["x", "y"])
+  out = scorers.score(lambda prompts, completions: np.array([np.nan] * len(completions)),
+                      ["q", "q"], ["x", "y"])
   assert np.isnan(out).all()
-  out = scorers.score(lambda p, t: [3] * len(t), ["q", "q"], ["x", "y"])
+  out = scorers.score(lambda prompts, completions: [3] * len(completions), ["q", "q"], ["x", "y"])
   np.testing.assert_array_equal(out, [3.0, 3.0])
 
 
@@ -52,13 +53,37 @@ def test_score_count_mismatch_names_scorer():
 
 def test_score_rejects_wrong_shapes_and_types():
   with pytest.raises(ValueError, match="shape"):
-    scorers.score(lambda p, t: np.float64(1.0), ["q"], ["a"])  # scalar, not [1]
+    scorers.score(lambda prompts, completions: np.float64(1.0), ["q"], ["a"])  # scalar, not [1]
   with pytest.raises(ValueError, match="shape"):
-    scorers.score(lambda p, t: np.zeros((len(t), 1)), ["q", "q"], ["a", "b"])
+    scorers.score(lambda prompts, completions: np.zeros((len(completions), 1)), ["q", "q"],
+                  ["a", "b"])
   with pytest.raises(ValueError, match="dtype"):
-    scorers.score(lambda p, t: np.array(["good"] * len(t)), ["q"], ["a"])
+    scorers.score(lambda prompts, completions: np.array(["good"] * len(completions)), ["q"], ["a"])
   with pytest.raises(ValueError, match="dtype"):
-    scorers.score(lambda p, t: np.ones(len(t), bool), ["q"], ["a"])
+    scorers.score(lambda prompts, completions: np.ones(len(completions), bool), ["q"], ["a"])
+
+
+def test_a_function_written_for_trl_runs_as_trl_calls_it():
+  """TRL's GRPOTrainer calls a reward function by keyword (prompts=, completions=,
+  completion_ids=, the dataset's columns) and reads None as "no score": a function in TRL's
+  documented shape runs here unchanged, and receives what TRL would give it."""
+  seen = {}
+
+  def correctness(completions, answer, **kwargs):
+    seen.update(kwargs)
+    return [None if a is None else float(c.strip() == a) for c, a in zip(completions, answer)]
+
+  ids = [[5], [6, 7], [8]]
+  out = scorers.score(correctness, ["p1", "p2", "p3"], ["4", " 5", "x"],
+                      columns={"answer": ["4", "4", None]}, completion_ids=ids, batch_size=2)
+  np.testing.assert_array_equal(out[:2], [1.0, 0.0])
+  assert np.isnan(out[2])
+  assert seen == {"prompts": ["p3"], "completion_ids": [[8]]}  # the last batch's
+
+
+def test_a_scorer_that_takes_positional_arguments_is_refused_naming_the_convention():
+  with pytest.raises(ValueError, match=r"<lambda>'.*called by keyword.*\*\*kwargs"):
+    scorers.score(lambda a, b: [0.0] * len(b), ["q"], ["a"])
 
 
 def test_score_rejects_inf_with_index():

@@ -10,8 +10,9 @@ followed by whitespace; the whitespace between sentences is kept, so line breaks
   reorder_sentences the sentences in a random order that is never the original one;
   pad_length        content-free sentences appended until >= `extra_frac` more words.
 
-A scorer here is a `decode.scorers.Scorer`: (prompts, responses) -> scores `[K]` (a reward model
-through `decode.scorers.reward_model`, a text function through `completions_only`);
+A scorer here is a `decode.scorers.Scorer`, called by keyword (prompts=, completions=) -> scores
+`[K]` (a reward model through `decode.scorers.reward_model`, a text function through
+`completions_only`);
 `implicit_reward_scorer` is DPO's beta*(log pi - log pi_ref) of the response given its prompt,
 summed over the response tokens.
 """
@@ -127,15 +128,18 @@ def log_ratio_scorers(policy, reference, tokenizer, *, beta: float, batch_size: 
                           multiple=multiple)
     return memo[key]
 
-  def implicit(prompts, responses):
+  def implicit(prompts, completions, **kwargs):
     return beta * np.array([float(np.sum(r["logp"], dtype=np.float64) -
                                   np.sum(r["logq"], dtype=np.float64))
-                            for r in rows(prompts, responses)])
+                            for r in rows(prompts, completions)])
 
   def avg_of(key):
-    return lambda prompts, responses: np.array(
-        [float(np.mean(r[key], dtype=np.float64)) if len(r[key]) else np.nan
-         for r in rows(prompts, responses)])
+    def avg(prompts, completions, **kwargs):
+      return np.array([float(np.mean(r[key], dtype=np.float64)) if len(r[key]) else np.nan
+                       for r in rows(prompts, completions)])
+
+    avg.__qualname__ = f"avg_{key}"
+    return avg
 
   return implicit, avg_of("logp"), avg_of("logq")
 
@@ -149,8 +153,8 @@ def avg_logprob_scorer(model, tokenizer, *, batch_size: int = 8, max_response_to
                        multiple: int = 32) -> Scorer:
   """Mean token log-prob (nats) of response + end-of-turn under `model`: a likelihood proxy."""
 
-  def score(prompts, responses):
-    p_ids, r_ids = _encode(tokenizer, prompts, responses, max_response_tokens)
+  def score(prompts, completions, **kwargs):
+    p_ids, r_ids = _encode(tokenizer, prompts, completions, max_response_tokens)
     lps = scoring.response_logprobs(model, p_ids, r_ids, batch_size=batch_size, multiple=multiple)
     return np.array([float(np.mean(lp, dtype=np.float64)) if len(lp) else np.nan for lp in lps])
 
