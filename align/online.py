@@ -330,14 +330,14 @@ def compile_only(config, trainer, tokenizer, make_batch_for: Callable[[int, int]
   rollout.num_generations completions of rollout.max_new_tokens, through the algorithm's own
   `make_batch` (an abstract trainer scores zeros) and `decode.engine.compile_generate` on the
   trainer's abstract policy."""
-  from decode.engine import compile_generate
+  from decode.engine import PROMPT_MULTIPLE, compile_generate
   from lm.train import aot, flops
 
   r = config.rollout
   n, group, new = int(r.prompts_per_step), int(r.num_generations), int(r.max_new_tokens)
   policy = heads.backbone(trainer.model)
   policy.eval()
-  room = (policy.cfg.max_seq_len - new) // 16 * 16  # prompts are left-padded to 16s
+  room = (policy.cfg.max_seq_len - new) // PROMPT_MULTIPLE * PROMPT_MULTIPLE
   longest = min(int(config.prompts.max_prompt_tokens) or room, room)
   pad = pad_id_of(tokenizer)
   zeros = np.zeros((n * group, new), np.float32)

@@ -148,12 +148,11 @@ def compile_only(config, mesh, topology: str) -> dict:
   pre_cfg, cfgs = _stage_configs(config)
   stages = {"pretrain": task.compile_only(pre_cfg, mesh, topology)}
   arch = runs.model_config(pre_cfg, task.vocab_size_without_data(pre_cfg))
+  tokenizer = vocab.gpt2_tokenizer().to_hf()  # what a pretrain run directory loads as
   for name, cfg in cfgs.items():
     cfg = _chained(cfg, "pretrain/")
-    model = shapes_of(arch)
-    model.cfg = model.cfg.replace(scan_layers=bool(cfg.model.scan_layers), remat=cfg.model.remat)
-    stages[name] = train.compile_only(cfg, mesh, topology,
-                                      base=(model, vocab.gpt2_tokenizer().to_hf()))
+    base = train.with_stack_settings(shapes_of(arch), cfg.model)
+    stages[name] = train.compile_only(cfg, mesh, topology, base=(base, tokenizer))
   largest = max(stages.values(), key=lambda r: r["bytes_per_device"]["total"])
   name = next(k for k, v in stages.items() if v is largest)
   return {**largest, "task": "pipeline", "largest_stage": name, "stages": stages}

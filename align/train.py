@@ -42,8 +42,14 @@ def load_model(model_cfg, shapes_only: bool = False):
       raise ValueError(f"{model_cfg.name} was pretrained with a sink token or a character "
                        "vocabulary; the alignment stages need a GPT-2 BPE model without one.")
     tok = tok.to_hf()
+  return with_stack_settings(model, model_cfg), tok
+
+
+def with_stack_settings(model, model_cfg):
+  """`model` running its layer stack as `model_cfg` says (`scan_layers`, `remat`: the same numbers,
+  another program)."""
   model.cfg = model.cfg.replace(scan_layers=bool(model_cfg.scan_layers), remat=model_cfg.remat)
-  return model, tok
+  return model
 
 
 def _adapted(config, algo: algorithm.Algorithm, model):

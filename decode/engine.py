@@ -19,11 +19,11 @@ from flax import nnx
 
 from decode.sampling import GREEDY, Sampler, SamplingParams
 from lm import inputs
-from lm import sharding as lm_sharding
 from lm.model import KVCache
 from lm.scoring import left_pad_rows, token_logprobs
 
 FINISH_REASONS = ("length", "eos", "stop", "repeat")
+PROMPT_MULTIPLE = 16  # prompts are left-padded to a multiple of this: fewer distinct programs
 
 
 @dataclasses.dataclass(frozen=True)
@@ -72,7 +72,7 @@ class GenerateOutput:
     return out
 
 
-def left_pad(prompts: Sequence[Sequence[int]], pad_id: int, multiple: int = 16, *,
+def left_pad(prompts: Sequence[Sequence[int]], pad_id: int, multiple: int = PROMPT_MULTIPLE, *,
              max_new_tokens: int = 0, max_seq_len: int | None = None
              ) -> tuple[np.ndarray, np.ndarray]:
   """`[B, P]` tokens and mask, left-padded; P rounded up to `multiple` to reuse compilations.
@@ -240,7 +240,8 @@ def compile_count() -> int:
 
 def compile_generate(model, n_prompts: int, prompt_len: int, *, max_new_tokens: int,
                      eos_ids: Sequence[int], pad_id: int, mesh: jax.sharding.Mesh,
-                     sampler: Sampler = GREEDY, num_samples: int = 1, stop: StopRules = StopRules()):
+                     sampler: Sampler = GREEDY, num_samples: int = 1,
+                     stop: StopRules = StopRules()):
   """`generate`'s decoding loop compiled ahead of time for `n_prompts` prompts of up to
   `prompt_len` tokens (left-padded as `generate` pads them) on `model`, whose arrays may be
   ShapeDtypeStructs with shardings (`launch.py --compile_only`); prompts and sampling values are
@@ -249,8 +250,7 @@ def compile_generate(model, n_prompts: int, prompt_len: int, *, max_new_tokens: 
 
   width = left_pad([[pad_id] * prompt_len], pad_id, max_new_tokens=max_new_tokens,
                    max_seq_len=model.cfg.max_seq_len)[0].shape[1]
-  spec = lambda shape, dtype: jax.ShapeDtypeStruct(shape, dtype,
-                                                   sharding=lm_sharding.replicated(mesh))
+  spec = lambda shape, dtype: replicated_spec(jax.ShapeDtypeStruct(shape, dtype), mesh)
   rows = n_prompts * num_samples
   params = jax.tree.map(lambda x: replicated_spec(x, mesh), sampler.params(rows))
   key = replicated_spec(jax.eval_shape(lambda: jax.random.key(0)), mesh)

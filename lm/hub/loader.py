@@ -65,13 +65,9 @@ def load_pretrained(name_or_path: str, *, dtype: str = "float32", tokenizer: boo
   `shapes_only`: the model's shapes alone (`shapes_of`), no weights read."""
   path = resolve(name_or_path)
   log.info("loading %s from %s%s", name_or_path, path, " (shapes only)" if shapes_only else "")
-  if path.suffix == ".gguf":  # one parse of the file's metadata serves both
-    reader = weights.open_gguf(path)
-    model = (shapes_of(weights.config_from_gguf(reader, dtype=dtype, name=path.stem))
-             if shapes_only else weights.load_gguf(path, dtype=dtype, reader=reader))
-    return model, (_tokenizer.from_gguf(reader, source=str(path)) if tokenizer else None)
-  model = shapes_of(model_config(path, dtype=dtype)) if shapes_only else load_model(path,
-                                                                                    dtype=dtype)
+  # a GGUF's metadata is parsed once for model and tokenizer (`weights.open_gguf` keeps it)
+  model = (shapes_of(model_config(path, dtype=dtype)) if shapes_only
+           else load_model(path, dtype=dtype))
   return model, (load_tokenizer(path) if tokenizer else None)
 
 

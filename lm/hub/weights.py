@@ -437,14 +437,12 @@ def _gguf_reader(path: str, size: int, mtime_ns: int):
     ) from e
 
 
-def load_gguf(path: str | os.PathLike, *, dtype: str = "float32", reader=None) -> Transformer:
-  """A Transformer from a llama-architecture GGUF file (any quantization `gguf` dequantizes).
-
-  `reader`: the file already open (`open_gguf(path)`), to parse its metadata once.
-  """
+def load_gguf(path: str | os.PathLike, *, dtype: str = "float32") -> Transformer:
+  """A Transformer from a llama-architecture GGUF file (any quantization `gguf` dequantizes); its
+  metadata is parsed once per process (`open_gguf`)."""
   import gguf
 
-  reader = reader if reader is not None else open_gguf(path)
+  reader = open_gguf(path)
   cfg = config_from_gguf(reader, dtype=dtype, name=Path(path).stem)
 
   def tensors():

@@ -35,6 +35,7 @@ from flax import nnx
 
 from lm import config as lm_config
 from lm.hub import runs, vocab
+from lm.hub.loader import shapes_of
 from lm.hub.runs import model_config, trainable
 from lm.pretrain import corpus, sink_stats
 from lm.train import aot, flops
@@ -149,7 +150,7 @@ def compile_only(config, mesh, topology: str) -> dict:
   seq_len = int(config.data.seq_len)
   n_vocab = vocab_size_without_data(config)
   cfg = model_config(config, n_vocab)
-  model = nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(params=int(config.model.seed))))
+  model = shapes_of(cfg, int(config.model.seed))
   fpt = flops.flops_per_token(cfg, seq_len)
   trainer = Trainer(model, lm_loss, config.loss, config.train, trainable=trainable(config),
                     mesh=mesh, flops_per_token=fpt.total)

@@ -6,9 +6,10 @@ A topology is `cpu:N` (this process's CPU devices); a TPU topology name such as 
 `v5e:4x4`, whose devices come from `jax.experimental.topologies` with libtpu installed (the `tpu`
 extra) and no TPU attached; or `h100:HxG` / `h200:HxG`, H hosts of G NVIDIA GPUs, compiled by the
 CUDA plugin (the `cuda12`/`cuda13` extra) with no GPU or driver from XLA's GPU target description
-(`GPUS`; XLA:GPU then gives memory but no cost analysis, so the step bound uses analytic FLOPs). `report` turns the compiled step into `aot.json`'s fields: per-device
-memory against the chip's HBM, FLOPs and bytes per step from XLA's cost analysis, and the roofline
-step time at the chip's peak with the MFU it implies. XLA counts a loop body once (scanned layers,
+(`GPUS`; XLA:GPU then gives memory but no cost analysis, so the step bound uses analytic FLOPs).
+`report` turns the compiled step into `aot.json`'s fields: per-device memory against the chip's
+HBM, FLOPs and bytes per step from XLA's cost analysis, and the roofline step time at the chip's
+peak with the MFU it implies. XLA counts a loop body once (scanned layers,
 micro-batches): the compute time uses the model's analytic FLOPs when they are larger, and the
 memory time is a lower bound.
 """
@@ -185,7 +186,7 @@ def report(compiled, *, topology: str, mesh: jax.sharding.Mesh, model_flops: flo
   # XLA's cost analysis counts a loop's body once (scanned layers, micro-batches), so the compute
   # time takes the larger of its FLOPs and the model's analytic FLOPs per device; the memory time
   # is a lower bound for the same reason.
-  per_device = max(flops, (model_flops or 0.0) / len(devices))
+  per_device = max(flops, model_flops / len(devices))
   moved = max(bytes_accessed, (model_bytes or 0.0) / len(devices))
   t_compute, t_memory = per_device / peak, moved / bw
   bound = max(t_compute, t_memory)

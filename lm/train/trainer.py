@@ -241,20 +241,20 @@ class Trainer:
     # A model of shapes alone (nnx.eval_shape) gives an abstract trainer: its state is
     # ShapeDtypeStructs with their shardings, for `compile_step` on any mesh (lm.train.aot).
     self.abstract = aot.is_abstract(params)
+    params_sh, rest_sh = (sharding.state_shardings(t, self.mesh) for t in (params, rest))
     if self.abstract:
-      self.params = aot.abstract(params, sharding.state_shardings(params, self.mesh))
-      self.rest = aot.abstract(rest, sharding.state_shardings(rest, self.mesh))
-      opt_shapes = jax.eval_shape(self.tx.init, self.params)
-      self.opt_state = aot.abstract(opt_shapes, self._opt_shardings(self.params, opt_shapes))
+      self.params, self.rest = aot.abstract(params, params_sh), aot.abstract(rest, rest_sh)
     else:
       # Copies (may_alias=False): the step donates them, and the caller's model keeps its arrays.
-      self.params = jax.device_put(params, sharding.state_shardings(params, self.mesh),
-                                   may_alias=False)
-      self.rest = jax.device_put(rest, sharding.state_shardings(rest, self.mesh))
+      self.params = jax.device_put(params, params_sh, may_alias=False)
+      self.rest = jax.device_put(rest, rest_sh)
+    opt_shapes = jax.eval_shape(self.tx.init, self.params)
+    opt_sh = self._opt_shardings(self.params, opt_shapes)
+    if self.abstract:
+      self.opt_state = aot.abstract(opt_shapes, opt_sh)
+    else:
       with jax.set_mesh(self.mesh):
-        opt_shapes = jax.eval_shape(self.tx.init, self.params)
-        self.opt_state = jax.jit(self.tx.init, out_shardings=self._opt_shardings(
-            self.params, opt_shapes))(self.params)
+        self.opt_state = jax.jit(self.tx.init, out_shardings=opt_sh)(self.params)
     self.step = 0
     self.times = StepTimes()
     self._seed = int(train_cfg.seed)
