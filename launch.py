@@ -162,6 +162,9 @@ def main(argv):
     use_cpu_training_flags()  # before the backend starts
   import jax
 
+  from lm.train.runtime import use_compilation_cache
+
+  use_compilation_cache()
   if _CPU_DEVICES.value:
     jax.config.update("jax_num_cpu_devices", _CPU_DEVICES.value)
   if _multiprocess_launch():

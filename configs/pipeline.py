@@ -36,7 +36,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   if variant == "smoke":
     c.stages.pretrain.overrides = {
         "corpus": {"name": "gsm8k-gpt2", "store": "", "tokenizer": "gpt2", "sources": ["gsm8k"],
-                   "split": "hash", "val_fraction": 0.05, "append_eos": True},
+                   "split": "hash", "val_fraction": 0.005, "append_eos": True},
         "model": {"vocab_multiple": 64}, "data": {"seq_len": 128}, "sample_tokens": 0}
     c.eval.update(wikitext_tokens=1024, n_lines=8, gsm8k_n=4, max_new_tokens=8, reference="")
   return c

@@ -7,7 +7,7 @@ window / dense first layers + window) for each model in `models`: hub names or a
   python launch.py --config=configs/sinks.py:cpu --workdir=runs/sinks
   python launch.py --config=configs/sinks.py:ours --workdir=runs/sinks-ours
 
-Variants: `smoke` (SmolLM2, 4 sequences, one window, 512 tokens), `cpu` (SmolLM2-135M-Instruct:
+Variants: `smoke` (SmolLM2, 4 sequences, one window, 256 tokens), `cpu` (SmolLM2-135M-Instruct:
 Gu et al.'s setting of 100 sequences x 64 tokens; windows 64 and 256 in contexts of 1024 over
 the first 4,096 tokens of WikiText-2 test and tiny Shakespeare's validation tail; 2,048 tokens of
 WikiText-2 test decoded through a rolling cache of 0/1/4 sinks + 256), `ours` (the four
@@ -43,7 +43,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   if variant == "smoke":
     c.analysis.n_sequences = 4
     c.streaming.update(streams=["wikitext-2-test"], windows=[32], sinks=[1, 4], context=128,
-                       n_tokens=512)
+                       n_tokens=256)
     c.stream_decode.update(window=32, sinks=[0, 4], n_tokens=160)
   elif variant == "ours":  # character models of tiny Shakespeare, context 256
     c.models = OURS

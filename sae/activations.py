@@ -33,6 +33,7 @@ import grain
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import nnx
 
 log = logging.getLogger(__name__)
 
@@ -53,12 +54,15 @@ def pool_rows(acts, pool: str):
   return acts.reshape(-1, acts.shape[-1])
 
 
-def capture(fn: Callable[[Any], jax.Array], inputs: np.ndarray, *, batch: int, label: str = ""
-            ) -> np.ndarray:
-  """Rows `fn(inputs[i:i + batch])` for every batch, concatenated (host float32). `fn` is jitted
-  once: the last batch is padded to full size and its padding rows dropped. `fn` must return
-  `rows_per_item` rows per input item in item order."""
-  step = jax.jit(fn)
+def capture(fn: Callable[[Any, Any], jax.Array], model, inputs: np.ndarray, *, batch: int,
+            label: str = "") -> np.ndarray:
+  """Rows `fn(model, inputs[i:i + batch])` for every batch, concatenated (host float32). `fn` is
+  jitted once with the model's arrays as arguments (closed over, they would be compiled into the
+  program as constants: a slow compile and an executable the size of the weights): the last batch
+  is padded to full size and its padding rows dropped. `fn` must return the same number of rows
+  per input item, in item order."""
+  jitted, state = _program(fn, model)
+  step = lambda x: jitted(state, x)
   n = len(inputs)
   out, t0 = [], time.time()
   for start in range(0, n, batch):
@@ -72,6 +76,12 @@ def capture(fn: Callable[[Any], jax.Array], inputs: np.ndarray, *, batch: int, l
     if done == n or (start // batch) % 10 == 9:
       log.info("%s: %d/%d items, %.1f items/s", label, done, n, done / max(time.time() - t0, 1e-9))
   return np.concatenate(out)
+
+
+def _program(fn, model):
+  """`fn(model, x)` jitted as `(state, x) -> rows`, and the model's state to call it with."""
+  graphdef, state = nnx.split(model)
+  return jax.jit(lambda state, x: fn(nnx.merge(graphdef, state), x)), state
 
 
 @dataclasses.dataclass
@@ -137,9 +147,10 @@ def _check_reusable(store: Store, want: dict) -> None:
                      "store_dir elsewhere.")
 
 
-def image_rows(model, spec, tap: str, pool: str) -> Callable[[Any], jax.Array]:
-  """`fn(images [B, H, W, 3]) -> rows [R, d]`: what an image store holds of `model`'s `tap`."""
-  def fn(images):
+def image_rows(spec, tap: str, pool: str) -> Callable[[Any, Any], jax.Array]:
+  """`fn(model, images [B, H, W, 3]) -> rows [R, d]`: what an image store holds of a model's
+  `tap`."""
+  def fn(model, images):
     return pool_rows(model.features(spec.preprocess(images), (tap,))[tap], pool)
 
   return fn
@@ -154,7 +165,7 @@ def image_width(model_name: str, image_shape: tuple[int, int, int], *, tap: str 
   src = vision.source(model_name)
   tap = tap or src.pooled_tap
   images = jax.ShapeDtypeStruct((1, *image_shape), jnp.uint8)
-  return int(jax.eval_shape(lambda x: image_rows(src.make(), src.spec, tap, pool)(x),
+  return int(jax.eval_shape(lambda x: image_rows(src.spec, tap, pool)(src.make(), x),
                             images).shape[-1])
 
 
@@ -184,7 +195,7 @@ def image_store(root, model_name: str, data, dataset: str, *, tap: str | None = 
     log.info("reusing %s (%d rows)", path, len(store))
     return store
   model, spec = vision.load(model_name)
-  acts = capture(image_rows(model, spec, tap, pool), data.images, batch=batch,
+  acts = capture(image_rows(spec, tap, pool), model, data.images, batch=batch,
                  label=f"{model_name}.{tap} on {dataset}")
   labels = data.labels if pool == "mean" else None
   manifest = {**want, "weights": str(vision.weights_path(model_name)), "inputs": data.source,
@@ -218,10 +229,10 @@ def lm_store(root, model_name: str, layer: int, text: str, dataset: str, *, seq_
                      f"{n_seqs * seq_len}; lower n_seqs or seq_len.")
   windows = ids[: n_seqs * seq_len].reshape(n_seqs, seq_len)
 
-  def fn(tokens_bs):
+  def fn(model, tokens_bs):
     return pool_rows(model.residual_stream(tokens_bs, (layer,))[layer][:, skip_first:], "tokens")
 
-  acts = capture(fn, windows, batch=batch, label=f"{model_name} resid.{layer} on {dataset}")
+  acts = capture(fn, model, windows, batch=batch, label=f"{model_name} resid.{layer} on {dataset}")
   store = write_store(path.with_name(path.name + ".rows"), acts, {**want, "layer": int(layer)})
   np.save(store.path / "tokens.npy", windows)
   seq, pos = np.meshgrid(np.arange(n_seqs), np.arange(skip_first, seq_len), indexing="ij")

@@ -28,6 +28,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from flax import nnx
 
 from sae import activations, images, metrics, usae
 from sae import sae as sae_lib
@@ -42,8 +43,8 @@ PA5 = {"r2": [[0.759, 0.618], [0.718, 0.771]], "universal": 763, "specific": 319
 
 def _image_stores(config):
   d = config.data
-  train = images.per_class(images.load_cifar10("train"), d.train_per_class)
-  test = images.per_class(images.load_cifar10("test"), d.test_per_class)
+  train = images.load_cifar10("train", n_per_class=d.train_per_class)
+  test = images.load_cifar10("test", n_per_class=d.test_per_class)
   out = []
   for data, name in ((train, f"cifar10-train-{d.train_per_class}pc"),
                      (test, f"cifar10-test-{d.test_per_class}pc")):
@@ -305,11 +306,14 @@ def activation_maximisation(model_name: str, tap: str, pool: str, standardise, p
   from sae import vision
 
   model, spec = vision.load(model_name)
-  cs = jnp.asarray(concepts)
-  mean, std = jnp.asarray(standardise.mean), jnp.asarray(standardise.std)
+  # the weights travel as arguments: closed over, they would be compiled in as constants
+  graphdef, weights = nnx.split(model)
+  fixed = (weights, params_j, jnp.asarray(standardise.mean), jnp.asarray(standardise.std),
+           jnp.asarray(concepts))
 
-  def objective(img):
-    feats = model.features(spec.preprocess(img), (tap,))[tap]
+  def objective(fixed, img):
+    weights, params_j, mean, std, cs = fixed
+    feats = nnx.merge(graphdef, weights).features(spec.preprocess(img), (tap,))[tap]
     x = (activations.pool_rows(feats, pool) - mean) / std
     pre = _pre_activation(params_j, scfg, x)
     return pre[jnp.arange(len(concepts)), cs]
@@ -317,10 +321,10 @@ def activation_maximisation(model_name: str, tap: str, pool: str, standardise, p
   opt = optax.adam(viz.lr)
 
   @jax.jit
-  def step(img, opt_state, key):
+  def step(fixed, img, opt_state, key):
     shift = jax.random.randint(key, (2,), -viz.jitter, viz.jitter + 1)
     def loss(p):
-      return -jnp.sum(objective(jnp.roll(p, shift, axis=(1, 2))))
+      return -jnp.sum(objective(fixed, jnp.roll(p, shift, axis=(1, 2))))
     g = jax.grad(loss)(img)
     upd, opt_state = opt.update(g, opt_state, img)
     return jnp.clip(img + upd, 0.0, 255.0), opt_state
@@ -331,10 +335,10 @@ def activation_maximisation(model_name: str, tap: str, pool: str, standardise, p
   blur = jax.jit(lambda x: _gaussian_blur(x, viz.blur_sigma))
   for s in range(viz.steps):
     key, k = jax.random.split(key)
-    img, opt_state = step(img, opt_state, k)
+    img, opt_state = step(fixed, img, opt_state, k)
     if viz.blur_every and (s + 1) % viz.blur_every == 0:
       img = blur(img)
-  return np.asarray(img), np.asarray(jax.jit(objective)(img))
+  return np.asarray(img), np.asarray(jax.jit(objective)(fixed, img))
 
 
 def step_flops(config, d_ins, source: int) -> float:

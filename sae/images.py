@@ -42,25 +42,33 @@ def per_class(data: Images, n: int) -> Images:
   return data.take(np.sort(idx))
 
 
-def load_cifar10(split: str = "test") -> Images:
-  """CIFAR-10 `split` ("train" 50,000 or "test" 10,000), ordered by class then file name."""
+def load_cifar10(split: str = "test", n_per_class: int | None = None) -> Images:
+  """CIFAR-10 `split` ("train" 50,000 or "test" 10,000), ordered by class then file name;
+  `n_per_class`: only the first n of every class in that order (`per_class` of the whole split,
+  decoding only those JPEGs)."""
   if split not in ("train", "test"):
     raise ValueError(f"split={split!r}: CIFAR-10 has 'train' and 'test'.")
   path = shared_file(f"cifar10-jpeg/{split}.tar.gz")
   if path is None:
-    return _cifar10_tfds(split)
+    data = _cifar10_tfds(split)
+    return data if n_per_class is None else per_class(data, n_per_class)
   from PIL import Image  # matplotlib's dependency; only image loading needs it
 
-  images, labels = [], []
   with tarfile.open(path, "r:gz") as tar:
     members = sorted((m for m in tar.getmembers() if m.name.endswith(".jpg")), key=lambda m: m.name)
+    wanted, taken = [], {}
     for m in members:
-      cls = m.name.split("/")[-2]
+      cls = CIFAR10_CLASSES.index(m.name.split("/")[-2])
+      if n_per_class is None or taken.get(cls, 0) < n_per_class:
+        taken[cls] = taken.get(cls, 0) + 1
+        wanted.append((m, cls))
+    pixels = {}
+    for m, _ in sorted(wanted, key=lambda w: w[0].offset):  # one forward pass through the gzip
       with Image.open(io.BytesIO(tar.extractfile(m).read())) as im:
-        images.append(np.asarray(im.convert("RGB")))
-      labels.append(CIFAR10_CLASSES.index(cls))
-  log.info("CIFAR-10 %s: %d JPEGs from %s", split, len(labels), path)
-  return Images(np.stack(images), np.asarray(labels, np.int32), CIFAR10_CLASSES, str(path))
+        pixels[m.name] = np.asarray(im.convert("RGB"))
+  log.info("CIFAR-10 %s: %d of %d JPEGs from %s", split, len(wanted), len(members), path)
+  return Images(np.stack([pixels[m.name] for m, _ in wanted]),
+                np.asarray([cls for _, cls in wanted], np.int32), CIFAR10_CLASSES, str(path))
 
 
 def _cifar10_tfds(split: str) -> Images:

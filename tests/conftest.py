@@ -4,15 +4,19 @@ import functools
 import os
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
-# One persistent compilation cache for the session, shared with the launch.py subprocesses (they
-# inherit the environment): runs of the same config in several processes compile once.
-if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
-  import atexit
-  import shutil
-  import tempfile
+# One persistent compilation cache and one postlab cache (tokenizers built from a GGUF) for the
+# session, shared with the xdist workers and the launch.py subprocesses (they inherit the
+# environment): runs of the same config in several processes compile once, and the user's own
+# caches are neither read nor written.
+for _var, _prefix in (("JAX_COMPILATION_CACHE_DIR", "postlab-jax-cache-"),
+                      ("POSTLAB_CACHE", "postlab-cache-")):
+  if _var not in os.environ:
+    import atexit
+    import shutil
+    import tempfile
 
-  os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="postlab-jax-cache-")
-  atexit.register(shutil.rmtree, os.environ["JAX_COMPILATION_CACHE_DIR"], ignore_errors=True)
+    os.environ[_var] = tempfile.mkdtemp(prefix=_prefix)
+    atexit.register(shutil.rmtree, os.environ[_var], ignore_errors=True)
 
 import jax  # noqa: E402
 

@@ -6,8 +6,11 @@ equals an uninterrupted one on one device."""
 import json
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
+
+from flax import nnx
 
 from configs import usae_vision
 from lm.train.rundir import RunDir
@@ -21,8 +24,14 @@ def test_pool_rows_and_capture_pads_the_last_batch():
   with pytest.raises(ValueError, match="pool='max'"):
     activations.pool_rows(x, "max")
   items = np.random.default_rng(0).normal(size=(23, 3, 2)).astype(np.float32)
-  rows = activations.capture(lambda b: activations.pool_rows(b * 2.0, "tokens"), items, batch=5)
+  scale = nnx.Param(jnp.float32(2.0))
+  rows = activations.capture(lambda s, b: activations.pool_rows(b * s[...], "tokens"), scale, items,
+                             batch=5)
   np.testing.assert_allclose(rows, (items * 2.0).reshape(-1, 2))
+  # the model's arrays are the program's arguments, never constants compiled into it
+  program, state = activations._program(lambda s, b: b * s[...], nnx.Param(jnp.full((4,), 1234.5)))
+  hlo = program.lower(state, np.ones((5, 4), np.float32)).as_text()
+  assert "stablehlo.constant" not in hlo and "%arg0: tensor<4xf32>" in hlo
 
 
 def _store(root, name, acts, dataset="toy", **extra):

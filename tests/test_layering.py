@@ -92,3 +92,31 @@ def test_configs_import_no_library_code():
           "assert not heavy, heavy")
   r = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True)
   assert r.returncode == 0, r.stderr[-2000:]
+
+
+@pytest.mark.subprocess
+def test_no_library_path_imports_torch_even_where_it_is_installed(tmp_path):
+  """Every module of lm, decode, align and sae imported and a run directory's metrics written
+  (tensorboardX imports torch whenever it can): torch, which the parity extra installs beside the
+  library, is never imported. import-linter sees only our own import statements; this sees what
+  third-party libraries import on our behalf."""
+  import importlib.util
+  import os
+  import subprocess
+  import sys
+
+  if importlib.util.find_spec("torch") is None:
+    pytest.skip("torch is not installed here: nothing could import it")
+  code = ("import sys, importlib, pkgutil, pathlib\n"
+          "for pkg in ('lm', 'decode', 'align', 'sae'):\n"
+          "  for m in pkgutil.walk_packages(importlib.import_module(pkg).__path__, pkg + '.'):\n"
+          "    importlib.import_module(m.name)\n"
+          "from lm.train.rundir import MetricsWriter\n"
+          f"w = MetricsWriter(pathlib.Path({str(tmp_path)!r}))\n"
+          "w.write(0, {'loss': 1.0}); w.close()\n"
+          "assert 'torch' not in sys.modules, [m for m in sys.modules if m.startswith('torch')][:5]\n"
+          "print('ok')")
+  r = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True,
+                     env=dict(os.environ, JAX_PLATFORMS="cpu"))
+  assert r.returncode == 0 and r.stdout.strip().endswith("ok"), r.stderr[-3000:]
+  assert list((tmp_path / "tensorboard").iterdir())

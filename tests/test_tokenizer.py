@@ -11,8 +11,11 @@ from lm.hub import tokenizer
 
 
 @pytest.fixture(scope="module")
-def ours(smollm2_tokenizer):
-  return smollm2_tokenizer
+def ours(smollm2_gguf):
+  """Built from the file's metadata here, never read back from the tokenizer cache."""
+  from lm.hub import weights
+
+  return tokenizer.from_gguf_metadata(tokenizer.gguf_metadata(weights.open_gguf(smollm2_gguf)))
 
 
 @pytest.fixture(scope="module")
@@ -92,8 +95,11 @@ def test_special_tokens_equal_transformers(ours, reference):
 
 @pytest.mark.subprocess
 @pytest.mark.real_weights
-def test_tokenizer_builds_without_torch(smollm2_gguf):
-  """No torch module is imported while the GGUF tokenizer is built and used."""
+@pytest.mark.parametrize("cache", ["off", "kept"])
+def test_tokenizer_builds_without_torch(smollm2_gguf, tmp_path, cache):
+  """No torch module is imported while the GGUF tokenizer is built (no cache) or read back from
+  the tokenizer cache, and used."""
+  import os
   import subprocess
   import sys
 
@@ -102,9 +108,50 @@ def test_tokenizer_builds_without_torch(smollm2_gguf):
           f"tok = hub.load_tokenizer({str(smollm2_gguf)!r})\n"
           "assert hub.encode_chat(tok, 'hi')[-4:] == tok('<|im_start|>assistant\\n')['input_ids']\n"
           "print('ok')")
-  r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
-                     cwd=str(tokenizer.__file__).rsplit("/lm/", 1)[0])
-  assert r.returncode == 0 and r.stdout.strip().endswith("ok"), r.stderr[-2000:]
+  env = dict(os.environ, POSTLAB_CACHE="off" if cache == "off" else str(tmp_path))
+  for _ in range(1 if cache == "off" else 2):  # kept: the second process reads what the first kept
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                       cwd=str(tokenizer.__file__).rsplit("/lm/", 1)[0], env=env)
+    assert r.returncode == 0 and r.stdout.strip().endswith("ok"), r.stderr[-2000:]
+  assert len(list(tmp_path.glob("tokenizers/*/tokenizer.json"))) == (cache == "kept")
+
+
+@pytest.mark.real_weights
+def test_cached_tokenizer_equals_the_one_built_from_the_file(ours, smollm2_gguf, shared_data,
+                                                             tmp_path, monkeypatch):
+  """The tokenizer read back from the cache encodes, decodes, templates chats and names its
+  specials as the one built from the GGUF; a rewritten file gets a new entry, and
+  POSTLAB_CACHE=off keeps nothing."""
+  import os
+  import shutil
+
+  monkeypatch.setenv("POSTLAB_CACHE", str(tmp_path / "cache"))
+  first = tokenizer.from_gguf(smollm2_gguf)  # built, then kept
+  entries = list((tmp_path / "cache/tokenizers").iterdir())
+  assert len(entries) == 1 and (entries[0] / "tokenizer.json").is_file()
+  kept = tokenizer.from_gguf(smollm2_gguf)  # read back
+  for tok in (first, kept):
+    for lines in _real_lines(shared_data).values():
+      for line in lines[:100]:
+        ids = ours(line)["input_ids"]
+        assert tok(line)["input_ids"] == ids, line[:80]
+        assert tok.decode(ids, skip_special_tokens=True) == ours.decode(ids, skip_special_tokens=True)
+    chat = [{"role": "system", "content": "Be terse."}, {"role": "user", "content": "hi"}]
+    assert tok.apply_chat_template(chat, add_generation_prompt=True) == ours.apply_chat_template(
+        chat, add_generation_prompt=True)
+    for name in ("bos_token", "eos_token", "unk_token", "pad_token", "add_bos_token",
+                 "add_eos_token", "all_special_tokens"):
+      assert getattr(tok, name) == getattr(ours, name), name
+    assert tok.get_vocab() == ours.get_vocab()
+  copy = tmp_path / "copy.gguf"
+  shutil.copy(smollm2_gguf, copy)
+  tokenizer.from_gguf(copy)
+  os.utime(copy, ns=(0, 0))  # the same path rewritten: another entry, never the stale one
+  tokenizer.from_gguf(copy)
+  assert len(list((tmp_path / "cache/tokenizers").iterdir())) == 3
+  monkeypatch.setenv("POSTLAB_CACHE", "off")
+  assert tokenizer.from_gguf(copy).get_vocab() == ours.get_vocab()
+  assert len(list((tmp_path / "cache/tokenizers").iterdir())) == 3
 
 
 def test_unsupported_tokenizer_type_names_the_field_and_fix():

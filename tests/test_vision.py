@@ -158,3 +158,8 @@ def test_cifar_cnn_accuracy_on_the_test_jpegs():
   preds = np.concatenate([np.asarray(f(data.images[i:i + 1000])) for i in range(0, len(data), 1000)])
   acc = float(np.mean(preds == data.labels))
   assert len(data) == 10000 and 0.74 < acc < 0.80, acc
+  # the first n of every class, decoding only those, are those of the whole split
+  sub, whole = images.load_cifar10("test", n_per_class=3), images.per_class(data, 3)
+  assert len(sub) == 30
+  np.testing.assert_array_equal(sub.images, whole.images)
+  np.testing.assert_array_equal(sub.labels, whole.labels)

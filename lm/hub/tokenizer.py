@@ -11,9 +11,15 @@ transformers' GGUF tokenizer.
 from __future__ import annotations
 
 import functools
+import hashlib
 import logging
+import os
+import tempfile
+from pathlib import Path
 
 from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers, processors
+
+from lm.train.runtime import cache_dir
 
 log = logging.getLogger(__name__)
 
@@ -176,10 +182,60 @@ def from_gguf_metadata(meta: dict, *, source: str = "GGUF"):
 
 
 def from_gguf(reader_or_path, *, source: str | None = None):
-  """The tokenizer of a GGUF file (path or open `gguf.GGUFReader`), built without torch."""
-  if isinstance(reader_or_path, (str, bytes)) or hasattr(reader_or_path, "__fspath__"):
-    from lm.hub.weights import open_gguf
+  """The tokenizer of a GGUF file (path or open `gguf.GGUFReader`), built without torch.
 
-    source = source or str(reader_or_path)
-    reader_or_path = open_gguf(reader_or_path)
-  return from_gguf_metadata(gguf_metadata(reader_or_path), source=source or "GGUF")
+  Parsing a 49k-token vocabulary out of a GGUF takes seconds, so the tokenizer built from a file
+  is kept in `cache_dir("tokenizers")` (HF's `save_pretrained` layout, keyed by the file's path,
+  size and modification time, this module's source and the tokenizers/transformers versions) and
+  later processes load it from there."""
+  if not (isinstance(reader_or_path, (str, bytes)) or hasattr(reader_or_path, "__fspath__")):
+    return from_gguf_metadata(gguf_metadata(reader_or_path), source=source or "GGUF")
+  from lm.hub.weights import open_gguf
+
+  path = Path(os.fsdecode(reader_or_path))
+  entry = _cache_entry(path)
+  if entry is not None and entry.is_dir():
+    from transformers import PreTrainedTokenizerFast
+
+    return PreTrainedTokenizerFast.from_pretrained(str(entry))
+  tok = from_gguf_metadata(gguf_metadata(open_gguf(path)), source=source or str(path))
+  if entry is not None:
+    _keep(tok, entry)
+  return tok
+
+
+@functools.cache
+def _builder_digest() -> str:
+  import tokenizers
+  import transformers
+
+  source = Path(__file__).read_bytes()
+  return hashlib.sha256(source + f"|{tokenizers.__version__}|{transformers.__version__}".encode()
+                        ).hexdigest()
+
+
+def _cache_entry(path: Path) -> Path | None:
+  """Where the tokenizer of the GGUF at `path` is kept (None: caching is off, or no such file)."""
+  root = cache_dir("tokenizers")
+  if root is None or not path.is_file():
+    return None
+  stat = path.stat()
+  key = hashlib.sha256(f"{path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}|{_builder_digest()}"
+                       .encode()).hexdigest()[:20]
+  return root / f"{path.stem}-{key}"
+
+
+def _keep(tok, entry: Path) -> None:
+  """Save `tok` into `entry` atomically (written beside it, renamed into place): a process that
+  reads the entry sees a whole tokenizer or none. A failure to write only costs the next build."""
+  try:
+    entry.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=entry.parent, prefix=f".{entry.name}-") as tmp:
+      tok.save_pretrained(tmp)
+      try:
+        os.rename(tmp, entry)
+      except OSError:  # another process kept it first
+        return
+      os.mkdir(tmp)  # for TemporaryDirectory's own clean-up
+  except OSError as e:
+    log.warning("tokenizer cache not written (%s): set POSTLAB_CACHE to a writable directory", e)

@@ -58,6 +58,21 @@ def is_scalar(v) -> bool:
   return isinstance(v, (int, float, np.floating, np.integer)) or getattr(v, "shape", None) == ()
 
 
+def _summary_writer():
+  """tensorboardX's `SummaryWriter`, imported with torch hidden where nothing imported it yet:
+  tensorboardX imports torch whenever it is installed (to accept torch tensors, which postlab never
+  passes), and no library path may import torch (the parity extra installs it beside us)."""
+  if "torch" in sys.modules:
+    from tensorboardX import SummaryWriter
+    return SummaryWriter
+  sys.modules["torch"] = None
+  try:
+    from tensorboardX import SummaryWriter
+  finally:
+    del sys.modules["torch"]
+  return SummaryWriter
+
+
 class MetricsWriter:
   """Metrics to `metrics.jsonl` (one object per step; arrays as lists) and TensorBoard event files
   (scalars as scalars, arrays as histograms of their values)."""
@@ -66,9 +81,7 @@ class MetricsWriter:
     self.path = workdir / "metrics.jsonl"
     self._fh = open(self.path, "a")
     try:
-      from tensorboardX import SummaryWriter
-
-      self._tb = SummaryWriter(str(workdir / "tensorboard"))
+      self._tb = _summary_writer()(str(workdir / "tensorboard"))
     except ImportError:  # TensorBoard is optional; JSONL is the record
       self._tb = None
 

@@ -15,10 +15,14 @@ environment for a subprocess. Set `POSTLAB_SYSTEM_ALLOCATOR=1` to keep glibc's d
 from __future__ import annotations
 
 import glob
+import logging
 import os
 import platform
 import sys
+from pathlib import Path
 from typing import Mapping, Sequence
+
+log = logging.getLogger(__name__)
 
 # trim_threshold 2**40: freed heap memory is never handed back (glibc's cap is SIZE_MAX).
 CPU_ALLOCATOR_TUNABLES = (("glibc.malloc.arena_max", "1"), ("glibc.malloc.mmap_max", "0"),
@@ -93,3 +97,42 @@ def use_cpu_training_flags() -> None:
   set_names = {f.split("=")[0] for f in current.split()}
   extra = [f for f in CPU_TRAINING_XLA_FLAGS if f.split("=")[0] not in set_names]
   os.environ["XLA_FLAGS"] = " ".join([current] + extra).strip()
+
+
+CACHE_ENV = "POSTLAB_CACHE"
+
+
+def cache_dir(kind: str) -> Path | None:
+  """`<root>/<kind>`, where postlab keeps what a later process may reuse instead of recomputing
+  (compiled programs, tokenizers built from a GGUF's metadata). The root is `$POSTLAB_CACHE`, else
+  `$XDG_CACHE_HOME/postlab`, else `~/.cache/postlab`; `POSTLAB_CACHE=off` keeps nothing (None)."""
+  root = os.environ.get(CACHE_ENV)
+  if root == "off":
+    return None
+  if not root:
+    root = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "postlab"
+  return Path(root).expanduser() / kind
+
+
+def use_compilation_cache() -> str | None:
+  """Turn on JAX's persistent compilation cache in `cache_dir("jax")` (as MaxText does by default):
+  a rerun, a resumed or preempted job and every process of a multi-process run on one host load
+  the compiled step instead of compiling it again. A directory the user chose
+  (`JAX_COMPILATION_CACHE_DIR`) wins; `JAX_ENABLE_COMPILATION_CACHE=false` or `POSTLAB_CACHE=off`
+  keeps nothing. Returns the directory in use, or None."""
+  import jax
+
+  if not jax.config.jax_enable_compilation_cache:
+    return None
+  if jax.config.jax_compilation_cache_dir:
+    return jax.config.jax_compilation_cache_dir
+  path = cache_dir("jax")
+  if path is None:
+    return None
+  try:
+    path.mkdir(parents=True, exist_ok=True)
+  except OSError as e:
+    log.warning("no compilation cache: %s (set POSTLAB_CACHE to a writable directory)", e)
+    return None
+  jax.config.update("jax_compilation_cache_dir", str(path))
+  return str(path)
