@@ -1,6 +1,7 @@
 """Image datasets for activation sources, offline first: CIFAR-10 from `../shared/data/cifar10-jpeg`
 (JPEGs, quality about 75: fine for activations, not for accuracy claims against the original
-pixels), else `tfds.load("cifar10")` by name."""
+pixels), else `tfds.load("cifar10")` by name where TensorFlow is installed (tfds needs it to build
+the dataset; postlab does not install it)."""
 
 from __future__ import annotations
 
@@ -72,13 +73,20 @@ def load_cifar10(split: str = "test", n_per_class: int | None = None) -> Images:
 
 
 def _cifar10_tfds(split: str) -> Images:
+  """CIFAR-10 by name through `tfds.load`, for hosts with TensorFlow and network access (tfds builds
+  its datasets with TensorFlow, which postlab does not install)."""
+  import importlib.util
+
+  absent = (f"CIFAR-10 {split}: ../shared/data/cifar10-jpeg/{split}.tar.gz is absent; set "
+            "POSTLAB_DATA to the shared data folder that holds it")
+  if importlib.util.find_spec("tensorflow") is None:
+    raise FileNotFoundError(f"{absent}, or `pip install tensorflow` so that tfds can download and "
+                            "build 'cifar10' by name.")
   try:
     import tensorflow_datasets as tfds
 
     ds = tfds.as_numpy(tfds.load("cifar10", split=split, batch_size=-1, as_supervised=True))
   except Exception as e:
-    raise FileNotFoundError(
-        f"CIFAR-10 {split}: ../shared/data/cifar10-jpeg/{split}.tar.gz is absent (set "
-        f"POSTLAB_DATA to the shared data folder) and tfds could not load 'cifar10' ({e}).") from e
+    raise FileNotFoundError(f"{absent} (tfds could not load 'cifar10': {e}).") from e
   images, labels = ds
   return Images(np.asarray(images), np.asarray(labels, np.int32), CIFAR10_CLASSES, "tfds:cifar10")

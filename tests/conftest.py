@@ -4,6 +4,13 @@ import functools
 import os
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# XLA's backend at -O0: most tests compile far more than they compute (tiny models, many programs),
+# and LLVM's optimisations are most of XLA:CPU's compile time; matmuls and convolutions run in
+# their libraries at any level. The invariants tests assert hold at every level; benchmarks and
+# `make run` keep XLA's default. XLA_FLAGS naming the level wins.
+if "xla_backend_optimization_level" not in os.environ.get("XLA_FLAGS", ""):
+  os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
+                             " --xla_backend_optimization_level=0").strip()
 # One persistent compilation cache and one postlab cache (tokenizers built from a GGUF) for the
 # session, shared with the xdist workers and the launch.py subprocesses (they inherit the
 # environment): runs of the same config in several processes compile once, and the user's own

@@ -163,3 +163,18 @@ def test_cifar_cnn_accuracy_on_the_test_jpegs():
   assert len(sub) == 30
   np.testing.assert_array_equal(sub.images, whole.images)
   np.testing.assert_array_equal(sub.labels, whole.labels)
+
+
+def test_cifar10_without_the_shared_copy_names_both_fixes(monkeypatch):
+  """Without ../shared/data's JPEGs the fallback is tfds by name, which needs TensorFlow: where it
+  is missing the error says so and names POSTLAB_DATA, before tfds is tried."""
+  import importlib.util
+
+  from sae import images
+
+  monkeypatch.setattr(images, "shared_file", lambda name: None)
+  real = importlib.util.find_spec
+  monkeypatch.setattr(importlib.util, "find_spec",
+                      lambda name, *a: None if name == "tensorflow" else real(name, *a))
+  with pytest.raises(FileNotFoundError, match="POSTLAB_DATA.*pip install tensorflow"):
+    images.load_cifar10("test", n_per_class=2)
