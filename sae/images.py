@@ -39,8 +39,12 @@ class Images:
 
 def per_class(data: Images, n: int) -> Images:
   """The first n items of every class (a class-balanced subset in the stored order)."""
-  idx = np.concatenate([np.flatnonzero(data.labels == c)[:n] for c in range(len(data.classes))])
-  return data.take(np.sort(idx))
+  return data.take(_first_per_class(data.labels, len(data.classes), n))
+
+
+def _first_per_class(labels: np.ndarray, n_classes: int, n: int) -> np.ndarray:
+  """Sorted indices of the first n items of every class in `labels`."""
+  return np.sort(np.concatenate([np.flatnonzero(labels == c)[:n] for c in range(n_classes)]))
 
 
 def load_cifar10(split: str = "test", n_per_class: int | None = None) -> Images:
@@ -57,19 +61,15 @@ def load_cifar10(split: str = "test", n_per_class: int | None = None) -> Images:
 
   with tarfile.open(path, "r:gz") as tar:
     members = sorted((m for m in tar.getmembers() if m.name.endswith(".jpg")), key=lambda m: m.name)
-    wanted, taken = [], {}
-    for m in members:
-      cls = CIFAR10_CLASSES.index(m.name.split("/")[-2])
-      if n_per_class is None or taken.get(cls, 0) < n_per_class:
-        taken[cls] = taken.get(cls, 0) + 1
-        wanted.append((m, cls))
-    pixels = {}
-    for m, _ in sorted(wanted, key=lambda w: w[0].offset):  # one forward pass through the gzip
-      with Image.open(io.BytesIO(tar.extractfile(m).read())) as im:
-        pixels[m.name] = np.asarray(im.convert("RGB"))
-  log.info("CIFAR-10 %s: %d of %d JPEGs from %s", split, len(wanted), len(members), path)
-  return Images(np.stack([pixels[m.name] for m, _ in wanted]),
-                np.asarray([cls for _, cls in wanted], np.int32), CIFAR10_CLASSES, str(path))
+    labels = np.asarray([CIFAR10_CLASSES.index(m.name.split("/")[-2]) for m in members], np.int32)
+    idx = (np.arange(len(members)) if n_per_class is None
+           else _first_per_class(labels, len(CIFAR10_CLASSES), n_per_class))
+    images = [None] * len(idx)
+    for j in sorted(range(len(idx)), key=lambda j: members[idx[j]].offset):  # one pass of the gzip
+      with Image.open(io.BytesIO(tar.extractfile(members[idx[j]]).read())) as im:
+        images[j] = np.asarray(im.convert("RGB"))
+  log.info("CIFAR-10 %s: %d of %d JPEGs from %s", split, len(idx), len(members), path)
+  return Images(np.stack(images), labels[idx], CIFAR10_CLASSES, str(path))
 
 
 def _cifar10_tfds(split: str) -> Images:

@@ -14,6 +14,7 @@ import functools
 import hashlib
 import logging
 import os
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -230,12 +231,15 @@ def _keep(tok, entry: Path) -> None:
   reads the entry sees a whole tokenizer or none. A failure to write only costs the next build."""
   try:
     entry.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=entry.parent, prefix=f".{entry.name}-") as tmp:
-      tok.save_pretrained(tmp)
-      try:
-        os.rename(tmp, entry)
-      except OSError:  # another process kept it first
-        return
-      os.mkdir(tmp)  # for TemporaryDirectory's own clean-up
+    tmp = tempfile.mkdtemp(dir=entry.parent, prefix=f".{entry.name}-")
   except OSError as e:
     log.warning("tokenizer cache not written (%s): set POSTLAB_CACHE to a writable directory", e)
+    return
+  try:
+    tok.save_pretrained(tmp)
+    os.rename(tmp, entry)
+  except OSError as e:
+    if not entry.is_dir():  # else another process kept it first
+      log.warning("tokenizer cache not written (%s): set POSTLAB_CACHE to a writable directory", e)
+  finally:
+    shutil.rmtree(tmp, ignore_errors=True)  # gone already after the rename
