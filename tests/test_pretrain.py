@@ -33,6 +33,7 @@ def test_modern_253m_parameter_count():
   assert flops.matmul_params(cfg) == 252_815_360 - (2 * 12 + 1) * 1024
 
 
+@pytest.mark.usefixtures("xla_default_level")
 def test_modern_253m_loss_at_init_is_predicted():
   """ln V + s^2 d / 2 = 11.030 for V 50257, d 1024, s 0.02; measured on random tokens."""
   cfg = lm.preset("modern-253m")

@@ -92,6 +92,7 @@ def test_aux_loss_by_hand():
   assert float(m0["aux"]) == 0.0
 
 
+@pytest.mark.usefixtures("xla_default_level")
 def test_topk_sae_recovers_a_known_sparse_dictionary():
   d, n_atoms, active = 32, 64, 3
   key = jax.random.key(0)

@@ -37,6 +37,7 @@ def test_phase_of_weights(w, phase):
   assert toy.phase_of(np.array(w)) == phase
 
 
+@pytest.mark.usefixtures("xla_default_level")
 def test_trained_instances_land_in_the_predicted_phase():
   points = [(0.5, 1.0), (2.0, 1.0), (0.5, 0.1)]
   want = ["not_represented", "dedicated", "superposed"]
