@@ -40,9 +40,12 @@ def test_quickstart_smoke_on_real_weights(tmp_path, smollm2_gguf, shared_data):
   user would; here in-process, with what its outputs must say)."""
   work = tmp_path / "qs"
   run_task("quickstart:smoke", work)
-  for name in ("config.json", "metrics.jsonl", "report.md", "generations.json",
+  for name in ("config.json", "provenance.json", "metrics.jsonl", "report.md", "generations.json",
                "plots/answer_logprobs.png"):
     assert (work / name).exists(), name
+  prov = json.loads((work / "provenance.json").read_text())
+  assert {"time", "command", "code", "versions", "devices", "host"} <= set(prov)
+  assert "## Provenance" in (work / "report.md").read_text()
   assert list((work / "tensorboard").iterdir())
   gens = json.loads((work / "generations.json").read_text())
   assert any("Paris" in g["answer"] for g in gens)

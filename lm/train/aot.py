@@ -214,15 +214,9 @@ def chips_of(topology: str) -> int | None:
 def versions() -> dict:
   """The compiler's versions (jax, jaxlib, libtpu, the CUDA plugin: those installed) for
   `aot.json`: a row is these versions'."""
-  from importlib import metadata
+  from lm.train import provenance
 
-  out = {}
-  for name in ("jax", "jaxlib", "libtpu", "jax-cuda12-plugin", "jax-cuda13-plugin"):
-    try:
-      out[name] = metadata.version(name)
-    except metadata.PackageNotFoundError:
-      pass
-  return out
+  return provenance.versions(("jax", "jaxlib", "libtpu", "jax-cuda12-plugin", "jax-cuda13-plugin"))
 
 
 def table(results: list[dict]) -> str:

@@ -234,8 +234,8 @@ class RunLock:
 
 
 class RunDir:
-  """A run's directory: `config.json`, `metrics.jsonl`, `tensorboard/`, `plots/`, `report.md`,
-  and `status.json` (running / finished / failed / preempted, with pid, host and times).
+  """A run's directory: `config.json`, `provenance.json`, `metrics.jsonl`, `tensorboard/`,
+  `plots/`, `report.md`, and `status.json` (running / finished / failed / preempted, with pid, host and times).
 
   The process that owns it holds `RunLock` until `close`. `resume=True` continues the run: its
   config must equal the run's apart from `RESUME_MAY_CHANGE` unless `allow_config_change`, which
@@ -273,11 +273,25 @@ class RunDir:
       if cfg_file.exists():
         os.replace(cfg_file, self.path / f"config.previous.{int(time.time())}.json")
       write_text_atomic(cfg_file, cfg_json)
+      self._record_provenance()
       self.metrics = MetricsWriter(self.path)
       self.set_status("running")
     except BaseException:
       self._lock.release()
       raise
+
+  def _record_provenance(self) -> None:
+    """`provenance.json`: what started the run (`provenance.record`), and each resume after it."""
+    from lm.train import provenance
+
+    rec = provenance.record()
+    path = self.path / "provenance.json"
+    if self._continues and path.exists():
+      prov = json.loads(path.read_text())
+      prov.setdefault("resumed", []).append(rec)
+    else:
+      prov = rec
+    self.write_json("provenance.json", prov)
 
   def _make_dir(self) -> bool:
     """Creates the workdir (True) or checks the existing one is a writable directory (False)."""
@@ -381,10 +395,17 @@ class RunDir:
     return write_text_atomic(path, json.dumps(_to_jsonable(obj), indent=2))
 
   def write_report(self, text: str) -> Path:
+    """`report.md`: `text`, then the run's provenance (what code, versions, devices, command and
+    host made it)."""
     path = self.path / "report.md"
     if not self.primary:
       return path
-    path.write_text(text)
+    prov = self.path / "provenance.json"
+    if prov.exists():
+      from lm.train import provenance
+
+      text = text.rstrip("\n") + "\n\n" + provenance.markdown(json.loads(prov.read_text()))
+    write_text_atomic(path, text)
     log.info("report: %s", path)
     return path
 
