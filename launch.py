@@ -18,9 +18,11 @@ import importlib
 import json
 import logging
 import os
+import re
 import shlex
 import sys
 import time
+from pathlib import Path
 
 from absl import app, flags
 from ml_collections import config_flags
@@ -55,6 +57,11 @@ _TOPOLOGY = flags.DEFINE_string(
     "...; needs the tpu extra) or cpu:N")
 _CPU_DEVICES = flags.DEFINE_integer(
     "cpu_devices", None, "CPU devices this process exposes (tests and multi-process CPU runs)")
+_LIST = flags.DEFINE_bool("list", False, "list the tasks and the configs with their variants, one "
+                          "line each, and exit")
+_PRINT_CONFIG = flags.DEFINE_bool(
+    "print_config", False, "print the resolved config (the variant with every --config.* "
+    "override, checked as a run checks it) as config.json would hold it, and exit")
 
 # task name -> "module:function(config, run_dir, mesh)"
 TASKS = {
@@ -132,14 +139,42 @@ def _resume_command() -> str:
   return " ".join(shlex.quote(a) for a in ["python", "launch.py", *args, "--resume"])
 
 
+def list_configs() -> str:
+  """The tasks (config.task -> the function that runs it) and every config module with its task,
+  variants (`*` marks the default) and the first line of its docstring: `launch.py --list`."""
+  import configs
+
+  lines = ["tasks (config.task: the code that runs it)"]
+  lines += [f"  {task:<18} {target}" for task, target in TASKS.items()]
+  lines += ["", "configs (--config=configs/NAME.py:VARIANT; * marks the variant used without one)"]
+  rows = []
+  for path in sorted(Path(configs.__file__).parent.glob("*.py")):
+    module = importlib.import_module(f"configs.{path.stem}")
+    if not hasattr(module, "get_config"):
+      continue  # shared pieces (common.py, train_base.py), tables (aot.py)
+    default = module.get_config()
+    variants = " ".join(v + ("*" if v == default.variant else "") for v in module.VARIANTS)
+    doc = " ".join((module.__doc__ or "").strip().split("\n\n")[0].split())  # first paragraph
+    doc = re.split(r"\.\s+(?=[A-Z])", doc)[0].rstrip(".:")  # its first sentence
+    doc = doc if len(doc) <= 100 else doc[:99] + "…"
+    rows.append((path.name, default.task, variants, doc))
+  widths = [max(len(r[i]) for r in rows) for i in range(3)]
+  lines += ["  " + "  ".join(c.ljust(w) for c, w in zip(r[:3], widths)) + "  " + r[3] for r in rows]
+  return "\n".join(lines)
+
+
 def main(argv):
   del argv
   for handler in logging.getLogger().handlers:
     handler.addFilter(_QuietLibraries())
+  if _LIST.value:
+    print(list_configs())
+    return
   config = _CONFIG.value
   if config is None:
-    raise app.UsageError("--config is required, e.g. --config=configs/quickstart.py:cpu")
-  if not _WORKDIR.value:
+    raise app.UsageError("--config is required, e.g. --config=configs/quickstart.py:cpu "
+                         "(--list shows every config and variant)")
+  if not _WORKDIR.value and not _PRINT_CONFIG.value:
     raise app.UsageError("--workdir is required, e.g. --workdir=runs/quickstart")
   try:
     task = config.task if "task" in config else None
@@ -155,6 +190,9 @@ def main(argv):
     if _verbose():
       raise
     sys.exit(f"error: {e}")
+  if _PRINT_CONFIG.value:
+    print(config.to_json_best_effort(indent=2))
+    return
 
   if task in ("train", "pretrain", "pipeline"):
     from lm.train.runtime import use_cpu_training_flags
@@ -263,8 +301,6 @@ def compile_only(config, workdir, topology: str | None, where: str | None = None
   if config.task not in COMPILE_ONLY:
     raise ValueError(f"--compile_only is built for the tasks {sorted(COMPILE_ONLY)}; "
                      f"config.task={config.task!r} is not one yet.")
-  from pathlib import Path
-
   import jax
 
   from lm import sharding
@@ -297,9 +333,26 @@ def compile_only(config, workdir, topology: str | None, where: str | None = None
   return result
 
 
+def _packaged_config_paths(argv: list[str]) -> list[str]:
+  """`--config=configs/NAME.py[:VARIANT]` names the config shipped with postlab when no such file is
+  in the working directory, so `postlab` runs from any directory."""
+  import configs
+
+  out = []
+  for arg in argv:
+    if arg.startswith("--config=configs/"):
+      path, sep, variant = arg.removeprefix("--config=").partition(":")
+      shipped = Path(configs.__file__).parent / path.removeprefix("configs/")
+      if not os.path.exists(path) and shipped.is_file():
+        arg = f"--config={shipped}{sep}{variant}"
+    out.append(arg)
+  return out
+
+
 def _parse_flags(argv):
   """absl's flag parsing, with the config's own errors (a file that does not load, an override
   of a field the config lacks) as one line naming the flag."""
+  argv = _packaged_config_paths(argv)
   try:
     return flags.FLAGS(argv)
   except (flags.Error, KeyError, AttributeError, OSError, ValueError, TypeError) as e:
@@ -335,10 +388,14 @@ def _config_flag_error(argv, e: BaseException) -> str:
           f"({type(cause).__name__}); check the spelling against {spec.split(':', 1)[0] if spec else 'the config'}.")
 
 
-if __name__ == "__main__":
+def cli() -> None:
+  """`python launch.py ...` and the `postlab` command (pyproject.toml's console script)."""
   sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
   from lm.train.runtime import reexec_with_cpu_allocator
 
   reexec_with_cpu_allocator()  # glibc reads its tunables at start-up, before JAX allocates
-  flags.mark_flags_as_required(["config", "workdir"])
   app.run(main, flags_parser=_parse_flags)
+
+
+if __name__ == "__main__":
+  cli()

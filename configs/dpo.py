@@ -17,11 +17,14 @@ run by `align/train.py`.
 import ml_collections
 
 from configs import common
-from configs.train_base import VARIANTS, base
+from configs import train_base
+from configs.train_base import base
+
+VARIANTS = train_base.VARIANTS + ("tpu_pod",)
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-  pod = common.variant_of(arg, VARIANTS + ("tpu_pod",), "dpo") == "tpu_pod"
+  pod = common.variant_of(arg, VARIANTS, "dpo") == "tpu_pod"
   c = base("align.losses.dpo", "gpu_full" if pod else arg)
   # reference: "adapters_off" (LoRA off in the same weights, scored each step) or "precomputed"
   # (scored once over the training pairs before step 1; needed for full fine-tuning)

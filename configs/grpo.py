@@ -16,7 +16,8 @@ runs on a reward model (`make stability`, `make stability STUDY=gpu_full`).
 import ml_collections
 
 from configs import common
-from configs.train_base import VARIANTS, base
+from configs import train_base
+from configs.train_base import base
 
 
 # The stability study's GRPO runs (README "The stability study"): reward-model reward on open
@@ -26,11 +27,12 @@ STUDY = {"rm_cpu": ("cpu", 5e-4), "rm_cpu_10x": ("cpu", 5e-3),
          "rm_gpu_full": ("gpu_full", 2e-5), "rm_gpu_full_10x": ("gpu_full", 2e-4)}
 # The reward model each scale reads: `launch.py --config=configs/reward.py:SCALE --workdir=RUN`.
 RM_RUNS = {"cpu": "runs/rm-cpu", "gpu_full": "runs/rm-gpu"}
+VARIANTS = train_base.VARIANTS + tuple(STUDY)
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   study = arg in STUDY
-  common.variant_of(arg, VARIANTS + tuple(STUDY), "grpo")
+  common.variant_of(arg, VARIANTS, "grpo")
   c = base("align.losses.grpo", STUDY[arg][0] if study else arg)
   # name: arith | gsm8k | instructions (of `source`, after its first skip_first); prompts over
   # max_prompt_tokens are left out (0 = no limit); system: a system message ("" = none)

@@ -14,11 +14,13 @@ value loss. The first `rollout.critic_warmup` rollouts train the value head only
 
 import ml_collections
 
-from configs import grpo
+from configs import common, grpo, train_base
+
+VARIANTS = train_base.VARIANTS  # not grpo's study variants
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-  c = grpo.get_config(arg)
+  c = grpo.get_config(common.variant_of(arg, VARIANTS, "ppo"))
   c.algorithm = "align.losses.ppo"
   # G = 1 (one completion per prompt): no prompt to share, one row per completion
   c.rollout.update(num_generations=1, critic_warmup=0, share_prompt=False)

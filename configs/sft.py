@@ -9,7 +9,7 @@ Code: `align/losses/sft.py` (loss and record), run by `align/train.py`.
 
 import ml_collections
 
-from configs.train_base import base
+from configs.train_base import VARIANTS, base  # noqa: F401  (VARIANTS: this config's own)
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:

@@ -11,7 +11,7 @@ pick, majority vote, the best single source and the oracle, with bootstrap inter
 
 import ml_collections
 
-from configs.train_base import base
+from configs.train_base import VARIANTS, base  # noqa: F401  (VARIANTS: this config's own)
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:

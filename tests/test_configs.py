@@ -36,6 +36,7 @@ VARIANTS = {
 @pytest.mark.parametrize("name", sorted(VARIANTS))
 def test_every_variant_builds_and_an_unknown_one_is_named(name):
   module = importlib.import_module(f"configs.{name}")
+  assert list(module.VARIANTS) == VARIANTS[name]  # what `launch.py --list` shows
   for variant in VARIANTS[name]:
     config = module.get_config(variant)
     assert config.task, (name, variant)

@@ -1,14 +1,18 @@
 """launch.py end to end (torch hidden): the quickstart on real weights, sweeps, training smoke runs,
 and workdirs are never silently reused."""
 
+import importlib
 import json
 import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
 from align import verifier
 from lm.train.rundir import ConfigChangedError, RunDir, WorkdirExistsError
-from tests_helpers import REPO, check_train_run_directory, launch_cmd, launch_env, run_task
+from tests_helpers import (REPO, check_train_run_directory, launch_cmd, launch_env, run_task,
+                           task_config)
 
 
 def test_rundir_refuses_existing_run(tmp_path):
@@ -32,6 +36,43 @@ def test_launch_requires_known_task(tmp_path):
   r = subprocess.run(launch_cmd(f"--config={cfg}", f"--workdir={tmp_path}/w"),
                      cwd=REPO, env=launch_env(), capture_output=True, text=True)
   assert r.returncode != 0 and "config.task='nope' is unknown" in r.stderr
+
+
+def test_list_shows_every_task_and_every_config_with_its_variants():
+  import launch
+
+  text = launch.list_configs()
+  for task, target in launch.TASKS.items():
+    assert f"  {task} " in text and target in text
+  shipped = [p for p in sorted((REPO / "configs").glob("*.py"))
+             if "def get_config" in p.read_text()]
+  assert len(shipped) >= 15
+  for path in shipped:
+    module = importlib.import_module(f"configs.{path.stem}")
+    line = next(x for x in text.splitlines() if x.startswith(f"  {path.name} "))
+    default = module.get_config().variant
+    assert f" {module.get_config().task} " in line
+    assert all(f" {v}{'*' if v == default else ''} " in line for v in module.VARIANTS), line
+
+
+@pytest.mark.subprocess
+def test_postlab_command_prints_the_resolved_config_from_any_directory(tmp_path):
+  """`postlab` (the console script) = `python launch.py`; `--print_config` prints what a run with
+  these flags would write as config.json, after the same checks; configs/ resolves to postlab's
+  own configs outside the checkout."""
+  postlab = Path(sys.executable).with_name("postlab")
+  assert postlab.exists(), "pip install -e . installs the postlab command (make test does)"
+  args = ["--config=configs/dpo.py:smoke", "--config.train.steps=3", "--print_config"]
+  r = subprocess.run([str(postlab), *args], cwd=tmp_path, env=launch_env(), capture_output=True,
+                     text=True)
+  assert r.returncode == 0, r.stderr[-2000:]
+  want = task_config("dpo:smoke", {"train.steps": 3})
+  assert json.loads(r.stdout) == json.loads(want.to_json_best_effort())
+  assert not list(tmp_path.iterdir())  # nothing written
+  r = subprocess.run([str(postlab), "--config=configs/dpo.py:smoke", "--config.train.steps=0",
+                      "--print_config"], cwd=tmp_path, env=launch_env(), capture_output=True,
+                     text=True)
+  assert r.returncode == 1 and "train.steps=0 is out of range" in r.stderr
 
 
 @pytest.mark.real_weights
