@@ -31,6 +31,7 @@ import numpy as np
 from lm import data as lm_data
 from lm import scoring
 from lm.hub.vocab import encode_text
+from lm.progress import Progress
 from lm.train.rundir import RunDir, markdown_table
 
 log = logging.getLogger(__name__)
@@ -164,6 +165,8 @@ def run(config, run_dir: RunDir, mesh=None) -> dict:
   root = run_dir.path
   rows, verifier_rows = [], []
   pre_cfg, cfgs = _stage_configs(config)
+  # each stage trains (its own progress lines), then the pipeline evaluates what it exports
+  progress = Progress(len(STAGES), "pipeline", "stage", logger=log)
   _run_stage("pretrain", pre_cfg, root / "pretrain", "pretrain")
   previous = str(root / "pretrain")
   results = {}
@@ -177,6 +180,7 @@ def run(config, run_dir: RunDir, mesh=None) -> dict:
         methods = json.loads((root / name / "verifier_eval.json").read_text())["methods"]
         verifier_rows = [{"method": m, "exact match": v["exact_match"]}
                          for m, v in methods.items()]
+        progress.update(1, done=name)
         continue
       previous = str(root / name / summary["exported"])
     # the stage's weights as the next stage loads them, in float32
@@ -187,6 +191,8 @@ def run(config, run_dir: RunDir, mesh=None) -> dict:
     row = {"stage": name, **evaluate(model, tok, config.eval)}
     log.info("stage %s: %s", name, row)
     rows.append(row)
+    progress.update(1, done=name)
+  progress.close()
   reference = config.eval.reference
   if reference:
     try:

@@ -15,7 +15,6 @@ import logging
 import time
 
 import numpy as np
-from tqdm import tqdm
 
 from decode import metrics, scorers
 from decode.beam import BeamSearch, beam_search
@@ -23,6 +22,7 @@ from decode.engine import StopRules, stop_token_sequences
 from decode.rollout import pad_id_of, rollout
 from decode.sampling import GREEDY, Sampler
 from lm import data, hub, scoring
+from lm.progress import Progress
 from lm.train.rundir import RunDir, markdown_table, pyplot, save_figure
 
 plt = pyplot()
@@ -57,8 +57,8 @@ def run(config, run_dir: RunDir, mesh=None, scorer: scorers.Scorer | None = None
   rows, beam_scores = [], {}
   bs = cfg.batch_rows
   strategies = _strategies(cfg)
-  bar = tqdm(strategies, desc="strategies", unit="strategy")
-  for name, family, temp, kind, strategy, n_samples in bar:
+  bar = Progress(len(strategies), "decode_sweep", "strategy", logger=log)
+  for name, family, temp, kind, strategy, n_samples in strategies:
     t0, n_tok = time.time(), 0
     per_prompt = max(1, bs // n_samples)
     for i in range(0, len(prompts), per_prompt):
@@ -80,7 +80,7 @@ def run(config, run_dir: RunDir, mesh=None, scorer: scorers.Scorer | None = None
                      "prompt_idx": p, "sample_idx": r % n_samples, "instruction": questions[p],
                      "text": text, "tokens": seq, "length": len(seq), "finish": fin})
         n_tok += len(seq)
-    bar.set_postfix(strategy=name, tok_per_s=f"{n_tok / (time.time() - t0):.1f}")
+    bar.update(1, strategy=name, tok_per_s=f"{n_tok / (time.time() - t0):.1f}")
 
   # One scoring pass for every strategy: mean token log-prob under the model (raw, T=1).
   lps = scoring.response_logprobs(model, [prompts[r["prompt_idx"]] for r in rows],

@@ -14,6 +14,7 @@ import numpy as np
 from flax import nnx
 
 from lm import heads, inputs, lora
+from lm.progress import Progress
 
 
 def token_logprobs(logits_bsv: jax.Array, targets_bs: jax.Array, temperature: float = 1.0
@@ -219,15 +220,14 @@ def score_rows(fn, prompts: Sequence[Sequence[int]], continuations: Sequence[Seq
   positions (`continuation_bw` marks the continuation tokens, for `next_token_logprobs`'
   `select_bs`); each row gets the `len(continuation)` positions that predict its continuation.
   """
-  from tqdm import tqdm
-
   if len(prompts) != len(continuations):
     raise inputs.InputError(f"{len(prompts)} prompts but {len(continuations)} continuations; "
                             "pass one continuation per prompt.")
   order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]) + len(continuations[i]))
   out: list = [None] * len(order)
-  for start in tqdm(range(0, len(order), batch_size), desc=desc, unit="batch",
-                    disable=len(order) <= batch_size):
+  batches = range(0, len(order), batch_size)
+  progress = Progress(len(batches), desc, "batch", enabled=len(batches) > 1)
+  for start in batches:
     idx = order[start:start + batch_size]
     rows = [list(prompts[i]) + list(continuations[i]) for i in idx]
     tokens, mask, width = left_pad_rows(rows, batch_size, multiple)
@@ -236,6 +236,8 @@ def score_rows(fn, prompts: Sequence[Sequence[int]], continuations: Sequence[Seq
     for j, i in enumerate(idx):
       n = len(continuations[i])
       out[i] = {k: v[j, width - 1 - n:] if n else np.zeros((0,), v.dtype) for k, v in scored.items()}
+    progress.update(1)
+  progress.close()
   return out
 
 

@@ -35,6 +35,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from lm.progress import Progress
+
 log = logging.getLogger(__name__)
 
 POOLS = ("mean", "tokens")
@@ -64,7 +66,8 @@ def capture(fn: Callable[[Any, Any], jax.Array], model, inputs: np.ndarray, *, b
   jitted, state = _program(fn, model)
   step = lambda x: jitted(state, x)
   n = len(inputs)
-  out, t0 = [], time.time()
+  out = []
+  progress = Progress(n, label, "item", logger=log)
   for start in range(0, n, batch):
     chunk = inputs[start:start + batch]
     real = len(chunk)
@@ -72,9 +75,8 @@ def capture(fn: Callable[[Any, Any], jax.Array], model, inputs: np.ndarray, *, b
       chunk = np.concatenate([chunk, np.zeros((batch - real,) + chunk.shape[1:], chunk.dtype)])
     rows = np.asarray(step(chunk), np.float32)
     out.append(rows[: len(rows) * real // batch])
-    done = start + real
-    if done == n or (start // batch) % 10 == 9:
-      log.info("%s: %d/%d items, %.1f items/s", label, done, n, done / max(time.time() - t0, 1e-9))
+    progress.update(real)
+  progress.close()
   return np.concatenate(out)
 
 

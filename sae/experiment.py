@@ -30,6 +30,7 @@ import numpy as np
 import optax
 from flax import nnx
 
+from lm.progress import Progress
 from sae import activations, images, metrics, usae
 from sae import sae as sae_lib
 from sae import train as sae_train
@@ -184,7 +185,7 @@ def train(config, run_dir, models: _Models, train_stores, standardise, mesh=None
     ckpt.discard_after(start)
     run_dir.metrics.rewind(start)
     log.info("resumed at step %d of %d", start, steps)
-  t0 = time.time()
+  progress = Progress(steps, "train", "step", initial=start, logger=log)
   for step in range(start, steps):
     batch = next(it)
     xs = [jnp.asarray(batch[f"x{j}"]) for j in range(n_sources)]
@@ -192,16 +193,14 @@ def train(config, run_dir, models: _Models, train_stores, standardise, mesh=None
     state, scalars = models.step(state, source, xs)
     done = step + 1
     if done % t.log_every == 0 or done == steps:
-      row = {k: np.asarray(v) for k, v in scalars.items()}
-      flat = {k: float(v.mean()) for k, v in row.items()}
-      flat["source"] = source
-      flat["steps_per_s"] = (done - start) / max(time.time() - t0, 1e-9)
-      run_dir.metrics.write(done, flat)
-      log.info("step %d/%d, %s, %.1f steps/s", done, steps,
-               ", ".join(f"{k} {v:.4g}" for k, v in flat.items() if k.endswith("loss")),
-               flat["steps_per_s"])
+      flat = {k: float(np.asarray(v).mean()) for k, v in scalars.items()}
+      progress.update(1, **{k: f"{v:.4g}" for k, v in flat.items() if k.endswith("loss")})
+      run_dir.metrics.write(done, {**flat, "source": source, "steps_per_s": progress.rate()})
+    else:
+      progress.update(1)
     if done % t.checkpoint_every == 0 or done == steps:
       ckpt.save_tree(done, state, extra={"data": it.get_state()})
+  progress.close()
   ckpt.close()
   return state, start
 
@@ -333,11 +332,14 @@ def activation_maximisation(model_name: str, tap: str, pool: str, standardise, p
   img = 128.0 + 8.0 * jax.random.normal(key, (len(concepts), viz.size, viz.size, 3))
   opt_state = opt.init(img)
   blur = jax.jit(lambda x: _gaussian_blur(x, viz.blur_sigma))
+  progress = Progress(viz.steps, "feature visualisation", "step", logger=log)
   for s in range(viz.steps):
     key, k = jax.random.split(key)
     img, opt_state = step(fixed, img, opt_state, k)
     if viz.blur_every and (s + 1) % viz.blur_every == 0:
       img = blur(img)
+    progress.update(1)
+  progress.close()
   return np.asarray(img), np.asarray(jax.jit(objective)(fixed, img))
 
 

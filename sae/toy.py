@@ -25,6 +25,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from lm.progress import Progress
+
 log = logging.getLogger(__name__)
 
 PHASES = ("not_represented", "dedicated", "superposed")
@@ -85,15 +87,13 @@ def train(key, importance_in, probability_in, n_hidden: int, *, steps: int, batc
   carry = (params, opt.init(params))
   per_chunk = max(steps // chunks, 1)
   losses = []
-  t0 = time.time()
-  for c in range(chunks):
+  progress = Progress(per_chunk * chunks, label, "step", logger=log)
+  for _ in range(chunks):
     key, k = jax.random.split(key)
     carry, loss_i = run_chunk(carry, jax.random.split(k, per_chunk + 1))
     losses.append(np.asarray(loss_i))
-    done = (c + 1) * per_chunk
-    log.info("%s: step %d/%d, mean loss %.3g, %.0f instance-steps/s", label, done,
-             per_chunk * chunks, float(losses[-1].mean()),
-             done * n_instances / max(time.time() - t0, 1e-9))
+    progress.update(per_chunk, mean_loss=f"{float(losses[-1].mean()):.3g}")
+  progress.close()
   return jax.tree.map(np.asarray, carry[0]), np.stack(losses)
 
 

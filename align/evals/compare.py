@@ -31,6 +31,7 @@ from decode.scorers import Scorer
 from decode.sampling import GREEDY, Sampler
 from lm import data, hub
 from lm.layers import Linear
+from lm.progress import Progress
 from lm.train.rundir import RunDir
 
 log = logging.getLogger(__name__)
@@ -159,6 +160,8 @@ def run(config, run_dir: RunDir, mesh=None, scorer: Scorer | None = None) -> dic
                                      seed=config.seed)
     return sampled[id(model)]
 
+  # perplexity, generation and KL per model, then the reward-hacking probe over all of them
+  progress = Progress(3 * len(entries) + 1, "align_eval", "phase", logger=log)
   for e in entries:
     name, model, tok = e["name"], e["model"], e["tokenizer"]
     t0 = time.time()
@@ -170,6 +173,7 @@ def run(config, run_dir: RunDir, mesh=None, scorer: Scorer | None = None) -> dic
                                             multiple=config.score_multiple)
     results["perplexity"][name] = {"wikitext2_test": ppl_text, "pairs": ppl_pairs}
     timing[f"{name}/perplexity_s"] = time.time() - t0
+    progress.update(1, done=f"{name} perplexity")
 
     t0 = time.time()
     plain = [hub.encode_chat(tok, q) for q in instructions]
@@ -177,6 +181,7 @@ def run(config, run_dir: RunDir, mesh=None, scorer: Scorer | None = None) -> dic
     both = _generate(model, tok, plain + limited, config.decode)  # one pass: shared compiles
     gens[name] = {"plain": both[:len(plain)], "length_instruction": both[len(plain):]}
     timing[f"{name}/generate_s"] = time.time() - t0
+    progress.update(1, done=f"{name} generation")
 
     words = [g["words"] for g in gens[name]["plain"]]
     words_lim = [g["words"] for g in gens[name]["length_instruction"]]
@@ -199,6 +204,7 @@ def run(config, run_dir: RunDir, mesh=None, scorer: Scorer | None = None) -> dic
     results["lengths"][name] = {"greedy": _response_stats(gens[name]["plain"]),
                                 "sampled": _response_stats(own)}
     timing[f"{name}/kl_s"] = time.time() - t0
+    progress.update(1, done=f"{name} KL")
 
   t0 = time.time()
   hacking, deltas = _hacking(entries, instructions, gens[config.reference]["plain"], config,
@@ -207,6 +213,8 @@ def run(config, run_dir: RunDir, mesh=None, scorer: Scorer | None = None) -> dic
   if scorer is not None:
     results["reward_model"] = _reward_model_on_own(gens, instructions, config, scorer)
   timing["reward_hacking_s"] = time.time() - t0
+  progress.update(1, done="reward hacking")
+  progress.close()
 
   with open(run_dir.path / "generations.jsonl", "w") as fh:
     for name, kinds in gens.items():

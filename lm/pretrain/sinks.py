@@ -26,6 +26,7 @@ from lm.config import ModelConfig
 from lm.hub import runs, vocab
 from lm.pretrain import corpus
 from lm.pretrain.sink_stats import ARGMAX_KINDS, EPSILONS, HeadStats, example_map, head_stats
+from lm.progress import Progress
 
 log = logging.getLogger(__name__)
 
@@ -205,6 +206,8 @@ def run(config, run_dir, mesh=None) -> dict:
                          f"{a.source} (first tokens of consecutive chunks, no BOS added); local "
                          f"window {a.local}. Sink rate = share of (layer, head) with Gu alpha_1 > "
                          "eps.\n"]
+  # per model: head statistics, perplexity under the access variants, streaming decoding
+  progress = Progress(3 * len(config.models), "sinks", "phase", logger=log)
   for spec in config.models:
     model, tok, label, prefix = load_model(spec)
     out = run_dir.path / "sinks" / label
@@ -224,6 +227,7 @@ def run(config, run_dir, mesh=None) -> dict:
     layers = sorted({0, 1, n_layers // 2, n_layers - 1})
     example = example_map(model, seqs[0], layers)
     plots = _plots(stats, example, layers, label, out)
+    progress.update(1, done=f"{label} head statistics")
     context = min(int(s.context), model.cfg.max_seq_len)
     windows = [w for w in s.windows if w < context]
     streams = {name: vocab.encode_text(tok, _stream_text(name))[:int(s.n_tokens)]
@@ -231,7 +235,9 @@ def run(config, run_dir, mesh=None) -> dict:
     table = streaming_table(model, streams, windows=windows, sinks=list(s.sinks),
                             dense_first=int(s.dense_first), context=context,
                             batch_size=int(s.batch_size), prefix=prefix) if windows else []
+    progress.update(1, done=f"{label} perplexity under access variants")
     decode_rows = streaming_decode(model, tok, config.stream_decode, prefix)
+    progress.update(1, done=f"{label} streaming decoding")
     result = {"sink_rate": rates, "first_by_layer": stats.first.mean(axis=1),
               "argmax_by_layer": dict(zip(ARGMAX_KINDS, stats.argmax.T)),
               "mean": {"first": float(stats.first.mean()), "self": float(stats.self_.mean()),
@@ -264,6 +270,7 @@ def run(config, run_dir, mesh=None) -> dict:
          if decode_rows else ""),
         *[f"\n![{p}](sinks/{label}/{p})\n" for p in plots],
     ]
+  progress.close()
   curves = _training_curves(config.models)
   if curves:
     report += ["## Sink rate (eps 0.3) over pretraining steps\n",

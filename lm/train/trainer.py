@@ -524,7 +524,7 @@ class Trainer:
     newest good checkpoint, after marking bad the checkpoints whose state led there. A SIGTERM or
     SIGINT saves a checkpoint at the next step boundary and raises `Preempted`.
     """
-    from tqdm import tqdm
+    from lm.progress import Progress
 
     cfg = self.cfg
     steps = int(cfg.steps)
@@ -559,8 +559,7 @@ class Trainer:
     with _StopSignals() as signals:
       if evaluate is not None and self.step == 0:
         record(evaluate(), "eval")
-      bar = tqdm(total=steps, initial=self.step, desc="train", unit="step", mininterval=2.0)
-      t_log = time.perf_counter()
+      bar = Progress(steps, "train", "step", initial=self.step, logger=log)
       while self.step < steps:
         batch = next(data_iter)
         try:
@@ -572,12 +571,8 @@ class Trainer:
         if hasattr(data_iter, "pop_metrics"):
           metrics.update(data_iter.pop_metrics())
         record(metrics, "train")
-        bar.update(1)
-        bar.set_postfix(loss=f"{metrics['loss']:.4f}", tok_s=f"{metrics['tokens_per_s']:.0f}")
-        if time.perf_counter() - t_log > 30 or self.step == steps:
-          log.info("step %d/%d loss %.4f  %.0f tokens/s  lr %.2e", self.step, steps,
-                   metrics["loss"], metrics["tokens_per_s"], metrics["lr"])
-          t_log = time.perf_counter()
+        bar.update(1, loss=f"{metrics['loss']:.4f}", tokens_per_s=f"{metrics['tokens_per_s']:.0f}",
+                   lr=f"{metrics['lr']:.2e}")
         if evaluate is not None and ((eval_every and self.step % eval_every == 0)
                                      or self.step == steps):
           record(evaluate(), "eval")
