@@ -49,7 +49,7 @@ test: $(TEST_STAMP)
 bench: $(TEST_STAMP)
 	$(BIN)/python -m benchmarks.forward
 
-# The stability study (README): the reward model, LoRA-DPO, GRPO on the reward model at 1x and 10x
+# The stability study (docs/studies/stability.md): the reward model, LoRA-DPO, GRPO on the reward model at 1x and 10x
 # the learning rate (configs/align_eval.py STUDIES; a run with a summary.json is kept), then
 # align_eval side by side. STUDY=cpu: about 1.5 hours on 2 CPU cores; STUDY=gpu_full: PA5's settings.
 STUDY ?= cpu

@@ -2,7 +2,7 @@
 
 Code: `align/evals/compare.py` (task `align_eval`), over the metrics in `align/evals/`.
 
-Variants: `stability` (the stability study, README "The stability study": the reference, LoRA-DPO
+Variants: `stability` (the stability study, docs/studies/stability.md: the reference, LoRA-DPO
 of `dpo.py:cpu`, GRPO with the reward-model reward `grpo.py:rm_cpu` and the same at ten times the
 learning rate `grpo.py:rm_cpu_10x`, side by side, with the `reward.py:cpu` reward model in the
 hacking probes; train the four runs first), `cpu` (default; SmolLM2-135M-Instruct vs the LoRA-DPO adapter of `dpo.py:cpu` in

@@ -20,7 +20,7 @@ from configs import train_base
 from configs.train_base import base
 
 
-# The stability study's GRPO runs (README "The stability study"): reward-model reward on open
+# The stability study's GRPO runs (docs/studies/stability.md): reward-model reward on open
 # instructions, LoRA as dpo.py's; the _10x variant is the same at ten times the learning rate.
 # variant -> (scale, learning rate): dpo.py's lr at that scale, and ten times it.
 STUDY = {"rm_cpu": ("cpu", 5e-4), "rm_cpu_10x": ("cpu", 5e-3),

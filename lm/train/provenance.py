@@ -89,7 +89,8 @@ def markdown(prov: dict) -> str:
     h = rec.get("host", {})
     lines += [f"- {title} {rec.get('time')}: `{rec.get('command')}`",
               f"  - code: {commit}",
-              f"  - devices: {d.get('count')} × {', '.join(d.get('kind', []))} ({d.get('backend')}, "
+              f"  - devices: {d.get('count')} × {', '.join(d.get('kind', []))} "
+              f"({d.get('backend')}, "
               f"{d.get('processes')} process{'es' if d.get('processes', 1) > 1 else ''})",
               f"  - host: {h.get('name')}, {h.get('platform')}, Python {h.get('python')}, "
               f"{h.get('cpus')} CPUs",

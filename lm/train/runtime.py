@@ -3,7 +3,7 @@
 XLA:CPU allocates each executable's temporary buffer (GBs for a training step: the saved
 activations) when it runs and frees it after. glibc serves allocations over 32 MB with a fresh
 `mmap` and returns them with `munmap`, so every step page-faults its whole working set back in
-(the README's Benchmarks section has the measured cost). Serving every allocation from the heap
+(docs/benchmarks/README.md has the measured cost). Serving every allocation from the heap
 (`mmap_max=0`), in one arena (worker threads' arenas fall back to `mmap`), and never trimming it
 keeps the pages mapped from one step to the next. The cost: the process keeps its peak memory.
 
@@ -79,9 +79,10 @@ def _glibc_linux() -> bool:
   return sys.platform.startswith("linux") and platform.libc_ver()[0] == "glibc"
 
 
-# XLA:CPU flags for training steps (README, Benchmarks): the concurrency-optimised scheduler runs
-# independent backward ops side by side and starves the GEMMs that need both cores, and YNNPACK
-# fusions slow the backward. A forward alone is slower with them, so decoding keeps the defaults.
+# XLA:CPU flags for training steps (docs/benchmarks/README.md): the concurrency-optimised
+# scheduler runs independent backward ops side by side and starves the GEMMs that need both
+# cores, and YNNPACK fusions slow the backward. A forward alone is slower with them, so decoding
+# keeps the defaults.
 CPU_TRAINING_XLA_FLAGS = ("--xla_cpu_enable_concurrency_optimized_scheduler=false",
                           "--xla_cpu_experimental_ynn_fusion_type=")
 
