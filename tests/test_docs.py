@@ -127,7 +127,14 @@ CLAIMS = [
     ("README.md", lambda: [
         f"| {DPO['wall_s']} s | held-out reward accuracy {DPO['rewards/accuracy'][0]:.2f} → "
         f"{DPO['rewards/accuracy'][1]:.2f}"]),
-    ("README.md", lambda: [f"| {RM['wall_s']} s | held-out accuracy {RM['accuracy'][1]:.3f}"]),
+    ("README.md", lambda: [f"| {RM['wall_s']} s | held-out accuracy {RM['accuracy'][1]:.3f}",
+                           f"held-out accuracy {RM['accuracy'][1]:.3f} on 96 training pairs"]),
+    ("docs/algorithms/offline.md", lambda: [
+        f"held-out reward accuracy {DPO['rewards/accuracy'][0]:.2f} → "
+        f"{DPO['rewards/accuracy'][1]:.2f} on 64 pairs, held-out DPO loss {DPO['loss'][0]:.4f} → "
+        f"{DPO['loss'][1]:.4f}, margin 0 → {DPO['rewards/margin'][1]:+.3f}; {DPO['wall_s']} s wall",
+        f"held-out accuracy {RM['accuracy'][0]:.3f} → {RM['accuracy'][1]:.3f} on 64 pairs "
+        f"({RM['wall_s']} s wall), but the BT loss goes {RM['loss'][0]:.3f} → {RM['loss'][1]:.3f}"]),
 ]
 
 
