@@ -139,16 +139,21 @@ def _resume_command() -> str:
   return " ".join(shlex.quote(a) for a in ["python", "launch.py", *args, "--resume"])
 
 
+def _shipped_configs() -> Path:
+  """The `configs/` directory postlab ships (beside this file in a checkout)."""
+  import configs
+
+  return Path(configs.__file__).parent
+
+
 def list_configs() -> str:
   """The tasks (config.task -> the function that runs it) and every config module with its task,
   variants (`*` marks the default) and the first line of its docstring: `launch.py --list`."""
-  import configs
-
   lines = ["tasks (config.task: the code that runs it)"]
   lines += [f"  {task:<18} {target}" for task, target in TASKS.items()]
   lines += ["", "configs (--config=configs/NAME.py:VARIANT; * marks the variant used without one)"]
   rows = []
-  for path in sorted(Path(configs.__file__).parent.glob("*.py")):
+  for path in sorted(_shipped_configs().glob("*.py")):
     module = importlib.import_module(f"configs.{path.stem}")
     if not hasattr(module, "get_config"):
       continue  # shared pieces (common.py, train_base.py), tables (aot.py)
@@ -336,13 +341,11 @@ def compile_only(config, workdir, topology: str | None, where: str | None = None
 def _packaged_config_paths(argv: list[str]) -> list[str]:
   """`--config=configs/NAME.py[:VARIANT]` names the config shipped with postlab when no such file is
   in the working directory, so `postlab` runs from any directory."""
-  import configs
-
   out = []
   for arg in argv:
     if arg.startswith("--config=configs/"):
       path, sep, variant = arg.removeprefix("--config=").partition(":")
-      shipped = Path(configs.__file__).parent / path.removeprefix("configs/")
+      shipped = _shipped_configs() / path.removeprefix("configs/")
       if not os.path.exists(path) and shipped.is_file():
         arg = f"--config={shipped}{sep}{variant}"
     out.append(arg)

@@ -9,7 +9,10 @@ Code: `align/losses/sft.py` (loss and record), run by `align/train.py`.
 
 import ml_collections
 
-from configs.train_base import VARIANTS, base  # noqa: F401  (VARIANTS: this config's own)
+from configs import train_base
+from configs.train_base import base
+
+VARIANTS = train_base.VARIANTS
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:

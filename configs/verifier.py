@@ -11,7 +11,10 @@ pick, majority vote, the best single source and the oracle, with bootstrap inter
 
 import ml_collections
 
-from configs.train_base import VARIANTS, base  # noqa: F401  (VARIANTS: this config's own)
+from configs import train_base
+from configs.train_base import base
+
+VARIANTS = train_base.VARIANTS
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:

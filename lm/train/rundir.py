@@ -235,7 +235,8 @@ class RunLock:
 
 class RunDir:
   """A run's directory: `config.json`, `provenance.json`, `metrics.jsonl`, `tensorboard/`,
-  `plots/`, `report.md`, and `status.json` (running / finished / failed / preempted, with pid, host and times).
+  `plots/`, `report.md`, and `status.json` (running / finished / failed / preempted, with pid,
+  host and times).
 
   The process that owns it holds `RunLock` until `close`. `resume=True` continues the run: its
   config must equal the run's apart from `RESUME_MAY_CHANGE` unless `allow_config_change`, which
