@@ -1,7 +1,7 @@
 """The front door stays true: the README stays short, every link in it and in docs/ resolves, the
-docs index links every page, and each number the README and docs restate from a run or a
-benchmark equals what that run's files hold (a number edited by hand, or a rerun not carried into
-the text, fails here)."""
+docs index links every page, every test a page names exists, and each number the README and docs
+restate from a run or a benchmark equals what that run's files hold (a number edited by hand, or a
+rerun not carried into the text, fails here)."""
 
 import json
 import re
@@ -14,6 +14,7 @@ from tests_helpers import REPO
 DOCS = REPO / "docs"
 PAGES = [REPO / "README.md", *sorted(DOCS.rglob("*.md"))]
 _LINK = re.compile(r"!?\[[^\]]*\]\(([^)\s]+)\)")
+_TEST_REF = re.compile(r"tests/([\w/]+\.py)::(\w+)")  # a `[param]` suffix is not captured
 
 
 def test_readme_is_short_and_starts_with_the_two_commands():
@@ -40,6 +41,18 @@ def test_the_docs_index_links_every_page():
   linked = {(index.parent / t.split("#")[0]).resolve() for t in _LINK.findall(index.read_text())}
   pages = {p.resolve() for p in DOCS.rglob("*.md")} - {index.resolve()}
   assert not pages - linked, sorted(str(p.relative_to(REPO)) for p in pages - linked)
+
+
+def test_every_named_test_exists():
+  """A page's `tests/<file>.py::<name>` names a file that defines `def <name>`: no dangling test."""
+  refs = {(page, f, name) for page in PAGES for f, name in _TEST_REF.findall(page.read_text())}
+  assert refs, "no test references found: has the pattern drifted from the pages?"
+  missing = []
+  for page, f, name in sorted(refs):
+    path = REPO / "tests" / f
+    if not path.is_file() or not re.search(rf"^\s*def {name}\(", path.read_text(), re.M):
+      missing.append(f"{page.relative_to(REPO)}: tests/{f}::{name}")
+  assert not missing, f"pages name tests that do not exist: {missing}"
 
 
 # --- numbers restated from artifacts -------------------------------------------------------------
@@ -109,7 +122,7 @@ CLAIMS = [
     ("docs/benchmarks/README.md", lambda: [f"{H200_MFU:.1%} at best from the script's own rows"]),
     ("README.md", lambda: [f"{VERIFIER['verifier']['exact_match']:.3f} exact match vs majority "
                            f"vote {VERIFIER['majority']['exact_match']:.3f}"]),
-    ("docs/algorithms/online_rl.md", _verifier_rows),
+    ("docs/algorithms/verifier.md", _verifier_rows),
     ("README.md", lambda: ["held-out greedy correctness {:.3f} → {:.3f}".format(*_first_last(
         _eval_series("grpo_cpu/metrics.jsonl", "eval/reward/arith_correct")))]),
     ("README.md", lambda: [f"{_sink_rates()['0.3']:.1%} of SmolLM2's heads are sinks at ε 0.3"]),
@@ -121,7 +134,7 @@ CLAIMS = [
         f"{_dpo('kl')['own_samples']['exact_per_token']:.4f} |"]),
     ("README.md", lambda: [f"| {SFT['wall_s']} s | held-out perplexity {SFT['perplexity'][0]:.2f} "
                            f"→ {SFT['perplexity'][1]:.2f}"]),
-    ("docs/algorithms/offline.md", lambda: [
+    ("docs/algorithms/sft.md", lambda: [
         f"held-out response perplexity {SFT['perplexity'][0]:.2f} → {SFT['perplexity'][1]:.2f}",
         f"{SFT['wall_s']} s wall"]),
     ("README.md", lambda: [
@@ -129,12 +142,15 @@ CLAIMS = [
         f"{DPO['rewards/accuracy'][1]:.2f}"]),
     ("README.md", lambda: [f"| {RM['wall_s']} s | held-out accuracy {RM['accuracy'][1]:.3f}",
                            f"held-out accuracy {RM['accuracy'][1]:.3f} on 96 training pairs"]),
-    ("docs/algorithms/offline.md", lambda: [
+    ("docs/algorithms/dpo.md", lambda: [
         f"held-out reward accuracy {DPO['rewards/accuracy'][0]:.2f} → "
         f"{DPO['rewards/accuracy'][1]:.2f} on 64 pairs, held-out DPO loss {DPO['loss'][0]:.4f} → "
-        f"{DPO['loss'][1]:.4f}, margin 0 → {DPO['rewards/margin'][1]:+.3f}; {DPO['wall_s']} s wall",
+        f"{DPO['loss'][1]:.4f}, margin 0 → {DPO['rewards/margin'][1]:+.3f}; "
+        f"{DPO['wall_s']} s wall"]),
+    ("docs/algorithms/reward.md", lambda: [
         f"held-out accuracy {RM['accuracy'][0]:.3f} → {RM['accuracy'][1]:.3f} on 64 pairs "
-        f"({RM['wall_s']} s wall), but the BT loss goes {RM['loss'][0]:.3f} → {RM['loss'][1]:.3f}"]),
+        f"({RM['wall_s']} s wall), but the BT loss goes {RM['loss'][0]:.3f} → "
+        f"{RM['loss'][1]:.3f}"]),
 ]
 
 
@@ -143,3 +159,52 @@ def test_restated_numbers_equal_their_artifacts(page, texts):
   text = " ".join((REPO / page).read_text().split())  # a claim may wrap across lines
   for want in texts():
     assert " ".join(want.split()) in text, f"{page} should say {want!r} (from its artifact)"
+
+
+# --- knob tables against the configs they describe -------------------------------------------------
+
+_KNOB_PAGES = {"README": "sft", "sft": "sft", "reward": "reward", "dpo": "dpo", "online": "grpo",
+               "grpo": "grpo", "ppo": "ppo", "verifier": "verifier"}
+_KNOB_ROW = re.compile(r"^\| (`[\w.]+`(?:, `[\w.]+`)*) \| ([^|]+) \|", re.M)
+
+
+def _literal(text):
+  import ast
+
+  text = text.strip().strip("`")
+  try:
+    return ast.literal_eval(text)
+  except (ValueError, SyntaxError):
+    return text  # a bare word such as sigmoid, or a description: compared as text
+
+
+@pytest.mark.parametrize("page,config", sorted(_KNOB_PAGES.items()))
+def test_knob_tables_name_real_fields_with_their_defaults(page, config):
+  """Each `| \\`a.b\\` | default |` row of an algorithm page names fields of the config it describes,
+  and where the default cell lists one plain value per field, those are the config's defaults."""
+  import importlib
+
+  cfg = importlib.import_module(f"configs.{config}").get_config(None)
+  text = (DOCS / "algorithms" / f"{page}.md").read_text()
+  sections = re.findall(r"^## [\w ]*[Kk]nobs[^\n]*\n(.*?)(?=^## |\Z)", text, re.M | re.S)
+  rows = _KNOB_ROW.findall("".join(sections))
+  assert rows, f"no knob table on algorithms/{page}.md"
+  wrong = []
+  for names, defaults in rows:
+    names = [n.strip("` ") for n in names.split(",")]
+    # one plain value per field; a cell that explains (parentheses) or refers to a field does not
+    values = defaults.split(",") if not re.search(r"[(×]|`\w+\.\w", defaults) else []
+    for i, name in enumerate(names):
+      node = cfg
+      for part in name.split("."):
+        if part not in node:
+          wrong.append(f"{name}: not a field of configs/{config}.py")
+          break
+        node = node[part]
+      else:
+        if len(values) == len(names):
+          want = _literal(values[i])
+          have = node.to_dict() if hasattr(node, "to_dict") else node
+          if want != have and str(want) != str(have):
+            wrong.append(f"{name}: page says {values[i].strip()}, config has {have!r}")
+  assert not wrong, wrong
