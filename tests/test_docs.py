@@ -5,7 +5,6 @@ rerun not carried into the text, fails here)."""
 
 import json
 import re
-from pathlib import Path
 
 import pytest
 
