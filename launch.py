@@ -30,7 +30,25 @@ from ml_collections import config_flags
 _CONFIG = config_flags.DEFINE_config_file("config", None, "configs/NAME.py[:variant]",
                                           lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "run directory (refused if it holds another run)")
-_RESUME = flags.DEFINE_bool("resume", False, "continue the run already in --workdir")
+
+
+class _ResumeParser(flags.BooleanParser):
+  """--resume (continue the run in --workdir; there must be one), --noresume, or --resume=auto
+  (continue it when there is one, else start it: what a scheduler reruns after a preemption)."""
+
+  def parse(self, argument):
+    if isinstance(argument, str) and argument.strip().lower() == "auto":
+      return "auto"
+    return super().parse(argument)
+
+  def flag_type(self):
+    return "bool or auto"
+
+
+_RESUME = flags.DEFINE_flag(flags.Flag(
+    _ResumeParser(), flags.ArgumentSerializer(), "resume", False,
+    "continue the run in --workdir (refused when there is none); --resume=auto: continue it when "
+    "there is one, else start it (a rerun of a preempted job's own command)", boolean=True))
 _RESUME_STEP = flags.DEFINE_integer(
     "resume_step", None, "with --resume: continue from this checkpoint step (default: the newest "
     "intact one)")
@@ -134,9 +152,10 @@ def _verbose() -> bool:
 
 
 def _resume_command() -> str:
-  """This process's command with --resume (and without --resume_step): what continues the run."""
+  """This process's command with --resume=auto (and without --resume_step): what continues the
+  run, and what a scheduler may rerun whether or not the run got as far as a checkpoint."""
   args = [a for a in sys.argv[1:] if not a.startswith(("--resume", "--noresume"))]
-  return " ".join(shlex.quote(a) for a in ["python", "launch.py", *args, "--resume"])
+  return " ".join(shlex.quote(a) for a in ["python", "launch.py", *args, "--resume=auto"])
 
 
 def _shipped_configs() -> Path:
@@ -221,7 +240,8 @@ def main(argv):
                    where=flags.FLAGS["config"].config_filename,
                    command=shlex.join(["python", "launch.py", *sys.argv[1:]]))
       return
-    result = run(config, _WORKDIR.value, resume=_RESUME.value or _RESUME_STEP.value is not None,
+    resume = _RESUME.value or (_RESUME_STEP.value is not None)
+    result = run(config, _WORKDIR.value, resume=resume,
                  resume_step=_RESUME_STEP.value, allow_config_change=_ALLOW_CONFIG_CHANGE.value)
   except USER_ERRORS as e:
     if _verbose():
@@ -232,14 +252,16 @@ def main(argv):
     logging.info("to continue: %s", _resume_command())
 
 
-def run(config, workdir, *, resume: bool = False, devices=None, where: str | None = None,
+def run(config, workdir, *, resume: bool | str = False, devices=None, where: str | None = None,
         resume_step: int | None = None, allow_config_change: bool = False) -> dict | None:
   """Runs `config.task` into `workdir` in this process, on a mesh of `config.mesh` over `devices`
   (default: every device), and returns the task's result. `main` calls it after the process-wide
   set-up (flags, the allocator, multi-process JAX, the field check); tests call it directly to run
   a task in-process, with `where` (the config's name) to check its fields first.
 
-  The run directory is locked while the task runs and its `status.json` says how it ended. A
+  `resume`: True continues the run in `workdir` (there must be one), "auto" continues it when
+  there is one and starts it otherwise. The run directory is locked while the task runs and its
+  `status.json` says how it ended. A
   run stopped by SIGTERM/SIGINT saves a checkpoint and returns `{"preempted_at": step}`; a run
   that fails before its first step leaves nothing behind; resuming a finished run returns its
   summary and changes nothing.

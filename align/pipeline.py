@@ -71,7 +71,7 @@ def _run_stage(name: str, stage_cfg, path: Path, task: str):
     log.info("stage %s: kept %s", name, path)
     return json.loads((path / "summary.json").read_text())
   module, fn = {"pretrain": ("lm.pretrain.task", "run"), "train": ("align.train", "run")}[task]
-  stage_dir = RunDir(path, stage_cfg, resume=(path / "config.json").exists())
+  stage_dir = RunDir(path, stage_cfg, resume="auto")
   try:
     return getattr(import_module(module), fn)(stage_cfg, stage_dir)
   finally:

@@ -17,6 +17,12 @@ import time
 log = logging.getLogger(__name__)
 
 
+def _plural(noun: str) -> str:
+  if noun.endswith("y") and noun[-2:-1] not in tuple("aeiou"):
+    return noun[:-1] + "ies"  # strategy -> strategies
+  return noun + ("es" if noun.endswith(("s", "sh", "ch", "x")) else "s")
+
+
 def _clock(seconds: float) -> str:
   seconds = int(round(seconds))
   h, rest = divmod(seconds, 3600)
@@ -57,7 +63,7 @@ class Progress:
   def line(self) -> str:
     """`desc: 120/400 steps (30%), 3.21 steps/s, 0:37 elapsed, 1:27 left; loss 0.52`."""
     eta = self.eta_s()
-    units = self.unit + ("es" if self.unit.endswith(("s", "sh", "ch", "x")) else "s")
+    units = _plural(self.unit)
     text = (f"{self.desc}: {self.n}/{self.total} {units} ({self.n / max(self.total, 1):.0%}), "
             f"{self.rate():.3g} {units}/s, {_clock(time.perf_counter() - self._t0)} elapsed, "
             f"{'?' if eta is None else _clock(eta)} left")

@@ -112,6 +112,29 @@ def _damage(step_dir, kind: str) -> str:
   return f"file missing: {rel}"
 
 
+def test_a_save_cut_off_mid_write_is_skipped_by_name_and_resume_equals_uninterrupted(
+    tmp_path, caplog, uninterrupted):
+  ckpt = Checkpointer(tmp_path / "ckpt")
+  with pytest.raises(Killed):
+    _trainer().fit(_Batches(kill_at=4), ckpt=ckpt)
+  # killed while Orbax wrote step 4: its temporary directory, half written, never renamed
+  cut = ckpt.directory / "4.orbax-checkpoint-tmp-1796680000"
+  os.rename(ckpt.step_dir(4), cut)
+  _largest_array_file(cut).write_bytes(b"")
+  ckpt = Checkpointer(tmp_path / "ckpt")  # the restarted process finds the directory so
+  assert ckpt.all_steps() == [2]
+  trainer = _trainer()
+  with caplog.at_level(logging.WARNING, logger=CKPT_LOG):
+    history = trainer.fit(_Batches(), ckpt=ckpt, resume=True)
+  skipped = [r.getMessage() for r in caplog.records if r.name == CKPT_LOG]
+  assert skipped == [f"checkpoint {cut} was cut off mid-write (Orbax's temporary directory, "
+                     "never renamed into place): skipped"]
+  losses_seen, params = uninterrupted
+  assert {h["step"]: h["train/loss"] for h in history} == {s: losses_seen[s] for s in (3, 4, 5, 6)}
+  for name, value in params.items():
+    np.testing.assert_array_equal(_params(trainer)[name], value, err_msg=name)
+
+
 @pytest.mark.parametrize("kind", ["bitflip", "truncated", "missing"])
 def test_damaged_newest_checkpoint_is_skipped_and_resume_equals_uninterrupted(
     tmp_path, caplog, uninterrupted, kind):

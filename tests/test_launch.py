@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from align import verifier
-from lm.train.rundir import ConfigChangedError, RunDir, WorkdirExistsError
+from lm.train.rundir import ConfigChangedError, NoRunToResumeError, RunDir, WorkdirExistsError
 from tests_helpers import (REPO, check_train_run_directory, launch_cmd, launch_env, run_task,
                            task_config)
 
@@ -25,6 +25,26 @@ def test_rundir_refuses_existing_run(tmp_path):
     RunDir(tmp_path, {"a": 3}, resume=True)
   RunDir(tmp_path, {"a": 3}, resume=True, allow_config_change=True).close()
   assert json.loads((tmp_path / "config.json").read_text()) == {"a": 3}
+
+
+def test_resume_needs_a_run_and_resume_auto_continues_one_or_starts_it(tmp_path):
+  with pytest.raises(NoRunToResumeError, match="holds no run to continue.*--resume=auto"):
+    RunDir(tmp_path / "typo", {"a": 1}, resume=True)
+  assert not (tmp_path / "typo").exists()  # refused before anything was made
+  fresh = RunDir(tmp_path / "auto", {"a": 1}, resume="auto")  # a scheduler's first start
+  assert fresh.resume is False
+  fresh.close()
+  again = RunDir(tmp_path / "auto", {"a": 1}, resume="auto")  # the same command after preemption
+  assert again.resume is True
+  again.close()
+  with pytest.raises(ConfigChangedError):  # auto continues only the same experiment
+    RunDir(tmp_path / "auto", {"a": 2}, resume="auto")
+  import launch
+
+  parse = launch._ResumeParser().parse  # --resume, --noresume, --resume=auto
+  assert [parse(v) for v in ("true", "false", "auto", "AUTO")] == [True, False, "auto", "auto"]
+  with pytest.raises(ValueError):
+    parse("sometimes")
 
 
 @pytest.mark.subprocess

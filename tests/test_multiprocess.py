@@ -1,6 +1,7 @@
 """Multi-host for real, on one machine: `dpo.py:smoke` as two processes with 4 CPU devices each
 (jax.distributed with a local coordinator, gloo collectives, each process feeding its own rows)
-matches one process with 8 devices at every step, and resumes after both processes are killed."""
+matches one process with 8 devices at every step, through a preemption: SIGTERM to one process,
+both agree on a step, save there and exit 0, and the same command (`--resume=auto`) continues."""
 
 import json
 import signal
@@ -54,22 +55,26 @@ def _metrics(workdir):
 
 @pytest.mark.subprocess
 @pytest.mark.real_weights
-def test_two_processes_equal_one_and_resume_after_both_are_killed(tmp_path, smollm2_gguf):
+def test_two_processes_equal_one_through_a_sigterm_and_resume_auto(tmp_path, smollm2_gguf):
   one = tmp_path / "one"
   single = _start(one, "--cpu_devices=8")  # runs beside the two processes: independent runs
   two = tmp_path / "two"
-  procs = _two_processes(two)
+  procs = _two_processes(two, "--resume=auto")  # an empty workdir: auto starts the run
   deadline = time.time() + 600
-  while not (two / "checkpoints/2").is_dir():  # orbax renames a checkpoint into place when done
+  while '"step": 1,' not in _text(two / "metrics.jsonl"):
     assert all(p.poll() is None for p in procs), [p.stderr.read()[-2000:] for p in procs]
     assert time.time() < deadline
     time.sleep(0.1)
-  for p in procs:
-    p.send_signal(signal.SIGKILL)
-    p.wait()
-  assert not (two / "checkpoints/4").exists()  # killed mid-run: what follows is a real resume
+  # the scheduler's notice reaches one process; JAX's preemption service tells the other
+  procs[1].send_signal(signal.SIGTERM)
+  logs = [p.communicate(timeout=600)[1] for p in procs]
+  assert [p.returncode for p in procs] == [0, 0], [log[-3000:] for log in logs]
+  status = json.loads((two / "status.json").read_text())
+  assert status["state"] == "preempted" and 1 <= status["step"] < 4, status
+  assert (two / "checkpoints" / str(status["step"])).is_dir()  # saved where both stopped
+  assert "--resume=auto" in logs[0]  # the line saying how to continue
   _wait([single])
-  _wait(_two_processes(two, "--resume"))
+  _wait(_two_processes(two, "--resume=auto"))  # the scheduler reruns the same command
   a, b = _metrics(one), _metrics(two)
   assert sorted(a) == sorted(b) == list(range(5))
   for step in a:
@@ -81,3 +86,7 @@ def test_two_processes_equal_one_and_resume_after_both_are_killed(tmp_path, smol
   check_train_run_directory(one, ["loss.png", "rewards_margin.png"], steps=4)
   assert (two / "adapter/adapter_model.safetensors").exists()
   assert json.loads((two / "summary.json").read_text())["devices"] == 8
+
+
+def _text(path):
+  return path.read_text() if path.exists() else ""

@@ -39,6 +39,10 @@ def test_lines_carry_rate_and_time_left_and_come_at_most_every_interval(monkeypa
   assert len(caplog.messages) == 3
   assert progress_lib.Progress(3, "scoring", "batch", enabled=False).line().startswith(
       "scoring: 0/3 batches (0%)")
+  assert progress_lib.Progress(12, "decode_sweep", "strategy", enabled=False).line().startswith(
+      "decode_sweep: 0/12 strategies (0%)")
+  assert progress_lib.Progress(2, "sweep", "day", enabled=False).line().startswith(
+      "sweep: 0/2 days (0%)")
 
 
 def test_nothing_is_reported_when_disabled_and_nothing_is_known_before_the_first_unit(caplog):

@@ -211,6 +211,9 @@ class Checkpointer:
       chosen = next((p for p in passed if p.state == "unverified"), None)
     if quiet:
       return None if chosen is None else chosen.step
+    for path in self.cut_off():
+      log.warning("checkpoint %s was cut off mid-write (Orbax's temporary directory, never "
+                  "renamed into place): skipped", path)
     if chosen is None:
       raise CheckpointError(
           f"no intact checkpoint in {self.directory}: "
@@ -223,6 +226,13 @@ class Checkpointer:
       log.warning("no verified checkpoint in %s; restoring step %d unverified (%s)",
                   self.directory, chosen.step, chosen.why)
     return chosen.step
+
+  def cut_off(self) -> list[Path]:
+    """Saves that never completed: Orbax writes a step into `<step>.orbax-checkpoint-tmp-*` and
+    renames it when done, so these are never among `all_steps`."""
+    if not self.directory.is_dir():
+      return []
+    return sorted(p for p in self.directory.iterdir() if ".orbax-checkpoint-tmp" in p.name)
 
   def newest_good(self) -> int | None:
     """The step a restore without a step would take (sizes checked, contents not hashed), or None;

@@ -150,6 +150,10 @@ class RunLockedError(WorkdirExistsError):
   """Another live process holds the run directory."""
 
 
+class NoRunToResumeError(FileNotFoundError):
+  """`--resume` names a workdir that holds no run."""
+
+
 class ConfigChangedError(ValueError):
   """`--resume` with a config that differs from the run's in fields that cannot change."""
 
@@ -244,13 +248,17 @@ class RunDir:
   `finished` and changes nothing. `config.json` is only (re)written after these checks.
   """
 
-  def __init__(self, workdir: str | os.PathLike, config: Any, *, resume: bool = False,
+  def __init__(self, workdir: str | os.PathLike, config: Any, *, resume: bool | str = False,
                primary: bool = True, resume_step: int | None = None,
                allow_config_change: bool = False):
-    """`primary=False` (processes other than 0 of a multi-process run): the same paths, no
-    checks and no writes, so one process owns the directory."""
+    """`resume`: True continues the run in `workdir` and refuses a workdir without one; "auto"
+    continues a run when there is one and starts one otherwise (`self.resume` then says which).
+    `primary=False` (processes other than 0 of a multi-process run): the same paths, no checks
+    and no writes, so one process owns the directory."""
+    if resume not in (False, True, "auto"):
+      raise ValueError(f"resume={resume!r}: use True, False or 'auto'.")
     self.path = Path(workdir).absolute()
-    self.resume = resume
+    self.resume = resume if resume != "auto" else (self.path / "config.json").exists()
     self.resume_step = resume_step
     self.primary = primary
     self.finished = False
@@ -260,6 +268,11 @@ class RunDir:
       return
     cfg_json = config.to_json_best_effort(indent=2) if hasattr(config, "to_json_best_effort") \
         else json.dumps(_to_jsonable(config), indent=2)
+    if resume is True and not (self.path / "config.json").exists():  # before anything is made
+      raise NoRunToResumeError(
+          f"--resume: {self.path} holds no run to continue (no config.json). Start it without "
+          "--resume, check --workdir, or pass --resume=auto to continue a run when there is one "
+          "and start one otherwise.")
     self._created = self._make_dir()
     self._before = set(os.listdir(self.path))
     self._lock = RunLock(self.path)
@@ -314,8 +327,6 @@ class RunDir:
     """True when this continues a run already in the directory; refuses what may not be."""
     cfg_file = self.path / "config.json"
     if not cfg_file.exists():
-      if self.resume:
-        log.info("--resume: %s holds no run yet; starting one", self.path)
       return False
     if not self.resume:
       raise WorkdirExistsError(

@@ -85,13 +85,34 @@ class Preempted(Exception):
 
 
 class _StopSignals:
-  """Within the block, SIGTERM and SIGINT set `received` (their name) for `fit` to act on at the
-  next step boundary; a second SIGINT raises KeyboardInterrupt at once (Ctrl-C twice: out now).
-  Installed only in the main thread; the previous handlers come back when the block ends."""
+  """When to stop for a signal: `stop_at(step)` at each step boundary names the signal to stop
+  for, or None.
+
+  One process: within the block, SIGTERM and SIGINT set `received` (their name); a second SIGINT
+  raises KeyboardInterrupt at once (Ctrl-C twice: out now). Installed only in the main thread; the
+  previous handlers come back when the block ends.
+
+  Several processes must stop at the same step or the others wait forever in the next collective:
+  JAX's preemption service (started by `jax.distributed.initialize`) catches a SIGTERM sent to any
+  of them and agrees one step for all (`multihost_utils.reached_preemption_sync_point`, called by
+  every process at every step), so no Python handler is installed over its own. SIGINT stays
+  KeyboardInterrupt: a crash that `--resume` recovers from the last checkpoint."""
 
   def __init__(self):
     self.received: str | None = None
     self._previous = {}
+    self._agreed = jax.process_count() > 1
+    if self._agreed and not _preemption_service():
+      self._agreed = False
+      log.warning("several processes but no JAX preemption service "
+                  "(jax_enable_preemption_service is off): a SIGTERM ends the run without a save")
+
+  def stop_at(self, step: int) -> str | None:
+    if self._agreed:
+      from jax.experimental import multihost_utils
+
+      return "SIGTERM" if multihost_utils.reached_preemption_sync_point(step) else None
+    return self.received
 
   def _handle(self, signum, frame):
     del frame
@@ -101,7 +122,7 @@ class _StopSignals:
     self.received = self.received or signal.Signals(signum).name
 
   def __enter__(self):
-    if threading.current_thread() is threading.main_thread():
+    if threading.current_thread() is threading.main_thread() and jax.process_count() == 1:
       for sig in (signal.SIGTERM, signal.SIGINT):
         self._previous[sig] = signal.signal(sig, self._handle)
     return self
@@ -109,6 +130,13 @@ class _StopSignals:
   def __exit__(self, *exc):
     for sig, handler in self._previous.items():
       signal.signal(sig, signal.SIG_DFL if handler is None else handler)
+
+
+def _preemption_service() -> bool:
+  """Whether JAX's preemption sync manager runs in this process (multi-process runs)."""
+  from jax._src import distributed
+
+  return getattr(distributed.global_state, "preemption_sync_manager", None) is not None
 
 
 def make_schedule(cfg) -> optax.Schedule:
@@ -580,12 +608,13 @@ class Trainer:
         if ckpt is not None and ((ckpt_every and self.step % ckpt_every == 0)
                                  or self.step == steps):
           saved = self.save(ckpt, data_state())
-        if signals.received and self.step < steps:  # a step boundary: save here and stop
+        received = signals.stop_at(self.step)
+        if received and self.step < steps:  # a step boundary: save here and stop
           # (after the last step the run is done: the task finishes its export and report)
           if ckpt is not None and not saved:
             self.save(ckpt, data_state(), force=True)
           bar.close()
-          stop = Preempted(signals.received, self.step, ckpt.directory if ckpt else None)
+          stop = Preempted(received, self.step, ckpt.directory if ckpt else None)
           log.warning("%s", stop)
           raise stop
       bar.close()
