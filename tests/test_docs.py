@@ -112,7 +112,63 @@ VERIFIER = _json("verifier_cpu/verifier_eval.json")["methods"]
 H200_MFU = max(r["ours"]["mfu"] for r in _h200_rows())
 
 # (page, a function giving the texts that page must contain, computed from the artifacts)
+def _pretrain_char():
+  text = (DOCS / "pretrain_char_cpu/report.md").read_text()
+  wall, tps, gflops = re.search(r"^Wall (\d+) s;.*steady ([\d,]+) tokens/s = ([\d.]+) GFLOP/s",
+                                text, re.M).groups()
+  val = re.search(r"^\| ours \([^)]*\) \| ([\d.]+) \|$", text, re.M)[1]
+  return [f"validation **{val} nats/char**", f"in {wall} s on 2 CPU cores ({tps} characters/s, "
+          f"{gflops} GFLOP/s"]
+
+
+def _report_table(path, first_column):
+  """The markdown table of a run report whose header starts with `first_column`."""
+  text = (DOCS / path).read_text()
+  return [re.search(rf"^\| {first_column} \|.*?(?=\n\n|\Z)", text, re.M | re.S)[0]]
+
+
+def _table_rows(path):
+  """Every row of every markdown table in a docs file, as lists of cells."""
+  return [[c.strip() for c in line.strip().strip("|").split(" | ")]
+          for line in (DOCS / path).read_text().splitlines()
+          if line.startswith("| ") and not line.startswith("|---")]
+
+
+def _align_eval():
+  rows = _table_rows("align_eval/report.md")
+  summary = next(r for r in rows if r[0] == "lora-dpo" and len(r) == 13)
+  own = next(r for r in rows if r[2] == "policy's own samples (T=1.0)")
+  words = {}
+  for r in rows:
+    if r[0] == "all":
+      words.setdefault(r[1], r[3])  # the first "all" rows: the plain prompts
+  comply = {r[0]: r[2] for r in rows if len(r) == 8 and r[1] == "24" and r[0] != "model"}
+  hack = {r[0]: float(r[2]) for r in rows if r[1] == "lora-dpo: implicit reward (beta=0.1)"}
+  ref_ppl = next(r[1] for r in rows if r[0] == "reference" and len(r) == 13)
+  return [f"KL on the policy's own samples {own[6]} nats/token exact (k3 {own[10]}, k1 {own[8]})",
+          f"on the reference's own samples {summary[3]}",
+          f"WikiText-2 perplexity {ref_ppl} → {summary[1]}",
+          f"mean length {words['reference']} → {words['lora-dpo']} words",
+          f"50-word compliance {comply['reference']} → {comply['lora-dpo']}",
+          f"(Δ {hack['filler']:+.4g}, {hack['keywords']:+.4g})",
+          f"(Δ {hack['reorder']:.4g}, {hack['padding']:.4g})".replace("-", "−")]
+
+
+def _sae_lm():
+  rows = _table_rows("sae_lm_cpu/report.md")
+  r2 = [r[2] for r in rows if len(r) == 3 and r[0] == "0"]
+  ev = [r[1] for r in rows if len(r) == 2 and r[0].startswith("HuggingFaceTB")][1]
+  dead = re.search(r"dead latents \*\*(\d+)\*\*", (DOCS / "sae_lm_cpu/report.md").read_text())[1]
+  return [f"global mean {r2[0]} / {r2[1]} (lr 3e-4 / 1e-3), explained variance about the "
+          f"per-dimension mean {ev}, {dead} dead latents"]
+
+
 CLAIMS = [
+    ("docs/studies/sae.md", _sae_lm),
+    ("README.md", lambda: [f"R² {_sae_lm()[0].split()[2]} on held-out tokens"]),
+    ("docs/studies/align_eval.md", _align_eval),
+    ("docs/studies/decode_sweep.md", lambda: _report_table("decode_sweep/report.md", "strategy")),
+    ("docs/studies/pretraining_and_sinks.md", _pretrain_char),
     ("README.md", lambda: [
         "greedy batch 1 {greedy_b1:.2f}, batch 8 {greedy_b8:.2f}, beam 4 {beam4_b1:.2f}".format(
             **_json("benchmarks/decode.json")["ratio"])]),
@@ -207,3 +263,45 @@ def test_knob_tables_name_real_fields_with_their_defaults(page, config):
           if want != have and str(want) != str(have):
             wrong.append(f"{name}: page says {values[i].strip()}, config has {have!r}")
   assert not wrong, wrong
+
+
+def test_recipe_times_equal_their_reports_wall_time():
+  """A README recipe row whose result links a run report states the run's wall time (the report's
+  `Wall N s`, else its `status.json`), in seconds or in minutes rounded as written."""
+  rows = re.findall(r"^\| `[^`]+` \| [^|]+ \| ([^|]+) \| [^|]*\((?:\[report\]|\[[^\]]+\])\("
+                    r"(docs/[\w/]+/report\.md)\)\) \|$", (REPO / "README.md").read_text(), re.M)
+  checked = 0
+  for cell, report in rows:
+    wall = re.search(r"^Wall (\d+) s;", (REPO / report).read_text(), re.M)
+    status = REPO / report.replace("report.md", "status.json")
+    if wall is not None:
+      wall = int(wall[1])
+    elif status.exists() and "wall_s" in json.loads(status.read_text()):
+      wall = round(json.loads(status.read_text())["wall_s"])  # what launch.py timed
+    else:
+      continue  # a run that recorded no wall time
+    if m := re.fullmatch(r"(\d+) s(?: \+ .*)?", cell.strip()):
+      assert int(m[1]) == wall, (report, cell)
+    elif m := re.fullmatch(r"([\d.]+) min", cell.strip()):
+      digits = len(m[1].partition(".")[2])
+      assert float(m[1]) == round(wall / 60, digits), (report, cell, wall)
+    else:
+      raise AssertionError(f"{report}: the README says {cell.strip()!r}; say its wall time, "
+                           f"{wall} s")
+    checked += 1
+  assert checked >= 7, rows
+
+
+def test_every_docs_run_records_its_provenance_or_is_marked_as_older():
+  """A run directory in docs/ holds provenance.json and config.json, or the index names it among
+  the runs made before provenance was recorded (and a rerun that adds it takes it off that list)."""
+  index = " ".join((DOCS / "README.md").read_text().split())
+  marked = set(re.findall(r"`(\w+)`", index.partition("Made before provenance was recorded")[2]))
+  runs = {p.parent.relative_to(DOCS).parts[0] for p in DOCS.glob("*/report.md")}
+  missing = sorted(r for r in runs - marked
+                   if not ((DOCS / r / "provenance.json").exists()
+                           and (DOCS / r / "config.json").exists()))
+  assert not missing, f"runs in docs/ without provenance.json or config.json, unmarked: {missing}"
+  stale = sorted(r for r in marked & runs if (DOCS / r / "provenance.json").exists())
+  assert not stale, f"marked as older but they hold provenance.json now: {stale}"
+  assert marked <= runs, marked - runs
