@@ -136,13 +136,17 @@ def sampler_of(rollout_cfg) -> Sampler:
 
 
 def reward_functions(config) -> tuple[dict[str, Callable], dict[str, float]]:
-  """(name -> reward function, name -> weight) from `config.rewards` (name: weight) and
-  `config.reward_args` (name: keyword arguments, e.g. length_penalty's limit)."""
+  """(name -> reward function, name -> weight) from `config.rewards` (name: weight),
+  `config.reward_functions` (name: import path `module:attr`, for functions not registered in
+  `decode.rewards`, e.g. written for TRL) and `config.reward_args` (name: keyword arguments,
+  e.g. length_penalty's limit, or a factory's)."""
   if not config.rewards:
     raise ValueError("config.rewards is empty; name at least one reward with its weight, e.g. "
                      "--config.rewards.arith_correct=1.0.")
-  args = config.reward_args
-  fns = {name: reward_fns.get(name, **dict(args.get(name, {}))) for name in config.rewards}
+  args, paths = config.reward_args, config.reward_functions
+  fns = {name: (reward_fns.load(paths[name], **dict(args.get(name, {}))) if name in paths
+                else reward_fns.get(name, **dict(args.get(name, {}))))
+         for name in config.rewards}
   return fns, {name: float(w) for name, w in config.rewards.items()}
 
 

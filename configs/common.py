@@ -56,8 +56,8 @@ SCHEMAS = {
                             "align.verifier": "configs/verifier.py"}),
 }
 # Sections whose keys are the user's to choose (name -> value), not fields: never checked.
-FREE_FORM = ("rewards", "reward_args", "train.lr_multipliers", "model.overrides",
-             "stages.*.overrides")
+FREE_FORM = ("rewards", "reward_functions", "reward_args", "train.lr_multipliers",
+             "model.overrides", "stages.*.overrides")
 
 
 def _lookup(config, path: str):

@@ -52,10 +52,13 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       "advantage": "grpo", "adv_eps": 1e-6, "adv_ddof": 1,
       "mask_truncated": False, "mask_zero_std": False,
       "overlong_buffer": 0, "overlong_factor": 1.0})  # DAPO's soft overlong penalty (0 = off)
-  # reward name (decode.rewards.REWARDS, or length_penalty) -> weight; reward_args: name -> kwargs
+  # reward name (decode.rewards.REWARDS, length_penalty, or a name in reward_functions) -> weight;
+  # reward_functions: name -> import path module:attr (a function written for TRL, trl.rewards');
+  # reward_args: name -> kwargs (for a reward_functions entry: its factory's arguments)
   # a small format bonus: at 0.5 the policy learned to answer with any number (format 1.0,
   # correctness 0) within 13 steps at lr 3e-4
   c.rewards = ml_collections.ConfigDict({"arith_correct": 1.0, "number_only": 0.1})
+  c.reward_functions = ml_collections.ConfigDict()
   c.reward_args = ml_collections.ConfigDict()
   c.eval = ml_collections.ConfigDict({"sample": False, "seed": 1234, "batch_size": 0})
   # kl_clamp: log r = log π_ref - log π is clipped to [-kl_clamp, kl_clamp] before the estimator,

@@ -21,7 +21,9 @@ only." with operands of 1-2 digits and + or -.
 
 from __future__ import annotations
 
+import os
 import re
+import sys
 from typing import Callable, Mapping, Sequence
 
 import numpy as np
@@ -100,6 +102,33 @@ def get(name: str, **kw) -> Callable:
     raise ValueError(f"reward {name!r} is unknown; registered: "
                      f"{sorted(REWARDS) + ['length_penalty', 'reward_model']}")
   return REWARDS[name]
+
+
+def load(path: str, **kw) -> Callable:
+  """A reward function named by import path, `module:attr` (or `module.attr`), such as one written
+  for TRL (`def f(completions, answer, **kwargs)`) or one of `trl.rewards`. With keyword
+  arguments, `attr` is a factory called with them (TRL's `get_soft_overlong_punishment(
+  max_completion_len=..., soft_punish_cache=...)`); without, it is the reward function itself."""
+  import importlib
+
+  module, sep, attr = path.partition(":")
+  if not sep:
+    module, _, attr = path.rpartition(".")
+  if not module or not attr:
+    raise ValueError(f"reward function {path!r}: name it as module:attribute, e.g. "
+                     "my_rewards:correctness or trl.rewards:think_format_reward.")
+  if os.getcwd() not in sys.path and "" not in sys.path:
+    sys.path.append(os.getcwd())  # a module beside the user's config, as `python -m` would find
+  try:
+    obj = getattr(importlib.import_module(module), attr)
+  except (ImportError, AttributeError) as e:
+    raise ValueError(f"reward function {path!r} cannot be imported ({type(e).__name__}: {e}); the "
+                     "module must be importable from the working directory or the environment."
+                     ) from None
+  fn = obj(**kw) if kw else obj
+  if not callable(fn):
+    raise ValueError(f"reward function {path!r} is a {type(fn).__name__}, not a callable.")
+  return fn
 
 
 def combine(rewards: Mapping[str, Callable], weights: Mapping[str, float], prompts: Sequence[str],

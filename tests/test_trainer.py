@@ -202,8 +202,11 @@ def test_bad_batch_config_names_the_field():
 
 
 def _train(workdir, algo, resume=False):
+  # GRPO also scores with a function written for TRL, named by import path in the config
+  rewards = {"rewards": {"length_penalty": 0.5, "trl_style": 1.0},
+             "reward_functions": {"trl_style": "tests_helpers:trl_style_correctness"}}
   return run_task(f"{algo}:smoke", workdir, {"train.steps": 6, "train.checkpoint_every": 2,
-                                             "lora.dropout": 0.1}, resume=resume)
+                                             "lora.dropout": 0.1, **rewards}, resume=resume)
 
 
 def _metrics(workdir):
@@ -233,6 +236,7 @@ def test_killed_and_resumed_equals_uninterrupted(tmp_path, shared_data, smollm2_
   if algo == "grpo":  # the run trained: losses and rewards moved; its run directory is whole
     assert len({a[s]["train/loss"] for s in range(1, 7)}) > 1
     assert len({a[s]["train/reward"] for s in range(1, 7)}) > 1
+    assert all("train/reward/trl_style" in a[s] for s in range(1, 7))  # scored at every step
     full = tmp_path / "full"
     for name in ["report.md", "summary.json", "rl_summary.json", "data_stats.json",
                  "adapter/adapter_model.safetensors", "plots/reward.png", "plots/kl.png",
