@@ -305,3 +305,56 @@ def test_every_docs_run_records_its_provenance_or_is_marked_as_older():
   stale = sorted(r for r in marked & runs if (DOCS / r / "provenance.json").exists())
   assert not stale, f"marked as older but they hold provenance.json now: {stale}"
   assert marked <= runs, marked - runs
+
+
+# Numbers a page derived by hand from its run's files, each with how (found verbatim in none).
+_PPO_WINDOWS = "a 10-rollout window's mean of metrics.jsonl, not in the report's trends"
+DERIVED = {("algorithms/ppo.md", "-6.9"): "z of rollouts 91-100 against 11-20, from metrics.jsonl",
+           **{("algorithms/ppo.md", n): _PPO_WINDOWS for n in ("0.152", "0.303", "0.391")}}
+
+
+def _sources(page):
+  """The run or benchmark directories under docs/ a page links into: where its numbers come from."""
+  dirs = {"benchmarks"} if page.parent.name == "benchmarks" else set()
+  for target in _LINK.findall(page.read_text()):
+    if re.match(r"^[a-z]+:", target) or target.startswith("#"):
+      continue
+    path = (page.parent / target.split("#")[0]).resolve()
+    if path.is_relative_to(DOCS.resolve()):
+      parts = path.relative_to(DOCS.resolve()).parts
+      if len(parts) > 1 and parts[0] not in ("studies", "algorithms", "guide"):
+        dirs.add(parts[0])
+  return dirs
+
+
+@pytest.mark.parametrize("page", [*sorted(DOCS.glob("studies/*.md")),
+                                  *sorted(DOCS.glob("algorithms/*.md")),
+                                  DOCS / "benchmarks/README.md"], ids=lambda p: p.name)
+def test_every_decimal_in_a_results_table_is_in_the_runs_the_page_links(page):
+  """Each decimal number in a results table of a page (knob tables apart: they are checked against
+  the configs) equals, at the precision written, a number in the files of the runs or benchmarks
+  the page links to (a share may be written as a percent), or is listed in DERIVED."""
+  import bisect
+
+  name = page.relative_to(DOCS).as_posix()
+  text = "\n".join(p.read_text(errors="ignore") for d in _sources(page)
+                   for p in (DOCS / d).rglob("*")
+                   if p.is_file() and p.suffix in (".md", ".json", ".jsonl", ".csv", ".log"))
+  values = sorted({float(t) for t in
+                   re.findall(r"-?\d+(?:\.\d+)?(?:e[-+]?\d+)?", text.replace(",", ""))})
+
+  def found(x, decimals):
+    for y, tol in ((x, 0.5 * 10 ** -decimals), (x / 100, 0.005 * 10 ** -decimals)):
+      i = bisect.bisect_left(values, y - tol - 1e-12)
+      if i < len(values) and values[i] <= y + tol + 1e-12:
+        return True
+    return False
+
+  body = re.sub(r"^## [\w ]*[Kk]nobs[^\n]*\n.*?(?=^## |\Z)", "", page.read_text(),
+                flags=re.M | re.S)
+  rows = [line for line in body.splitlines() if line.startswith("| ") and line[:4] != "|---"]
+  missing = [n for line in rows
+             for n in re.findall(r"(?<![\w.])-?\d[\d,]*\.\d+(?![\w.])", line.replace("−", "-"))
+             if (name, n) not in DERIVED and not found(float(n.replace(",", "")),
+                                                       len(n.split(".")[1]))]
+  assert not missing, f"{name}: table numbers in none of {sorted(_sources(page))}: {missing}"
