@@ -112,9 +112,28 @@ def _multiprocess_launch() -> bool:
     return True
   if any(os.environ.get(k) for k in _MULTIPROCESS_ENV):
     return True
-  if int(os.environ.get("SLURM_NTASKS", "1")) > 1 or int(os.environ.get("OMPI_COMM_WORLD_SIZE", "1")) > 1:
+  if any(int(os.environ.get(k, "1")) > 1
+         for k in ("JAX_NUM_PROCESSES", "SLURM_NTASKS", "OMPI_COMM_WORLD_SIZE")):
     return True
   return "," in os.environ.get("TPU_WORKER_HOSTNAMES", "")
+
+
+def distributed_args(env, coordinator_address=None, num_processes=None, process_id=None) -> dict:
+  """`jax.distributed.initialize`'s arguments: the flags' values, else `JAX_COORDINATOR_ADDRESS`
+  with `JAX_NUM_PROCESSES` and `JAX_PROCESS_ID` from `env` (a job started by hand or by a launcher
+  JAX does not know), else None each: JAX detects SLURM, Open MPI, Kubernetes and Cloud TPU (GCE,
+  GKE) itself."""
+  def number(value, name):
+    if value is not None or not env.get(name):
+      return value
+    try:
+      return int(env[name])
+    except ValueError:
+      raise ValueError(f"${name}={env[name]!r} is not an integer.") from None
+
+  return {"coordinator_address": coordinator_address or env.get("JAX_COORDINATOR_ADDRESS") or None,
+          "num_processes": number(num_processes, "JAX_NUM_PROCESSES"),
+          "process_id": number(process_id, "JAX_PROCESS_ID")}
 
 
 class _QuietLibraries(logging.Filter):
@@ -232,8 +251,8 @@ def main(argv):
   if _multiprocess_launch():
     # CPU processes reduce across each other through gloo; GPU/TPU use their own collectives.
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
-    jax.distributed.initialize(coordinator_address=_COORDINATOR.value,
-                               num_processes=_NUM_PROCESSES.value, process_id=_PROCESS_ID.value)
+    jax.distributed.initialize(**distributed_args(
+        os.environ, _COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value))
   try:
     if _COMPILE_ONLY.value:
       compile_only(config, _WORKDIR.value, _TOPOLOGY.value,

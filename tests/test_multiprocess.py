@@ -90,3 +90,39 @@ def test_two_processes_equal_one_through_a_sigterm_and_resume_auto(tmp_path, smo
 
 def _text(path):
   return path.read_text() if path.exists() else ""
+
+
+@pytest.mark.subprocess
+def test_a_slurm_job_of_two_tasks_runs_as_two_processes(tmp_path, shared_data):
+  """SLURM's environment alone (as `srun --ntasks=2` sets it, on one node) makes launch.py start
+  multi-process JAX: both tasks see 2 processes and 4 devices, and a pretraining run finishes with
+  its report's sample, which process 0 draws from the model gathered by every process."""
+  work = tmp_path / "run"
+  slurm = {"SLURM_JOB_ID": "4242", "SLURM_STEP_NODELIST": "localhost", "SLURM_NTASKS": "2",
+           "JAX_COORDINATOR_PORT": str(_free_port())}
+  procs = [subprocess.Popen(
+      launch_cmd("--config=configs/pretrain.py:smoke", f"--workdir={work}", "--cpu_devices=2",
+                 "--config.train.steps=2"), cwd=REPO, stdout=subprocess.DEVNULL,
+      stderr=subprocess.PIPE, text=True,
+      env=launch_env(**slurm, SLURM_PROCID=str(i), SLURM_LOCALID=str(i))) for i in range(2)]
+  logs = [p.communicate(timeout=300)[1] for p in procs]
+  assert [p.returncode for p in procs] == [0, 0], [log[-3000:] for log in logs]
+  for i, log in enumerate(logs):
+    assert f"process {i}/2, devices" in log and "CpuDevice(id=2049)" in log
+  assert json.loads((work / "status.json").read_text())["state"] == "finished"
+  assert "## Sample" in (work / "report.md").read_text()
+
+
+def test_distributed_arguments_come_from_the_flags_then_jax_variables_then_detection():
+  from launch import distributed_args
+
+  env = {"JAX_COORDINATOR_ADDRESS": "10.0.0.2:1234", "JAX_NUM_PROCESSES": "4",
+         "JAX_PROCESS_ID": "3"}
+  assert distributed_args(env) == {"coordinator_address": "10.0.0.2:1234", "num_processes": 4,
+                                   "process_id": 3}
+  assert distributed_args(env, "h:1", 2, 0) == {"coordinator_address": "h:1", "num_processes": 2,
+                                                "process_id": 0}
+  assert distributed_args({}) == {"coordinator_address": None, "num_processes": None,
+                                  "process_id": None}  # jax.distributed detects the cluster
+  with pytest.raises(ValueError, match="JAX_PROCESS_ID='one' is not an integer"):
+    distributed_args({"JAX_PROCESS_ID": "one"})

@@ -218,6 +218,9 @@ def run(config, run_dir: RunDir, mesh=None) -> dict:
   wall = time.time() - t0
   ckpt.close()
   final = validation_loss(trainer, val_w, eval_bs, None)  # every validation window
+  # the report's sample runs on process 0 alone: on the whole model, which every process takes
+  # part in gathering (a model sharded across processes would wait for the others there)
+  model = trainer.host_model() if config.sample_tokens else None
   if not run_dir.primary:
     return {}
   baselines = corpus.bigram_nll(train_tokens, val_tokens, store.vocab_size)
@@ -228,7 +231,7 @@ def run(config, run_dir: RunDir, mesh=None) -> dict:
   sample = ""
   if config.sample_tokens:
     prompt = val_tokens[:min(seq_len // 2, 16)].tolist()
-    sample = _sample(trainer.model, tokenizer, prompt, int(config.sample_tokens), seq_len,
+    sample = _sample(model, tokenizer, prompt, int(config.sample_tokens), seq_len,
                      int(config.train.seed), store.vocab_size, [sink] if sink is not None else [])
   summary = {
       "model": cfg.name, "n_params": cfg.n_params, "steps": trainer.step, "wall_s": wall,
