@@ -97,13 +97,19 @@ def test_a_slurm_job_of_two_tasks_runs_as_two_processes(tmp_path, shared_data):
   """SLURM's environment alone (as `srun --ntasks=2` sets it, on one node) makes launch.py start
   multi-process JAX: both tasks see 2 processes and 4 devices, and a pretraining run finishes with
   its report's sample, which process 0 draws from the model gathered by every process."""
-  work = tmp_path / "run"
+  from lm.pretrain import corpus
+  from tests_helpers import task_config
+
+  work, store = tmp_path / "run", tmp_path / "corpus"
+  # the token store built first: both processes building it at once race (issue 32, item 2)
+  corpus.open_or_build(store, task_config("pretrain:smoke").corpus)
   slurm = {"SLURM_JOB_ID": "4242", "SLURM_STEP_NODELIST": "localhost", "SLURM_NTASKS": "2",
            "JAX_COORDINATOR_PORT": str(_free_port()),
            "JAX_DISABLE_MOST_OPTIMIZATIONS": "1"}  # as this process: it compiles, barely computes
   procs = [subprocess.Popen(
       launch_cmd("--config=configs/pretrain.py:smoke", f"--workdir={work}", "--cpu_devices=2",
-                 "--config.train.steps=2", "--config.data.seq_len=256"),  # fewer windows to score
+                 "--config.train.steps=2", "--config.data.seq_len=256",  # fewer windows to score
+                 f"--config.corpus.store={store}"),
       cwd=REPO, stdout=subprocess.DEVNULL,
       stderr=subprocess.PIPE, text=True,
       env=launch_env(**slurm, SLURM_PROCID=str(i), SLURM_LOCALID=str(i))) for i in range(2)]
