@@ -143,10 +143,10 @@ def reward_functions(config) -> tuple[dict[str, Callable], dict[str, float]]:
   if not config.rewards:
     raise ValueError("config.rewards is empty; name at least one reward with its weight, e.g. "
                      "--config.rewards.arith_correct=1.0.")
-  args, paths = config.reward_args, config.reward_functions
-  fns = {name: (reward_fns.load(paths[name], **dict(args.get(name, {}))) if name in paths
-                else reward_fns.get(name, **dict(args.get(name, {}))))
-         for name in config.rewards}
+  paths, fns = config.reward_functions, {}
+  for name in config.rewards:
+    kw = dict(config.reward_args.get(name, {}))
+    fns[name] = reward_fns.load(paths[name], **kw) if name in paths else reward_fns.get(name, **kw)
   return fns, {name: float(w) for name, w in config.rewards.items()}
 
 

@@ -133,6 +133,17 @@ def test_a_save_cut_off_mid_write_is_skipped_by_name_and_resume_equals_uninterru
   assert {h["step"]: h["train/loss"] for h in history} == {s: losses_seen[s] for s in (3, 4, 5, 6)}
   for name, value in params.items():
     np.testing.assert_array_equal(_params(trainer)[name], value, err_msg=name)
+  # the only save cut off: nothing to restore, the run starts over and still names it
+  for step in ckpt.all_steps():
+    os.rename(ckpt.step_dir(step), ckpt.directory / f"{step}.orbax-checkpoint-tmp-1")
+  ckpt = Checkpointer(tmp_path / "ckpt")
+  caplog.clear()
+  with caplog.at_level(logging.WARNING, logger=CKPT_LOG):
+    history = _trainer().fit(_Batches(), ckpt=ckpt, resume=True)
+  assert [h["step"] for h in history] == list(range(1, 7))
+  named = [r.getMessage().split()[1] for r in caplog.records
+           if "cut off mid-write" in r.getMessage()]
+  assert named == [str(p) for p in ckpt.cut_off()] and len(named) >= 2
 
 
 @pytest.mark.parametrize("kind", ["bitflip", "truncated", "missing"])

@@ -211,9 +211,7 @@ class Checkpointer:
       chosen = next((p for p in passed if p.state == "unverified"), None)
     if quiet:
       return None if chosen is None else chosen.step
-    for path in self.cut_off():
-      log.warning("checkpoint %s was cut off mid-write (Orbax's temporary directory, never "
-                  "renamed into place): skipped", path)
+    self.warn_cut_off()
     if chosen is None:
       raise CheckpointError(
           f"no intact checkpoint in {self.directory}: "
@@ -233,6 +231,12 @@ class Checkpointer:
     if not self.directory.is_dir():
       return []
     return sorted(p for p in self.directory.iterdir() if ".orbax-checkpoint-tmp" in p.name)
+
+  def warn_cut_off(self) -> None:
+    """One line naming each save that never completed (`cut_off`), which a resume skips."""
+    for path in self.cut_off():
+      log.warning("checkpoint %s was cut off mid-write (Orbax's temporary directory, never "
+                  "renamed into place): skipped", path)
 
   def newest_good(self) -> int | None:
     """The step a restore without a step would take (sizes checked, contents not hashed), or None;

@@ -258,7 +258,8 @@ class RunDir:
     if resume not in (False, True, "auto"):
       raise ValueError(f"resume={resume!r}: use True, False or 'auto'.")
     self.path = Path(workdir).absolute()
-    self.resume = resume if resume != "auto" else (self.path / "config.json").exists()
+    has_run = (self.path / "config.json").exists()
+    self.resume = has_run if resume == "auto" else resume
     self.resume_step = resume_step
     self.primary = primary
     self.finished = False
@@ -268,7 +269,7 @@ class RunDir:
       return
     cfg_json = config.to_json_best_effort(indent=2) if hasattr(config, "to_json_best_effort") \
         else json.dumps(_to_jsonable(config), indent=2)
-    if resume is True and not (self.path / "config.json").exists():  # before anything is made
+    if resume is True and not has_run:  # refused before anything is made
       raise NoRunToResumeError(
           f"--resume: {self.path} holds no run to continue (no config.json). Start it without "
           "--resume, check --workdir, or pass --resume=auto to continue a run when there is one "

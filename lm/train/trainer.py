@@ -567,8 +567,11 @@ class Trainer:
       if run_dir is not None:
         run_dir.metrics.rewind(self.step)
       log.info("resumed at step %d from %s", self.step, ckpt.directory)
-    elif resume and run_dir is not None:  # nothing to resume from: the run starts over
-      run_dir.metrics.rewind(-1)
+    elif resume:  # nothing to resume from: the run starts over
+      if ckpt is not None:
+        ckpt.warn_cut_off()  # e.g. its first save was killed mid-write
+      if run_dir is not None:
+        run_dir.metrics.rewind(-1)
     history = []
     if resume and run_dir is not None and getattr(run_dir, "primary", True):
       history = read_history(run_dir.path / "metrics.jsonl")
